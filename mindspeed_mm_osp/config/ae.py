@@ -1,0 +1,51 @@
+"""`ae` block of the model/inference JSON: the WF-VAE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .loader import require
+
+Dtype = Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16", "half"]
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    latent_dim: int
+    model_id: Literal["wfvae"] = "wfvae"
+    base_channels: int = 128
+    connect_res_layer_num: int = 2
+    decoder_energy_flow_hidden_size: int = 128
+    decoder_num_resblocks: int = 2
+    dropout: float = 0.0
+    encoder_energy_flow_hidden_size: int = 64
+    encoder_num_resblocks: int = 2
+    # The release JSON spells "dowmsample"; the key names are kept as users paste them.
+    l1_dowmsample_block: str = "Spatial2xTime2x3DDownsample"
+    l1_downsample_wavelet: str = "HaarWaveletTransform3D"
+    l1_upsample_block: str = "Spatial2xTime2x3DUpsample"
+    l1_upsample_wavelet: str = "InverseHaarWaveletTransform3D"
+    l2_dowmsample_block: str = "Spatial2xTime2x3DDownsample"
+    l2_downsample_wavelet: str = "HaarWaveletTransform3D"
+    l2_upsample_block: str = "Spatial2xTime2x3DUpsample"
+    l2_upsample_wavelet: str = "InverseHaarWaveletTransform3D"
+    norm_type: Literal["layernorm", "groupnorm"] = "layernorm"
+    scale: Optional[tuple[float, ...]] = None
+    shift: Optional[tuple[float, ...]] = None
+    t_interpolation: Literal["trilinear", "nearest"] = "trilinear"
+    use_attention: bool = True
+    use_tiling: bool = True
+    # Latent frames decoded/encoded per chunk when tiling (memory bound); 0 = whole clip.
+    tile_latent_frames: int = 4
+    vae_scale_factor: tuple[int, int, int] = (8, 8, 8)
+    from_pretrained: Optional[str] = None
+    dtype: Dtype = "fp32"
+
+    def validate(self, file, path: str) -> None:
+        p = f"{path}." if path else ""
+        for key in ("scale", "shift"):
+            values = getattr(self, key)
+            require(values is None or len(values) == self.latent_dim, file, f"{p}{key}",
+                    f"needs latent_dim={self.latent_dim} values, got {0 if values is None else len(values)}")
+        require(self.tile_latent_frames >= 0, file, f"{p}tile_latent_frames", "must be >= 0")

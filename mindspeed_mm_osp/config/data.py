@@ -1,0 +1,148 @@
+"""The data JSON (`--mm-data`): dataset, preprocessing and dataloader settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from .loader import from_dict, read_json, require
+from .text import TokenizerConfig
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    trans_type: Literal["ToTensorVideo", "CenterCropResizeVideo", "ae_norm", "ResizeVideo",
+                        "SpatialStrideCropVideo", "LongSideResizeVideo", "MaxHWResizeVideo"]
+    param: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainPipeline:
+    video: tuple[TransformSpec, ...] = ()
+    image: tuple[TransformSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class BasicParameters:
+    data_path: str
+    data_folder: str = ""
+    data_storage_mode: Literal["combine"] = "combine"
+
+
+@dataclass(frozen=True)
+class PreprocessParameters:
+    video_reader_type: Literal["decoder", "pyav", "decord"] = "decoder"
+    image_reader_type: Literal["Image"] = "Image"
+    num_frames: int = 16
+    frame_interval: int = 1
+    max_height: int = 480
+    max_width: int = 640
+    max_hxw: Optional[int] = None
+    min_hxw: Optional[int] = None
+    force_resolution: bool = True
+    force_5_ratio: bool = False
+    max_h_div_w_ratio: float = 2.0
+    min_h_div_w_ratio: float = 0.5
+    hw_stride: int = 16
+    ae_stride_t: int = 8
+    train_fps: int = 24
+    speed_factor: float = 1.0
+    too_long_factor: float = 5.0
+    drop_short_ratio: float = 1.0
+    min_num_frames: int = 29
+    cfg: float = 0.1
+    # Stored by the reference inside preprocess_parameters but unused there; the real
+    # accumulation comes from the launcher's batch sizes.
+    batch_size: int = 1
+    gradient_accumulation_size: int = 1
+    use_aesthetic: bool = False
+    sp_size: int = 1
+    seed: int = 42
+    max_workers: int = 1
+    timeout: float = 600.0
+    image_processer_type: str = "image2image"
+    # How many other samples of the same shape are tried when a file cannot be read.
+    max_read_retries: int = 10
+    train_pipeline: TrainPipeline = field(default_factory=TrainPipeline)
+
+    def validate(self, file, path: str) -> None:
+        require(self.frame_interval == 1, file, f"{path}.frame_interval",
+                "must be 1 (values > 1 only enlarge the crop window beyond num_frames in Open-Sora Plan)")
+        require(self.num_frames >= 1 and (self.num_frames - 1) % self.ae_stride_t == 0, file, f"{path}.num_frames",
+                f"must be {self.ae_stride_t}k+1 for ae_stride_t={self.ae_stride_t}, got {self.num_frames}")
+        require(self.max_hxw is not None or self.min_hxw is not None, file, f"{path}.max_hxw",
+                "set max_hxw and/or min_hxw (pixel-area bounds used for resolution filtering)")
+        if self.force_resolution:
+            for key in ("max_height", "max_width"):
+                v = getattr(self, key)
+                require(v % 16 == 0, file, f"{path}.{key}",
+                        f"must be a multiple of 16 (VAE stride 8 x patch 2) with force_resolution, got {v}")
+        else:
+            require(self.hw_stride % 16 == 0, file, f"{path}.hw_stride", f"must be a multiple of 16, got {self.hw_stride}")
+        require(0.0 <= self.cfg <= 1.0, file, f"{path}.cfg", f"caption-drop probability must be in [0, 1], got {self.cfg}")
+        require(self.min_h_div_w_ratio <= self.max_h_div_w_ratio, file, f"{path}.min_h_div_w_ratio",
+                "must be <= max_h_div_w_ratio")
+        require(self.train_fps > 0, file, f"{path}.train_fps", "must be > 0")
+        require(self.max_read_retries >= 0, file, f"{path}.max_read_retries", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DatasetParam:
+    basic_parameters: BasicParameters
+    preprocess_parameters: PreprocessParameters
+    tokenizer_config: Optional[TokenizerConfig] = None
+    tokenizer_config_2: Optional[TokenizerConfig] = None
+    dataset_type: Literal["t2v"] = "t2v"
+    use_text_processer: bool = True
+    enable_text_preprocess: bool = True
+    model_max_length: int = 512
+    use_feature_data: bool = False
+    use_img_from_vid: bool = False
+
+
+@dataclass(frozen=True)
+class CollateParam:
+    model_name: Literal["GroupLength"] = "GroupLength"
+    batch_size: int = 1
+    num_frames: int = 16
+    group_data: bool = True
+    ae_stride: int = 8
+    ae_stride_t: int = 8
+    patch_size: int = 2
+    patch_size_t: int = 1
+
+
+@dataclass(frozen=True)
+class DataloaderParam:
+    dataloader_mode: Literal["sampler"] = "sampler"
+    sampler_type: Literal["LengthGroupedSampler"] = "LengthGroupedSampler"
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle: bool = False
+    drop_last: bool = True
+    pin_memory: bool = False
+    group_data: bool = True
+    initial_global_step_for_sampler: int = 0
+    gradient_accumulation_size: int = 1
+    collate_param: CollateParam = field(default_factory=CollateParam)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset_param: DatasetParam
+    dataloader_param: DataloaderParam = field(default_factory=DataloaderParam)
+
+    def validate(self, file, path: str) -> None:
+        pp = self.dataset_param.preprocess_parameters
+        cp = self.dataloader_param.collate_param
+        require(cp.num_frames == pp.num_frames, file, "dataloader_param.collate_param.num_frames",
+                f"must equal dataset_param.preprocess_parameters.num_frames={pp.num_frames}, got {cp.num_frames}")
+        require(cp.ae_stride_t == pp.ae_stride_t, file, "dataloader_param.collate_param.ae_stride_t",
+                f"must equal dataset_param.preprocess_parameters.ae_stride_t={pp.ae_stride_t}")
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    return from_dict(DataConfig, read_json(path), file=str(path))
+
+

@@ -1,0 +1,61 @@
+"""The inference JSON (`inference_t2v_model1_5.json`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from .ae import AEConfig
+from .diffusion import DiffusionConfig
+from .loader import from_dict, read_json, require
+from .predictor import PredictorConfig
+from .text import TextEncoderConfig, TokenizerConfig
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    input_size: tuple[int, int, int] = (121, 576, 1024)
+    use_attention_mask: bool = True
+    version: str = "v1.5"
+    model_type: Literal["t2v"] = "t2v"
+
+    def validate(self, file, path: str) -> None:
+        frames, height, width = self.input_size
+        require(frames >= 1 and (frames - 1) % 8 == 0, file, f"{path}.input_size[0]",
+                f"frames must be 8k+1 for the 8x temporal VAE stride, got {frames} (nearest: {((frames - 1) // 8) * 8 + 1})")
+        require(height % 16 == 0 and width % 16 == 0, file, f"{path}.input_size",
+                f"height and width must be multiples of 16 (VAE stride 8 x patch 2), got {height}x{width}")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    ae: AEConfig
+    text_encoder: TextEncoderConfig
+    tokenizer: TokenizerConfig
+    predictor: PredictorConfig
+    text_encoder_2: Optional[TextEncoderConfig] = None
+    tokenizer_2: Optional[TokenizerConfig] = None
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
+    micro_batch_size: int = 1
+    frame_interval: int = 1
+    model_max_length: int = 512
+    save_path: str = "./opensoraplan_samples"
+    fps: int = 24
+    prompt: str = "./examples/opensoraplan1.5/sora.txt"
+    negative_prompt: Optional[str] = None
+    seed: int = 42
+    device: str = "auto"
+    weight_dtype: str = "fp16"
+
+    def validate(self, file, path: str) -> None:
+        require(self.micro_batch_size >= 1, file, "micro_batch_size", "must be >= 1")
+        require(self.fps >= 1, file, "fps", "must be >= 1")
+        require(self.frame_interval >= 1, file, "frame_interval", "must be >= 1")
+        require(self.ae.latent_dim == self.predictor.in_channels, file, "predictor.in_channels",
+                f"must equal ae.latent_dim={self.ae.latent_dim}, got {self.predictor.in_channels}")
+
+
+def load_inference_config(path: str | Path) -> InferenceConfig:
+    return from_dict(InferenceConfig, read_json(path), file=str(path))

@@ -1,0 +1,214 @@
+"""JSON (with `#` comments) into frozen, typed dataclasses, validated once.
+
+Users paste configs from the reference README, which carries `# ...` comments after
+values, so comments outside strings are stripped before parsing. Every error names the
+file, the JSON path and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value is missing, mistyped or inconsistent; says where and what to do."""
+
+    def __init__(self, file: str | Path | None, json_path: str, message: str):
+        self.file = str(file) if file is not None else "<config>"
+        self.json_path = json_path or "<root>"
+        self.message = message
+        super().__init__(f"{self.file}: {self.json_path}: {message}")
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove `#` and `//` comments that stand outside JSON strings."""
+    out = []
+    in_string = False
+    escaped = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            i += 1
+            continue
+        if ch == '"':
+            in_string = True
+            out.append(ch)
+            i += 1
+            continue
+        if ch == "#" or (ch == "/" and i + 1 < n and text[i + 1] == "/"):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a config file; syntax errors point at the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "", "file not found; pass an existing JSON config path")
+    text = strip_json_comments(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, "", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "object"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "object"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, file, path: str) -> Any:
+    """Convert a JSON value to the annotated type or raise a ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, file, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(file, path, f"expected one of {list(allowed)}, got {value!r}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(file, path, f"expected a list of {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, file, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        converted = [_convert(v, item, file, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(converted)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(file, path, f"expected an object, got {json.dumps(value)}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(file, path, f"expected an object, got {json.dumps(value)}")
+        return from_dict(tp, value, file=file, path=path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(file, path, f"expected true or false, got {json.dumps(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(file, path, f"expected an integer, got {json.dumps(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(file, path, f"expected a number, got {json.dumps(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(file, path, f"expected a string, got {json.dumps(value)}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def from_dict(cls, data: dict, *, file=None, path: str = ""):
+    """Build dataclass `cls` from `data`.
+
+    Unknown keys warn with a did-you-mean (the reference's JSON carries keys we do not
+    use); missing required keys and wrong types raise ConfigError. A dataclass may define
+    `_aliases` (json name -> field name) and `validate(self, file, path)`.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    aliases: dict = getattr(cls, "_aliases", {})
+    ignored: frozenset = getattr(cls, "_ignored_keys", frozenset())
+    kwargs = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        sub = f"{path}.{key}" if path else key
+        if name not in fields:
+            if key not in ignored:
+                close = difflib.get_close_matches(key, list(fields) + list(aliases), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                logger.warning("%s: %s: unknown key, ignored%s", file or "<config>", sub, hint)
+            continue
+        kwargs[name] = _convert(value, hints[name], file, sub)
+    for name, f in fields.items():
+        if name in kwargs:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            sub = f"{path}.{name}" if path else name
+            raise ConfigError(file, sub, f"required key is missing (expected {_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(file, path)
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """Dataclass to plain JSON-able dict (tuples become lists), for round trips and logs."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(obj)
+
+
+def require(condition: bool, file, path: str, message: str) -> None:
+    """Raise ConfigError(file, path, message) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(file, path, message)

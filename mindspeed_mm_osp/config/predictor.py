@@ -1,0 +1,71 @@
+"""`predictor` block of the model JSON: the SparseUMMDiT denoiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .loader import require
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    num_layers: tuple[int, ...]
+    sparse_n: tuple[int, ...]
+    num_heads: int
+    head_dim: int
+    in_channels: int
+    timestep_embed_dim: int
+    caption_channels: int
+    pooled_projection_dim: int
+    model_id: Literal["SparseUMMDiT"] = "SparseUMMDiT"
+    out_channels: Optional[int] = None
+    double_ff: bool = True
+    sparse1d: bool = True
+    skip_connection: bool = True
+    # The release trains with zero-initialised skip fusion (R1 default when the key is absent).
+    skip_connection_zero_init: bool = True
+    dropout: float = 0.0
+    attention_bias: bool = True
+    patch_size: int = 2
+    patch_size_t: int = 1
+    activation_fn: Literal["gelu-approximate", "gelu"] = "gelu-approximate"
+    # Accepted for compatibility; the release (R1) ignores it and always uses affine LayerNorms.
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    norm_cls: Literal["layer_norm", "fp32_layer_norm"] = "layer_norm"
+    interpolation_scale_t: float = 1.0
+    interpolation_scale_h: float = 1.0
+    interpolation_scale_w: float = 1.0
+    from_pretrained: Optional[str] = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels if self.out_channels is not None else self.in_channels
+
+    def validate(self, file, path: str) -> None:
+        p = f"{path}." if path else ""
+        require(len(self.num_layers) == len(self.sparse_n), file, f"{p}sparse_n",
+                f"needs one entry per stage: len(num_layers)={len(self.num_layers)} but len(sparse_n)={len(self.sparse_n)}")
+        require(len(self.num_layers) % 2 == 1, file, f"{p}num_layers",
+                f"the U-shape needs an odd number of stages (encoder, middle, decoder), got {len(self.num_layers)}")
+        require(all(n > 0 for n in self.num_layers), file, f"{p}num_layers", "every stage needs at least one layer")
+        require(all(k >= 1 for k in self.sparse_n), file, f"{p}sparse_n", "sparse_n values must be >= 1")
+        half = len(self.num_layers) // 2
+        require(tuple(self.num_layers[:half]) == tuple(reversed(self.num_layers[half + 1:])), file, f"{p}num_layers",
+                f"encoder and decoder stages must mirror each other for the skip connections, got {list(self.num_layers)}")
+        require(self.head_dim % 8 == 0 and self.head_dim >= 16, file, f"{p}head_dim",
+                f"3-D RoPE splits head_dim into t/h/w parts; use a multiple of 8 that is >= 16, got {self.head_dim}")
+        require(self.patch_size_t == 1, file, f"{p}patch_size_t",
+                "only patch_size_t=1 is coherent in Open-Sora Plan v1.5 (temporal patching is not implemented by the release)")
+        require(self.patch_size >= 1, file, f"{p}patch_size", "must be >= 1")
+        require(self.num_heads >= 1, file, f"{p}num_heads", "must be >= 1")
+
+    def validate_parallel(self, tp: int, file=None, path: str = "predictor") -> None:
+        require(self.num_heads % tp == 0, file, f"{path}.num_heads",
+                f"num_heads={self.num_heads} (num_heads*head_dim={self.hidden_size}) must be divisible by "
+                f"--tensor-model-parallel-size={tp}; pick a TP size that divides num_heads")

@@ -1,0 +1,28 @@
+"""The only place that knows about accelerators.
+
+Decides the device (NPU if `torch_npu` is installed, else CUDA, else CPU; `OSP_DEVICE`
+overrides), the collective backend, the attention backend, RNG state and
+synchronisation, and adapts megatron-core to run on CPU. Nothing outside this package
+calls `torch.cuda` or imports `torch_npu`/`mindspeed`.
+"""
+
+from .device import (
+    accelerator,
+    attention_backend,
+    device,
+    dist_backend,
+    empty_cache,
+    get_accelerator_rng_state,
+    max_memory_allocated,
+    reset_peak_memory_stats,
+    set_accelerator_rng_state,
+    set_device,
+    synchronize,
+)
+from .megatron_adaptor import adapt_megatron
+
+__all__ = [
+    "accelerator", "adapt_megatron", "attention_backend", "device", "dist_backend", "empty_cache",
+    "get_accelerator_rng_state", "max_memory_allocated", "reset_peak_memory_stats",
+    "set_accelerator_rng_state", "set_device", "synchronize",
+]

@@ -1,0 +1,109 @@
+"""Run a function on N local ranks in about a second (tests and benchmarks).
+
+Children are forked from a parent that has already imported torch and megatron-core,
+so they skip the ~3 s import; each gets a free port, gloo (or the accelerator's
+backend), megatron groups, and returns its value or its traceback to the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world_size: int, port: int, tp: int, seed: int, init_megatron: bool,
+           fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        from .parallel import destroy_distributed, initialize_distributed
+
+        if init_megatron:
+            initialize_distributed(tp=tp, seed=seed, timeout_minutes=2)
+        result = fn(rank, world_size, *args)
+        try:
+            payload = pickle.dumps(result)
+        except Exception:  # unpicklable results are only reported as present
+            payload = pickle.dumps(None)
+        queue.put((rank, True, payload))
+        if init_megatron:
+            destroy_distributed()
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        os._exit(0)
+
+
+def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, seed: int = 1234,
+                    timeout: float = 120.0, init_megatron: bool = True) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` forked ranks; return results by rank.
+
+    Any rank's exception is re-raised in the parent with every failing rank's traceback.
+    """
+    import megatron.core  # noqa: F401  (imported before fork so children share it)
+
+    from . import platform
+
+    platform.adapt_megatron()
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, seed, init_megatron, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        if time.monotonic() > deadline:
+            break
+        if queue.empty():
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+            time.sleep(0.01)
+            continue
+        rank, ok, payload = queue.get()
+        if ok:
+            results[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()) if not errors else 1.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    missing = [r for r in range(world_size) if r not in results and r not in errors]
+    if errors or missing:
+        parts = [f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())]
+        if missing:
+            parts.append(f"ranks {missing} returned nothing (timeout {timeout}s, crash or hang in a collective)")
+        raise DistributedTestError("distributed run failed:\n" + "\n".join(parts))
+    return [results[r] for r in range(world_size)]
+
+
+def single_rank(fn: Callable, *args, tp: int = 1, **kwargs) -> Any:
+    """Convenience: the same harness for one rank (megatron groups of size 1)."""
+    return run_distributed(fn, 1, *args, tp=tp, **kwargs)[0]
+
+
+__all__ = ["DistributedTestError", "free_port", "run_distributed", "single_rank"]
