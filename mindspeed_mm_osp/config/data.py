@@ -12,8 +12,14 @@ from .text import TokenizerConfig
 
 @dataclass(frozen=True)
 class TransformSpec:
-    trans_type: Literal["ToTensorVideo", "CenterCropResizeVideo", "ae_norm", "ResizeVideo",
-                        "SpatialStrideCropVideo", "LongSideResizeVideo", "MaxHWResizeVideo"]
+    """One step of a train pipeline; `data.transforms.build_pipeline` turns these into callables.
+
+    Only the transforms Open-Sora Plan v1.5 uses are accepted (the reference's unused ones
+    are broken there, spec B21).
+    """
+
+    trans_type: Literal["ToTensorVideo", "CenterCropResizeVideo", "ae_norm",
+                        "MaxHWStrideResizeVideo", "SpatialStrideCropVideo"]
     param: dict = field(default_factory=dict)
 
 
@@ -98,7 +104,14 @@ class DatasetParam:
     enable_text_preprocess: bool = True
     model_max_length: int = 512
     use_feature_data: bool = False
+    # Every kept video also contributes one random frame of itself as an image sample
+    # (REF accepts the key but ignores it).
     use_img_from_vid: bool = False
+    support_chinese: bool = False
+
+    # The reference's data.json says `enable_text_preprocess`, its constructor reads
+    # `enable_text_preprocessing` (spec B12): accept both spellings.
+    _aliases = {"enable_text_preprocessing": "enable_text_preprocess"}
 
 
 @dataclass(frozen=True)

@@ -104,14 +104,14 @@ def _convert(value: Any, tp: Any, file, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own, more precise error
+            return _convert(value, candidates[0], file, path)
+        for arg in candidates:
             try:
                 return _convert(value, arg, file, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
@@ -131,7 +131,7 @@ def _convert(value: Any, tp: Any, file, path: str) -> Any:
         item = args[0] if args else Any
         converted = [_convert(v, item, file, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(converted)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(file, path, f"expected an object, got {json.dumps(value)}")
         return dict(value)

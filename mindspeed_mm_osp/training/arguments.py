@@ -1,0 +1,218 @@
+"""Megatron-style command line of `pretrain.py`.
+
+Every flag of the reference launcher is accepted. Flags that only configure Megatron's
+own GPT model (dummy `--num-layers`, `--seq-length`, ...) or that the reference itself
+ignores are accepted and listed in `NO_OP_FLAGS` with the reason; `--help` shows it.
+Unknown flags fail with the flag named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+# flag -> why it has no effect for SparseUMMDiT (printed in --help and docs/training.md)
+NO_OP_FLAGS = {
+    "--num-layers": "Megatron GPT dummy; the DiT layout comes from predictor.num_layers in --mm-model",
+    "--hidden-size": "Megatron GPT dummy; hidden size is predictor.num_heads*head_dim",
+    "--num-attention-heads": "Megatron GPT dummy; heads come from predictor.num_heads",
+    "--seq-length": "Megatron GPT dummy (pipeline p2p shapes)",
+    "--max-position-embeddings": "Megatron GPT dummy",
+    "--attention-dropout": "Megatron GPT dummy; the DiT uses predictor.dropout",
+    "--hidden-dropout": "Megatron GPT dummy; the DiT uses predictor.dropout",
+    "--tokenizer-type": "dummy; tokenizers come from --mm-data",
+    "--vocab-size": "dummy",
+    "--position-embedding-type": "dummy; the DiT has its own 3-D RoPE",
+    "--rotary-base": "dummy; the DiT's RoPE base is fixed at 10000",
+    "--swiglu": "dummy (the DiT FFN is GELU-tanh)",
+    "--no-masked-softmax-fusion": "affects Megatron attention only",
+    "--fp32-residual-connection": "residuals are already gated in fp32 inside the DiT",
+    "--attention-softmax-in-fp32": "SDPA / NPU fused attention accumulate softmax in fp32",
+    "--use-ema": "EMA is kept by --optimizer-selection fused_ema_adamw",
+    "--normalization": "only used by MindSpeed's --use-fused-rmsnorm check",
+    "--use-fused-rmsnorm": "q/k RMSNorm uses the fused kernel on Ascend automatically",
+    "--qk-layernorm": "replicated q/k norm grads are always summed over TP (explicit rule, not a flag)",
+    "--no-gradient-accumulation-fusion": "gradient accumulation fusion is always off (needs Apex/TE)",
+    "--eval-interval": "no validation set in text-to-video pretraining",
+    "--eval-iters": "no validation set in text-to-video pretraining",
+    "--distributed-backend": "the backend follows the accelerator (hccl/nccl/gloo)",
+    "--mm-tool": "profiler config of the reference; use --profile instead",
+    "--lr-warmup-init": "accepted for compatibility; warm-up starts at this LR as in Megatron",
+    "--use-dist-ckpt": "checkpoints are always written in the legacy per-rank layout",
+}
+
+
+def _int_or_none(v: str) -> Optional[int]:
+    return None if v.lower() in ("none", "null") else int(v)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # clearer than argparse's default for unknown flags
+        if message.startswith("unrecognized arguments"):
+            flags = message.split(":", 1)[1].strip()
+            message = (f"unknown flag(s): {flags}. See `pretrain.py --help` for the accepted Megatron and MM flags; "
+                       f"remove the flag or check its spelling")
+        super().error(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pretrain.py", allow_abbrev=False, description="Open-Sora Plan v1.5 pretraining (SparseUMMDiT on megatron-core)",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Accepted flags with no effect for this model:\n" + "\n".join(
+                    f"  {k:34s} {v}" for k, v in NO_OP_FLAGS.items()))
+    mm = p.add_argument_group("multimodal configs")
+    mm.add_argument("--mm-data", required=True, help="data JSON (dataset, preprocessing, dataloader)")
+    mm.add_argument("--mm-model", required=True, help="model JSON (ae, text encoders, predictor, diffusion)")
+    mm.add_argument("--mm-tool", default=None)
+    mm.add_argument("--model_custom_precision", "--model-custom-precision", action=argparse.BooleanOptionalAction,
+                    default=True, help="per-component dtypes from the model JSON (VAE ae.dtype, text encoders and "
+                                       "predictor weight_dtype); --no-model_custom_precision casts all to --bf16/--fp16")
+
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--distributed-backend", default=None)
+    par.add_argument("--distributed-timeout-minutes", type=float, default=30.0)
+    par.add_argument("--overlap-grad-reduce", action="store_true")
+    par.add_argument("--data-parallel-random-init", action="store_true")
+
+    bt = p.add_argument_group("batch and schedule")
+    bt.add_argument("--micro-batch-size", type=int, default=1)
+    bt.add_argument("--global-batch-size", type=int, default=None)
+    bt.add_argument("--train-iters", type=int, default=None)
+    bt.add_argument("--train-samples", type=int, default=None)
+    bt.add_argument("--seed", type=int, default=1234)
+
+    opt = p.add_argument_group("optimizer")
+    opt.add_argument("--optimizer-selection", "--optimizer", dest="optimizer_selection", default="fused_ema_adamw",
+                     choices=["fused_ema_adamw", "adamw", "adam"])
+    opt.add_argument("--ema-decay", type=float, default=0.9999)
+    opt.add_argument("--lr", type=float, default=1e-5)
+    opt.add_argument("--min-lr", type=float, default=0.0)
+    opt.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"])
+    opt.add_argument("--lr-decay-iters", type=int, default=None)
+    opt.add_argument("--lr-warmup-iters", type=int, default=0)
+    opt.add_argument("--lr-warmup-fraction", type=float, default=None)
+    opt.add_argument("--lr-warmup-init", type=float, default=0.0)
+    opt.add_argument("--adam-beta1", type=float, default=0.9)
+    opt.add_argument("--adam-beta2", type=float, default=0.999)
+    opt.add_argument("--adam-eps", type=float, default=1e-8)
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--clip-grad", type=float, default=1.0)
+    opt.add_argument("--clip_grad_ema_decay", "--clip-grad-ema-decay", type=float, default=None,
+                     help="enable adaptive 3-sigma EMA gradient clipping with this decay (v1.5 report)")
+    opt.add_argument("--max-consecutive-skips", type=int, default=10,
+                     help="stop (after saving the last good state) when this many steps in a row are skipped "
+                          "for non-finite or extreme gradients")
+
+    prec = p.add_argument_group("precision")
+    prec.add_argument("--bf16", action="store_true")
+    prec.add_argument("--fp16", action="store_true")
+    prec.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+
+    rc = p.add_argument_group("recomputation")
+    rc.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    rc.add_argument("--recompute-method", default=None, choices=["block", "uniform"])
+    rc.add_argument("--recompute-num-layers", type=int, default=0)
+    rc.add_argument("--selective_recom", "--selective-recom", dest="selective_recom", action="store_true")
+    rc.add_argument("--recom_ffn_layers", "--recom-ffn-layers", dest="recom_ffn_layers", type=int, default=0)
+
+    ck = p.add_argument_group("checkpointing")
+    ck.add_argument("--save", default=None)
+    ck.add_argument("--load", default=None)
+    ck.add_argument("--save-interval", type=int, default=None)
+    ck.add_argument("--no-load-optim", action="store_true")
+    ck.add_argument("--no-load-rng", action="store_true")
+    ck.add_argument("--no-save-optim", action="store_true")
+    ck.add_argument("--no-save-rng", action="store_true")
+    ck.add_argument("--finetune", action="store_true")
+    ck.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
+    ck.add_argument("--exit-interval", type=int, default=None)
+    ck.add_argument("--exit-duration-in-mins", type=float, default=None)
+    ck.add_argument("--use-dist-ckpt", action="store_true")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-interval", type=int, default=1)
+    lg.add_argument("--log-throughput", action="store_true")
+    lg.add_argument("--tensorboard-dir", default=None)
+    lg.add_argument("--tensorboard-log-interval", type=int, default=1)
+    lg.add_argument("--wandb-project", default=None)
+    lg.add_argument("--wandb-exp-name", default=None)
+    lg.add_argument("--wandb-save-dir", default=None)
+    lg.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    lg.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak TFLOP/s for MFU (default: bf16 dense peak of known devices, measured on CPU)")
+
+    # Accepted for launcher compatibility; see NO_OP_FLAGS.
+    noop = p.add_argument_group("accepted, no effect for this model (see epilog)")
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                 "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"):
+        noop.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("--attention-dropout", "--hidden-dropout"):
+        noop.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
+    for flag in ("--tokenizer-type", "--position-embedding-type", "--normalization"):
+        noop.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    for flag in ("--swiglu", "--no-masked-softmax-fusion", "--fp32-residual-connection",
+                 "--attention-softmax-in-fp32", "--use-ema", "--use-fused-rmsnorm", "--qk-layernorm",
+                 "--no-gradient-accumulation-fusion"):
+        noop.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+class ArgumentError(ValueError):
+    pass
+
+
+def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Cross-flag checks, done once before anything is built."""
+    tp = args.tensor_model_parallel_size
+    if world_size % tp != 0:
+        raise ArgumentError(f"--tensor-model-parallel-size={tp} must divide the world size {world_size}")
+    dp = world_size // tp
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ArgumentError(f"--global-batch-size={args.global_batch_size} must be a multiple of "
+                            f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
+    args.data_parallel_size = dp
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.train_iters is None and args.train_samples is None:
+        raise ArgumentError("set --train-iters (or --train-samples)")
+    if args.train_iters is None:
+        args.train_iters = args.train_samples // args.global_batch_size
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron: SP needs TP > 1
+    full = args.recompute_granularity == "full" and args.recompute_num_layers > 0
+    if args.selective_recom and full:
+        raise ArgumentError("--selective_recom and --recompute-granularity full with --recompute-num-layers > 0 are "
+                            "mutually exclusive; keep one (selective recomputes only FFNs)")
+    if args.recompute_granularity == "full" and args.recompute_method not in (None, "block"):
+        raise ArgumentError("only --recompute-method block is supported with --recompute-granularity full")
+    if args.recom_ffn_layers and not args.selective_recom:
+        raise ArgumentError("--recom_ffn_layers needs --selective_recom (the reference applied it silently; we don't)")
+    for name in ("save_interval", "log_interval"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.clip_grad_ema_decay is not None and not (0.0 < args.clip_grad_ema_decay < 1.0):
+        raise ArgumentError(f"--clip_grad_ema_decay must be in (0, 1), got {args.clip_grad_ema_decay}")
+    if not (0.0 < args.ema_decay < 1.0):
+        raise ArgumentError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    try:
+        return validate(args, world_size)
+    except ArgumentError as e:
+        print(f"pretrain.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

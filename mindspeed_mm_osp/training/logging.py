@@ -1,0 +1,109 @@
+"""Training log lines in Megatron's format, plus optional TensorBoard and W&B writers.
+
+W&B runs offline unless `--wandb-mode online`; credentials come only from the
+environment (WANDB_API_KEY), never from code or flags.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+logger = logging.getLogger("mindspeed_mm_osp.train")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    train_iters: int
+    consumed_samples: int
+    elapsed_ms: float
+    learning_rate: float
+    global_batch_size: int
+    loss: float
+    grad_norm: Optional[float]
+    clip_threshold: Optional[float]
+    skipped_iterations: int
+    nan_iterations: int
+    samples_per_second: float
+    tflops_per_device: Optional[float] = None
+    mfu: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def format_line(s: IterationStats) -> str:
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [
+        f" [{now}] iteration {s.iteration:8d}/{s.train_iters:8d}",
+        f"consumed samples: {s.consumed_samples:12d}",
+        f"elapsed time per iteration (ms): {s.elapsed_ms:.1f}",
+    ]
+    if s.tflops_per_device is not None:
+        parts.append(f"throughput per device (TFLOP/s/device): {s.tflops_per_device:.3f}")
+    if s.mfu is not None:
+        parts.append(f"MFU: {100 * s.mfu:.1f}%")
+    parts += [
+        f"learning rate: {s.learning_rate:.6E}",
+        f"global batch size: {s.global_batch_size:5d}",
+        f"loss: {s.loss:.6E}",
+        "grad norm: " + ("nan" if s.grad_norm is None else f"{s.grad_norm:.3f}"),
+    ]
+    if s.clip_threshold is not None:
+        parts.append(f"clip threshold: {s.clip_threshold:.3f}")
+    parts += [
+        f"samples per second: {s.samples_per_second:.3f}",
+        f"number of skipped iterations: {s.skipped_iterations:3d}",
+        f"number of nan iterations: {s.nan_iterations:3d}",
+    ]
+    for k, v in s.extra.items():
+        parts.append(f"{k}: {v}")
+    return " | ".join(parts) + " |"
+
+
+class MetricWriters:
+    """TensorBoard and W&B, each only when asked for, on the logging rank."""
+
+    def __init__(self, args, is_logging_rank: bool):
+        self.tb = None
+        self.wandb = None
+        if not is_logging_rank:
+            return
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+        if args.wandb_project:
+            os.environ.setdefault("WANDB_MODE", args.wandb_mode)
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
+                                    dir=args.wandb_save_dir or args.save or ".", config=vars(args))
+
+    def write(self, s: IterationStats) -> None:
+        scalars = {"loss": s.loss, "learning-rate": s.learning_rate, "samples-per-second": s.samples_per_second,
+                   "elapsed-ms": s.elapsed_ms, "skipped-iterations": s.skipped_iterations}
+        if s.grad_norm is not None:
+            scalars["grad-norm"] = s.grad_norm
+        if s.clip_threshold is not None:
+            scalars["clip-threshold"] = s.clip_threshold
+        if s.mfu is not None:
+            scalars["mfu"] = s.mfu
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, s.iteration)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=s.iteration)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
