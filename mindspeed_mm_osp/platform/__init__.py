@@ -10,10 +10,12 @@ from .device import (
     accelerator,
     attention_backend,
     device,
+    device_count,
     dist_backend,
     empty_cache,
     get_accelerator_rng_state,
     max_memory_allocated,
+    npu_fused_ema_adamw,
     reset_peak_memory_stats,
     set_accelerator_rng_state,
     set_device,
@@ -22,7 +24,7 @@ from .device import (
 from .megatron_adaptor import adapt_megatron
 
 __all__ = [
-    "accelerator", "adapt_megatron", "attention_backend", "device", "dist_backend", "empty_cache",
-    "get_accelerator_rng_state", "max_memory_allocated", "reset_peak_memory_stats",
+    "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "dist_backend", "empty_cache",
+    "get_accelerator_rng_state", "max_memory_allocated", "npu_fused_ema_adamw", "reset_peak_memory_stats",
     "set_accelerator_rng_state", "set_device", "synchronize",
 ]

@@ -107,3 +107,20 @@ def set_accelerator_rng_state(state: Optional[torch.Tensor]) -> None:
     mod = _module()
     if mod is not None and state is not None:
         mod.set_rng_state(state)
+
+
+def npu_fused_ema_adamw():
+    """MindSpeed's `npu_apply_fused_ema_adamw` op on Ascend when installed, else None (lazy import)."""
+    if accelerator() != "npu" or importlib.util.find_spec("mindspeed") is None:
+        return None
+    try:
+        module = importlib.import_module("mindspeed.ops.npu_apply_fused_ema_adamw")
+    except ImportError:
+        return None
+    return getattr(module, "npu_apply_fused_ema_adamw", None)
+
+
+def device_count() -> int:
+    """Local accelerator count for launchers (CPU: 1 process unless told otherwise)."""
+    mod = _module()
+    return int(mod.device_count()) if mod is not None else 1

@@ -1,0 +1,74 @@
+"""Writing generated videos: H.264 mp4 through PyAV, atomically, with a JSON sidecar.
+
+A file appears under its final name only once it is complete (written to a temporary
+name in the same folder, then renamed), so an interrupted job never leaves a truncated
+mp4 that looks finished, and a later failure never deletes a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """(C, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a (3, T, H, W) video tensor, got shape {tuple(video.shape)}")
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+    """Encode (T, H, W, 3) uint8 frames as H.264 (yuv420p) at `fps`; returns the final path."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:  # yuv420p needs even sides
+        frames = frames[:, : h - h % 2, : w - w % 2]
+        h, w = frames.shape[1:3]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:
+    """All frames (T, H, W, 3) uint8 and the stream's average fps (used by tests and tools)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate) if stream.average_rate else 0.0
+    return np.stack(frames), fps
