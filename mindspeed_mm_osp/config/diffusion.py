@@ -34,6 +34,9 @@ class DiffusionConfig:
         require(self.shift > 0, file, f"{p}shift", f"must be > 0, got {self.shift}")
         require(self.max_image_seq > self.base_image_seq, file, f"{p}max_image_seq", "must be > base_image_seq")
         require(0.0 <= self.guidance_rescale <= 1.0, file, f"{p}guidance_rescale", "must be in [0, 1]")
+        # The reference *returns* (does not raise) this ValueError; we raise it.
+        require(0.0 <= self.sigma_eps <= 1e-2, file, f"{p}sigma_eps", f"must be in [0, 0.01], got {self.sigma_eps}")
+        require(self.logit_std > 0, file, f"{p}logit_std", f"must be > 0, got {self.logit_std}")
         if self.use_linear_quadratic_schedule:
             require(self.num_inference_steps % 2 == 0, file, f"{p}num_inference_steps",
                     "the linear-quadratic schedule needs an even number of steps")
