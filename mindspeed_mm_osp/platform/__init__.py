@@ -11,6 +11,7 @@ from .device import (
     attention_backend,
     device,
     device_count,
+    device_name,
     dist_backend,
     empty_cache,
     get_accelerator_rng_state,
@@ -24,7 +25,7 @@ from .device import (
 from .megatron_adaptor import adapt_megatron
 
 __all__ = [
-    "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "dist_backend", "empty_cache",
+    "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "device_name", "dist_backend", "empty_cache",
     "get_accelerator_rng_state", "max_memory_allocated", "npu_fused_ema_adamw", "reset_peak_memory_stats",
     "set_accelerator_rng_state", "set_device", "synchronize",
 ]

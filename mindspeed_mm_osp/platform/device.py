@@ -124,3 +124,13 @@ def device_count() -> int:
     """Local accelerator count for launchers (CPU: 1 process unless told otherwise)."""
     mod = _module()
     return int(mod.device_count()) if mod is not None else 1
+
+
+def device_name() -> str:
+    """Human-readable accelerator name for logs and benchmark reports."""
+    mod = _module()
+    if mod is None:
+        import platform as _host
+
+        return _host.processor() or _host.machine()
+    return str(mod.get_device_name())

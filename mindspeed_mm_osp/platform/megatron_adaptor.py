@@ -134,6 +134,23 @@ def _patch_megatron() -> None:
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
 
 
+_CPU_NOISE = (
+    r".*all_gather_into_tensor is deprecated.*",
+    r".*reduce_scatter_tensor is deprecated.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
+    r"Transformer Engine and Apex are not installed.*",
+)
+
+
+def _quiet_cpu_warnings() -> None:
+    """Warnings megatron-core raises on every step on CPU that say nothing about the run."""
+    import warnings
+
+    for pattern in _CPU_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def enter_cuda_to_cpu_mode() -> None:
     """Enter CudaToCpuMode for this thread (idempotent)."""
     if getattr(_state, "mode", None) is None:
@@ -150,5 +167,6 @@ def adapt_megatron() -> None:
     if not _patched:
         _patch_torch_cuda()
         _patch_megatron()
+        _quiet_cpu_warnings()
         _patched = True
     enter_cuda_to_cpu_mode()

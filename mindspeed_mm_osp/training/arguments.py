@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak TFLOP/s for MFU (default: bf16 dense peak of known devices, measured on CPU)")
 
+    # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
+    # element after the grad reduce of that iteration.
+    p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
+
     # Accepted for launcher compatibility; see NO_OP_FLAGS.
     noop = p.add_argument_group("accepted, no effect for this model (see epilog)")
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",

@@ -46,3 +46,26 @@ def predictor_forward_flops(cfg: PredictorConfig, batch: int, latent_thw: tuple[
 
 def predictor_training_flops(cfg: PredictorConfig, batch: int, latent_thw: tuple[int, int, int], text_len: int) -> float:
     return 3.0 * predictor_forward_flops(cfg, batch, latent_thw, text_len)
+
+
+def peak_flops_per_second() -> float:
+    """Peak for MFU: bf16 dense peak of known accelerators, else a matmul measured here (CPU)."""
+    import time
+
+    import torch
+
+    from .. import platform
+
+    name = platform.device_name()
+    if platform.accelerator() == "cuda":
+        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0)):
+            if key in name:
+                return tflops * 1e12
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    reps = 8
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)

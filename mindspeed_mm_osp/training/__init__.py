@@ -1,0 +1,1 @@
+"""Pretraining: Megatron-style flags, model assembly, the loop, logging and FLOP counting."""

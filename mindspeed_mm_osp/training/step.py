@@ -1,0 +1,89 @@
+"""One micro-batch: frozen encoding, flow-matching noise, predictor forward, masked loss.
+
+Randomness is keyed, not streamed: the VAE posterior sample of a fetched micro-batch and
+the sigma/noise of a trained micro-batch each come from a generator seeded by
+(seed, purpose, ordinal, rank). So every TP peer draws identical noise without a
+broadcast, a resumed run draws exactly what the uninterrupted run would have, and a
+TP=1 and a TP=2 run of the same data see the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import platform
+from ..diffusion import FlowMatchingScheduler
+
+
+def keyed_generator(*key) -> torch.Generator:
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class EncodedBatch:
+    """What the predictor trains on (fp32 latents; text in the text encoders' dtype)."""
+
+    latents: torch.Tensor            # (B, Z, t, h, w), normalised
+    latent_mask: torch.Tensor        # (B, t, h, w), 1 = valid
+    text: torch.Tensor               # (B, S, C_cap)
+    text_mask: torch.Tensor          # (B, S)
+    pooled: Optional[torch.Tensor]   # (B, P)
+
+    def tensors(self) -> list[torch.Tensor]:
+        pooled = self.pooled if self.pooled is not None else torch.zeros(0, device=self.latents.device)
+        return [self.latents, self.latent_mask, self.text, self.text_mask, pooled]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor]) -> "EncodedBatch":
+        latents, latent_mask, text, text_mask, pooled = tensors
+        return cls(latents, latent_mask, text, text_mask, pooled if pooled.numel() else None)
+
+
+def _squeeze_prompt(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L) -> (B, L): one caption per sample, as the collate stacks them."""
+    return x.reshape(x.shape[0], -1) if x.ndim == 3 else x
+
+
+@torch.no_grad()
+def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> EncodedBatch:
+    """Collated batch (video + token ids, or cached features) -> EncodedBatch on this device."""
+    device = platform.device()
+    if "video" in batch:
+        latents = encoders.vae.encode(batch["video"].to(device), generator=vae_generator).float()
+    else:  # feature cache: posterior parameters stored, sampled here exactly as online encoding does
+        from ..models.ae import sample_posterior
+
+        mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
+        latents = ((sample_posterior(mean.float(), logvar.float(), vae_generator) - batch["latent_shift"].to(device))
+                   * batch["latent_scale"].to(device))
+    if "text_hidden" in batch:
+        text, text_mask = batch["text_hidden"].to(device), batch["text_mask"].to(device)
+        pooled = batch["text_pooled"].to(device) if "text_pooled" in batch else None
+    else:
+        ids_2 = batch.get("input_ids_2")
+        mask_2 = batch.get("attention_mask_2")
+        text, text_mask, pooled = encoders.text.encode(
+            _squeeze_prompt(batch["input_ids"]), _squeeze_prompt(batch["attention_mask"]),
+            None if ids_2 is None else _squeeze_prompt(ids_2), None if mask_2 is None else _squeeze_prompt(mask_2))
+    return EncodedBatch(latents=latents, latent_mask=batch["latent_mask"].to(device).float(), text=text,
+                        text_mask=text_mask.to(device), pooled=pooled)
+
+
+def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: EncodedBatch,
+                       noise_generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Masked velocity MSE (fp32 scalar) of one micro-batch (reference §5.4-5.5)."""
+    x0 = enc.latents
+    b, _, _, h, w = x0.shape
+    sigmas = scheduler.sample_sigmas(b, latent_hw=(h, w), generator=noise_generator)
+    noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32).to(x0.device)
+    x_t = scheduler.add_noise(x0, noise, sigmas)
+    pred = predictor(
+        x_t.to(dtype), scheduler.timesteps(sigmas).to(x0.device), enc.text.to(dtype),
+        attention_mask=enc.latent_mask, encoder_attention_mask=enc.text_mask,
+        pooled_projections=None if enc.pooled is None else enc.pooled.to(dtype))
+    return scheduler.loss(pred, scheduler.training_target(x0, noise), mask=enc.latent_mask, sigmas=sigmas)
