@@ -1,5 +1,34 @@
+import json
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Tiny WF-VAE/T5/CLIP folders, the synthetic dataset, and tiny data/model JSONs pointing at them."""
+    from mindspeed_mm_osp.tools.make_synthetic_dataset import make_synthetic_dataset
+    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    models = make_tiny_models(root / "models")
+    data = make_synthetic_dataset(root / "data")
+    model_cfg = json.loads((ROOT / "examples/tiny/model.json").read_text())
+    model_cfg["ae"]["from_pretrained"] = str(models["vae"])
+    model_cfg["text_encoder"]["from_pretrained"] = str(models["t5"])
+    model_cfg["text_encoder_2"]["from_pretrained"] = str(models["clip"])
+    data_cfg = json.loads((ROOT / "examples/tiny/data.json").read_text())
+    data_cfg["dataset_param"]["basic_parameters"]["data_path"] = str(data.data_txt)
+    data_cfg["dataset_param"]["tokenizer_config"]["from_pretrained"] = str(models["t5"])
+    data_cfg["dataset_param"]["tokenizer_config_2"]["from_pretrained"] = str(models["clip"])
+    (root / "model.json").write_text(json.dumps(model_cfg, indent=2))
+    (root / "data.json").write_text(json.dumps(data_cfg, indent=2))
+    return {"root": root, "model_json": root / "model.json", "data_json": root / "data.json", "models": models,
+            "data": data}
