@@ -36,8 +36,11 @@ class AEConfig:
     t_interpolation: Literal["trilinear", "nearest"] = "trilinear"
     use_attention: bool = True
     use_tiling: bool = True
-    # Latent frames decoded/encoded per chunk when tiling (memory bound); 0 = whole clip.
+    # Chunked ("tiling") coding along time, exact for any value (memory grows with the chunk).
+    # Latent frames per decoder chunk; 0 = decode in one pass.
     tile_latent_frames: int = 4
+    # Latent frames per encoder chunk (8x as many pixel frames); 1 = the reference's 8 frames; 0 = one pass.
+    encode_tile_latent_frames: int = 1
     vae_scale_factor: tuple[int, int, int] = (8, 8, 8)
     from_pretrained: Optional[str] = None
     dtype: Dtype = "fp32"
@@ -48,4 +51,5 @@ class AEConfig:
             values = getattr(self, key)
             require(values is None or len(values) == self.latent_dim, file, f"{p}{key}",
                     f"needs latent_dim={self.latent_dim} values, got {0 if values is None else len(values)}")
-        require(self.tile_latent_frames >= 0, file, f"{p}tile_latent_frames", "must be >= 0")
+        for key in ("tile_latent_frames", "encode_tile_latent_frames"):
+            require(getattr(self, key) >= 0, file, f"{p}{key}", "must be >= 0 (0 = no chunking)")
