@@ -79,6 +79,13 @@ class PreprocessParameters:
                 f"must be {self.ae_stride_t}k+1 for ae_stride_t={self.ae_stride_t}, got {self.num_frames}")
         require(self.max_hxw is not None or self.min_hxw is not None, file, f"{path}.max_hxw",
                 "set max_hxw and/or min_hxw (pixel-area bounds used for resolution filtering)")
+        require(self.force_resolution or self.max_hxw is not None, file, f"{path}.max_hxw",
+                "multi-resolution mode (force_resolution false) needs max_hxw")
+        require(self.sp_size >= 1 and ((self.num_frames - 1) // self.ae_stride_t + 1) % self.sp_size == 0, file,
+                f"{path}.num_frames", f"latent length of num_frames={self.num_frames} must be a multiple of "
+                f"sp_size={self.sp_size}")
+        require(self.num_frames >= self.min_num_frames, file, f"{path}.min_num_frames",
+                f"must be <= num_frames={self.num_frames}")
         if self.force_resolution:
             for key in ("max_height", "max_width"):
                 v = getattr(self, key)
@@ -104,14 +111,20 @@ class DatasetParam:
     enable_text_preprocess: bool = True
     model_max_length: int = 512
     use_feature_data: bool = False
+    # Folder written by `python -m mindspeed_mm_osp.tools.extract_features`; read when the model JSON
+    # sets load_video_features / load_text_features (see mindspeed_mm_osp.features).
+    feature_cache_dir: Optional[str] = None
     # Every kept video also contributes one random frame of itself as an image sample
     # (REF accepts the key but ignores it).
     use_img_from_vid: bool = False
-    support_chinese: bool = False
 
     # The reference's data.json says `enable_text_preprocess`, its constructor reads
     # `enable_text_preprocessing` (spec B12): accept both spellings.
     _aliases = {"enable_text_preprocessing": "enable_text_preprocess"}
+
+    def validate(self, file, path: str) -> None:
+        require(self.use_text_processer, file, f"{path}.use_text_processer",
+                "must be true: every sample is tokenized (REF retries forever without it, spec B13)")
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,9 @@ class DataloaderParam:
     drop_last: bool = True
     pin_memory: bool = False
     group_data: bool = True
+    # Accepted for compatibility, not used: the sampler resumes from the trainer's
+    # consumed_samples and derives gradient accumulation from the trainer's batch sizes
+    # (this copy is stale in the v1.5 example: 4 vs. 1 real, spec bug B11).
     initial_global_step_for_sampler: int = 0
     gradient_accumulation_size: int = 1
     collate_param: CollateParam = field(default_factory=CollateParam)

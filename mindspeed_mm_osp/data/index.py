@@ -1,0 +1,371 @@
+"""Startup filter: annotation records → a compact, columnar index of trainable samples.
+
+Each record is kept or dropped for exactly one reason (first failing check wins, spec
+§2.1), counted per reason:
+
+1. `unsupported_ext` — neither a video nor an image extension (case-insensitive; REF
+   accepts exactly `.mp4`/`.jpg` and crashes on anything else, B3);
+2. `no_cap`, `no_resolution` (also `no_num_frames` for videos; REF would crash);
+3. `{vid,img}_aspect_mismatch` — h/w outside `[min_h_div_w_ratio, max_h_div_w_ratio]`;
+4. `{vid,img}_res_too_small` — area below `min_hxw`, or (force_resolution) below the
+   no-upscale floor of the aspect crop; `{vid,img}_res_mismatch_stride` — multi-res bucket
+   with a zero side;
+5. videos: `too_long`, `fps_too_low`, `below_min_num_frames`, `too_short` (random drop of
+   clips shorter than `num_frames` with probability `drop_short_ratio`), and
+   `no_valid_frame_count` — REF merges the last three into `too_short` (B19);
+6. `filter_minority` — the sample's shape has fewer than `4 × global_batch_size` members.
+
+A record's `crop` (rows y0:y1, columns x0:x1) defines the resolution the checks use
+(REF uses the uncropped size, B9). Everything is vectorised over numpy columns; the only
+per-record Python work is reading the dicts, and the resolution plan is computed once
+per distinct source size — a million records filter in a few seconds. The result keeps
+(start, interval, count) per video instead of a list of frame indices (B20).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+from PIL import Image
+
+from ..config.data import PreprocessParameters
+from . import frames as F
+from .geometry import force_resolution_min_area, multires_bucket
+
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv"})
+# Everything PIL can open, lower-cased (no torchvision dependency in the data path).
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions()) - VIDEO_EXTENSIONS
+
+KIND_VIDEO, KIND_IMAGE, KIND_VIDEO_FRAME = 0, 1, 2
+
+COUNTER_NAMES = (
+    "unsupported_ext", "no_cap", "no_resolution", "no_num_frames",
+    "vid_aspect_mismatch", "img_aspect_mismatch", "vid_res_too_small", "img_res_too_small",
+    "vid_res_mismatch_stride", "img_res_mismatch_stride",
+    "too_long", "fps_too_low", "below_min_num_frames", "too_short", "no_valid_frame_count",
+    "filter_minority",
+)
+
+
+def media_kind(path: str) -> Optional[int]:
+    """KIND_VIDEO / KIND_IMAGE by extension (case-insensitive), None if unsupported."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return KIND_VIDEO
+    if ext in IMAGE_EXTENSIONS:
+        return KIND_IMAGE
+    return None
+
+
+class SampleShape(NamedTuple):
+    frames: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+
+@dataclass
+class SampleIndex:
+    """Surviving samples as parallel columns (picklable; shared by forked workers)."""
+
+    paths: list[str]
+    captions: list  # str or list[str] per sample
+    kind: np.ndarray  # int8, KIND_*
+    start: np.ndarray  # int64, first usable source frame (`cut[0]`)
+    num_frames: np.ndarray  # int64, annotated usable length N
+    interval: np.ndarray  # float64, resampling Δ
+    crop: np.ndarray  # int32 (n, 4) x0, x1, y0, y1; -1 = none
+    src_hw: np.ndarray  # int32 (n, 2) resolution the plan was made for (after crop)
+    aesthetic: np.ndarray  # float64, NaN = none
+    record: np.ndarray  # int64, position in the concatenated annotation list
+    shape_id: np.ndarray  # int64 index into `shapes`
+    shapes: list[SampleShape]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def shape(self, i: int) -> SampleShape:
+        return self.shapes[int(self.shape_id[i])]
+
+    def members(self) -> list[np.ndarray]:
+        """Sample positions of every shape, in shape-id order."""
+        order = np.argsort(self.shape_id, kind="stable")
+        bounds = np.searchsorted(self.shape_id[order], np.arange(len(self.shapes) + 1))
+        return [order[bounds[s]:bounds[s + 1]] for s in range(len(self.shapes))]
+
+    def frame_indices(self, i: int, pp: PreprocessParameters, rng: np.random.Generator) -> np.ndarray:
+        """Source frame indices of sample `i` for one read (random window drawn from `rng`)."""
+        t = self.shape(i).frames
+        if self.kind[i] == KIND_IMAGE:
+            return np.zeros(1, dtype=np.int64)
+        target = 1 if self.kind[i] == KIND_VIDEO_FRAME else pp.num_frames
+        return F.sample_frame_indices(int(self.start[i]), int(self.num_frames[i]), float(self.interval[i]),
+                                      target, t, pp.speed_factor, rng)
+
+
+@dataclass
+class FilterStats:
+    records_in: int = 0
+    malformed: int = 0
+    counters: dict = field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0))
+    videos_in: int = 0
+    videos_kept: int = 0
+    images_in: int = 0
+    images_kept: int = 0
+    frames_from_videos: int = 0
+    kept: int = 0
+    shapes: Counter = field(default_factory=Counter)
+    aesthetic: dict = field(default_factory=dict)
+    # Per input record (malformed ones excluded): index into COUNTER_NAMES of the reason it
+    # was dropped, -1 if kept.
+    reason: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+
+    def reason_of(self, record: int) -> str:
+        code = int(self.reason[record])
+        return "kept" if code < 0 else COUNTER_NAMES[code]
+
+    def as_dict(self) -> dict:
+        return {"records_in": self.records_in, "malformed": self.malformed, **self.counters,
+                "videos_in": self.videos_in, "videos_kept": self.videos_kept, "images_in": self.images_in,
+                "images_kept": self.images_kept, "frames_from_videos": self.frames_from_videos,
+                "kept": self.kept, "shapes": {str(k): v for k, v in self.shapes.items()},
+                "aesthetic": dict(self.aesthetic)}
+
+    def table(self) -> str:
+        """Human-readable report: per-reason drops, kept ratios and the shape histogram."""
+        def pct(a, b):
+            return f"{100.0 * a / b:6.2f}%" if b else "   n/a"
+
+        rows = [("records in", self.records_in, ""), ("malformed", self.malformed, pct(self.malformed, self.records_in))]
+        rows += [(k, v, pct(v, self.records_in)) for k, v in self.counters.items()]
+        rows += [("videos kept / in", f"{self.videos_kept}/{self.videos_in}", pct(self.videos_kept, self.videos_in)),
+                 ("images kept / in", f"{self.images_kept}/{self.images_in}", pct(self.images_kept, self.images_in)),
+                 ("frames from videos", self.frames_from_videos, ""),
+                 ("samples kept", self.kept, pct(self.kept, self.records_in))]
+        lines = [f"{'reason':<24}{'count':>16}{'share':>10}", "-" * 50]
+        lines += [f"{k:<24}{v!s:>16}{p:>10}" for k, v, p in rows]
+        lines += ["-" * 50, "shape (TxHxW)            samples"]
+        lines += [f"{str(s):<24}{n:>16}" for s, n in sorted(self.shapes.items(), key=lambda kv: -kv[1])]
+        if self.aesthetic:
+            lines += ["-" * 50] + [f"aesthetic {k:<14}{v:>16.4g}" for k, v in self.aesthetic.items()]
+        return "\n".join(lines)
+
+
+def _columns(records: list[dict]):
+    """One pass over the dicts → numpy columns (missing values as 0 / NaN / -1).
+
+    Python lists are filled and converted once (writing numpy scalars one by one is ~3×
+    slower); this loop is the only per-record Python work of the filter.
+    """
+    kind, has_cap, h, w, nf, fps, start, aes = [], [], [], [], [], [], [], []
+    crops: dict[int, list] = {}
+    kind_of: dict[str, int] = {}
+    num = (int, float)
+    for i, r in enumerate(records):
+        p = r["path"]
+        ext = p[p.rfind("."):].lower()
+        k = kind_of.get(ext)
+        if k is None:
+            k = kind_of[ext] = {KIND_VIDEO: 0, KIND_IMAGE: 1}.get(media_kind("x" + ext), -1)
+        kind.append(k)
+        cap = r.get("cap")
+        has_cap.append(cap.__class__ is str or (isinstance(cap, list) and len(cap) > 0))
+        res = r.get("resolution")
+        hh = ww = 0
+        if res.__class__ is dict:
+            hh, ww = res.get("height"), res.get("width")
+            if not (isinstance(hh, num) and isinstance(ww, num) and hh == hh and ww == ww):
+                hh = ww = 0
+        h.append(hh)
+        w.append(ww)
+        c = r.get("crop")
+        if c is not None and isinstance(c, (list, tuple)) and len(c) == 4:
+            crops[i] = c
+        v = r.get("num_frames")
+        nf.append(v if k == 0 and isinstance(v, num) and v == v else -1)
+        v = r.get("fps")
+        fps.append(v if isinstance(v, num) and v > 0 else 24.0)
+        cut = r.get("cut")
+        start.append(cut[0] if cut and isinstance(cut, (list, tuple)) else 0)
+        a = r.get("aesthetic", r.get("aes"))
+        aes.append(a if isinstance(a, num) else np.nan)
+    n = len(records)
+    crop = np.full((n, 4), -1, np.int32)
+    if crops:
+        crop[list(crops)] = np.array(list(crops.values()), np.int32)
+    h = np.array(h, np.float64).astype(np.int64)
+    w = np.array(w, np.float64).astype(np.int64)
+    has_crop = crop[:, 0] >= 0
+    h = np.where(has_crop, crop[:, 3] - crop[:, 2], h)
+    w = np.where(has_crop, crop[:, 1] - crop[:, 0], w)
+    return (np.array(kind, np.int8), np.array(has_cap, bool), h, w, np.array(nf, np.float64).astype(np.int64),
+            np.array(fps, np.float64), np.array(start, np.float64).astype(np.int64), crop, np.array(aes, np.float64))
+
+
+def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: int):
+    """Per-record (sample_h, sample_w, reason) with reason 0 ok, 1 too small, 2 stride mismatch."""
+    sh = np.zeros(len(h), np.int64)
+    sw = np.zeros(len(h), np.int64)
+    reason = np.zeros(len(h), np.int8)
+    if len(h) == 0:
+        return sh, sw, reason
+    uniq, inv = np.unique(np.stack([h, w], 1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    ush = np.zeros(len(uniq), np.int64)
+    usw = np.zeros(len(uniq), np.int64)
+    ureason = np.zeros(len(uniq), np.int8)
+    for u, (hh, ww) in enumerate(uniq.tolist()):
+        if pp.force_resolution:
+            ush[u], usw[u] = pp.max_height, pp.max_width
+            if hh * ww < force_resolution_min_area(hh, ww, pp.max_height, pp.max_width, min_hxw):
+                ureason[u] = 1
+        else:
+            bh, bw = multires_bucket(hh, ww, pp.max_hxw, pp.force_5_ratio, pp.hw_stride)
+            ush[u], usw[u] = bh, bw
+            if bh <= 0 or bw <= 0:
+                ureason[u] = 2
+            elif bh * bw < min_hxw:
+                ureason[u] = 1
+    return ush[inv], usw[inv], ureason[inv]
+
+
+def effective_min_hxw(pp: PreprocessParameters) -> int:
+    """`min_hxw`, defaulting to `max_hxw // 4` as in REF."""
+    return pp.min_hxw if pp.min_hxw is not None else pp.max_hxw // 4
+
+
+def build_index(records: list[dict], pp: PreprocessParameters, *, global_batch_size: int,
+                use_img_from_vid: bool = False, malformed: int = 0) -> tuple[SampleIndex, FilterStats]:
+    """Filter `records` (from `load_annotations`) and bucket the survivors.
+
+    Raises ValueError (with the counter table) if nothing survives.
+    """
+    stats = FilterStats(records_in=len(records) + malformed, malformed=malformed)
+    cnt = stats.counters
+    kind, has_cap, h, w, nf, fps, start, crop, aes = _columns(records)
+    is_vid, is_img = kind == KIND_VIDEO, kind == KIND_IMAGE
+    stats.videos_in, stats.images_in = int(is_vid.sum()), int(is_img.sum())
+    alive = np.ones(len(records), bool)
+    stats.reason = np.full(len(records), -1, np.int8)
+
+    def drop(mask: np.ndarray, name: str) -> None:
+        nonlocal alive
+        hit = alive & mask
+        cnt[name] += int(hit.sum())
+        stats.reason[hit] = COUNTER_NAMES.index(name)
+        alive &= ~hit
+
+    drop(kind < 0, "unsupported_ext")
+    drop(~has_cap, "no_cap")
+    drop((h <= 0) | (w <= 0), "no_resolution")
+    drop(is_vid & (nf <= 0), "no_num_frames")
+    ratio = h / np.maximum(w, 1)
+    bad_aspect = (ratio < pp.min_h_div_w_ratio) | (ratio > pp.max_h_div_w_ratio)
+    drop(bad_aspect & is_vid, "vid_aspect_mismatch")
+    drop(bad_aspect & is_img, "img_aspect_mismatch")
+    min_hxw = effective_min_hxw(pp)
+    small = h * w < min_hxw
+    drop(small & is_vid, "vid_res_too_small")
+    drop(small & is_img, "img_res_too_small")
+
+    sh = np.zeros(len(records), np.int64)
+    sw = np.zeros(len(records), np.int64)
+    pos = np.flatnonzero(alive)
+    bh, bw, reason = _buckets(h[pos], w[pos], pp, min_hxw)
+    sh[pos], sw[pos] = bh, bw
+    r_all = np.zeros(len(records), np.int8)
+    r_all[pos] = reason
+    drop((r_all == 2) & is_vid, "vid_res_mismatch_stride")
+    drop((r_all == 2) & is_img, "img_res_mismatch_stride")
+    drop((r_all == 1) & is_vid, "vid_res_too_small")
+    drop((r_all == 1) & is_img, "img_res_too_small")
+
+    # Temporal rules, videos only.
+    R, Fn, sigma = pp.train_fps, pp.num_frames, pp.speed_factor
+    drop(is_vid & (nf > pp.too_long_factor * (Fn * fps / R * sigma)), "too_long")
+    interval = F.resample_interval(fps, R)
+    drop(is_vid & (interval < 1), "fps_too_low")
+    length = F.speed_up_length(F.num_candidates(np.maximum(nf, 0), interval), Fn, sigma)
+    drop(is_vid & (length < pp.min_num_frames), "below_min_num_frames")
+    short = np.flatnonzero(alive & is_vid & (length < Fn))
+    # Drawn in record order from a dedicated seeded stream, as REF; only short clips draw.
+    u = np.random.default_rng(pp.seed).random(len(short))
+    rand_drop = np.zeros(len(records), bool)
+    rand_drop[short[u < pp.drop_short_ratio]] = True
+    drop(rand_drop, "too_short")
+    t = np.where(is_vid, F.valid_frame_count(np.minimum(length, Fn), pp.ae_stride_t, pp.sp_size, pp.min_num_frames), 1)
+    drop(t < 0, "no_valid_frame_count")
+
+    keep = np.flatnonzero(alive)
+    kinds = kind[keep].astype(np.int8)
+    if use_img_from_vid:
+        vids = keep[kind[keep] == KIND_VIDEO]
+        keep = np.concatenate([keep, vids])
+        kinds = np.concatenate([kinds, np.full(len(vids), KIND_VIDEO_FRAME, np.int8)])
+    frames_col = np.where(kinds == KIND_VIDEO, t[keep], 1)
+
+    # Minority filter on the final shapes.
+    key = (frames_col << 40) | (sh[keep] << 20) | sw[keep]
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    major = counts[inv] >= 4 * global_batch_size
+    cnt["filter_minority"] = int((~major).sum())
+    stats.reason[keep[~major]] = COUNTER_NAMES.index("filter_minority")
+    keep, kinds, inv = keep[major], kinds[major], inv[major]
+    used, shape_id = np.unique(inv, return_inverse=True)
+    shapes = [SampleShape(int(k >> 40), int((k >> 20) & 0xFFFFF), int(k & 0xFFFFF)) for k in uniq[used]]
+
+    stats.kept = len(keep)
+    stats.videos_kept = int((kinds == KIND_VIDEO).sum())
+    stats.images_kept = int((kinds == KIND_IMAGE).sum())
+    stats.frames_from_videos = int((kinds == KIND_VIDEO_FRAME).sum())
+    stats.shapes = Counter({shapes[s]: int(c) for s, c in enumerate(np.bincount(shape_id.reshape(-1), minlength=len(shapes)))})
+    scores = aes[~np.isnan(aes)]
+    if len(scores):
+        stats.aesthetic = {"count": len(scores), "missing": int(np.isnan(aes).sum()),
+                           "ge_5.75": int((scores >= 5.75).sum()), "le_4.5": int((scores <= 4.5).sum()),
+                           "mean": float(scores.mean()), "std": float(scores.std()),
+                           "min": float(scores.min()), "max": float(scores.max())}
+    if len(keep) == 0:
+        raise ValueError("no annotation record survived filtering; check the data config:\n" + stats.table())
+    index = SampleIndex(
+        paths=[records[i]["path"] for i in keep.tolist()], captions=[records[i]["cap"] for i in keep.tolist()],
+        kind=kinds, start=start[keep], num_frames=nf[keep], interval=np.asarray(interval)[keep], crop=crop[keep],
+        src_hw=np.stack([h[keep], w[keep]], 1).astype(np.int32), aesthetic=aes[keep], record=keep.astype(np.int64),
+        shape_id=shape_id.reshape(-1).astype(np.int64), shapes=shapes)
+    return index, stats
+
+
+class SamplePlan(NamedTuple):
+    """What one sample will be, without touching its file (for feature extraction)."""
+
+    position: int  # index into SampleIndex
+    path: str
+    caption: object
+    shape: SampleShape
+    frame_indices: np.ndarray
+
+
+def plan_rng(seed: int, position: int) -> np.random.Generator:
+    """RNG of sample `position`'s plan: `T2VDataset.load_video(position, plan_rng(seed, position))`
+    decodes exactly the frames `iter_plans(..., seed)` listed for it."""
+    return np.random.default_rng((seed, position))
+
+
+def iter_plans(index: SampleIndex, pp: PreprocessParameters, seed: int) -> Iterator[SamplePlan]:
+    """Every sample with its final (frames, h, w) and frame indices, reproducible by seed."""
+    for i in range(len(index)):
+        yield SamplePlan(i, index.paths[i], index.captions[i], index.shape(i),
+                         index.frame_indices(i, pp, plan_rng(seed, i)))
+
+
+__all__ = ["COUNTER_NAMES", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
+           "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS", "build_index", "effective_min_hxw",
+           "iter_plans", "media_kind", "plan_rng"]

@@ -1,0 +1,259 @@
+"""Write a small synthetic text-to-video dataset (spec data.md §8) in a few seconds.
+
+    python -m mindspeed_mm_osp.tools.make_synthetic_dataset OUT [--num-videos N --num-images M --seed S]
+
+OUT gets `set1/` (the spec's video cases V1–V21, incl. a corrupt, a zero-byte and a
+missing file), `set2/` (image cases I1–I7 and records without caption/resolution),
+`set3/` (N random videos and M random images that all pass the filter), one
+`anno.json` per set (each record carries an `id` naming its case), `data.txt` (with a
+blank line) and `data.json` (config A: 17 frames, 64×128, force_resolution).
+
+Frame k of every clip encodes k: the background has grey level `8 + 6·(k mod 40)` and the
+top-left quadrant `8 + 6·(k div 40)`; a white square moves in the bottom-right quadrant.
+`decode_frame_index` recovers k from a decoded (or resized) frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RED_BAND = 16
+
+
+def frame_pixels(k: int, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] content of frame k (see module docstring)."""
+    img = np.full((height, width, 3), 8 + 6 * (k % 40), np.uint8)
+    img[: height // 2, : width // 2] = 8 + 6 * (k // 40)
+    side = max(2, min(height, width) // 8)
+    y = height // 2 + (k * 3) % max(1, height // 2 - side)
+    x = width // 2 + (k * 5) % max(1, width // 2 - side)
+    img[y:y + side, x:x + side] = 255
+    return img
+
+
+def decode_frame_index(frame: np.ndarray) -> int:
+    """k from an [H, W, 3] (or [3, H, W] float in [-1, 1]) frame made by `frame_pixels`."""
+    f = np.asarray(frame, dtype=np.float64)
+    if f.shape[0] == 3 and f.shape[-1] != 3:
+        f = (np.moveaxis(f, 0, -1) + 1.0) * 127.5
+    h, w = f.shape[:2]
+    hi = f[h // 8: h * 3 // 8, w // 8: w * 3 // 8].mean()
+    lo = f[h * 5 // 8: h * 7 // 8, w // 8: w * 3 // 8].mean()
+    return 40 * int(round((hi - 8) / 6)) + int(round((lo - 8) / 6))
+
+
+def write_video(path: str | Path, num_frames: int, height: int, width: int, fps: float = 24.0,
+                red_bands: int = 0, gop: int = 8) -> Path:
+    """Lossless-ish (libx264 qp 0, yuv420p) mp4 of `frame_pixels` frames.
+
+    `red_bands` > 0 adds pure-red rows above and below the content (for `crop` tests); the
+    file is then `height + 2·red_bands` tall.
+    """
+    import av
+
+    path = Path(path)
+    rate = Fraction(24000, 1001) if abs(fps - 23.976) < 1e-3 else Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = width, height + 2 * red_bands
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream.codec_context.gop_size = gop
+        for k in range(num_frames):
+            img = frame_pixels(k, height, width)
+            if red_bands:
+                band = np.zeros((red_bands, width, 3), np.uint8)
+                band[..., 0] = 255
+                img = np.concatenate([band, img, band])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_image(path: str | Path, height: int, width: int, mode: str = "RGB", level: int = 128) -> Path:
+    """Solid grey image with a 4-pixel blue border, saved in the format of its extension."""
+    arr = np.full((height, width, 3), level, np.uint8)
+    arr[:4], arr[-4:], arr[:, :4], arr[:, -4:] = (0, 0, 255), (0, 0, 255), (0, 0, 255), (0, 0, 255)
+    im = Image.fromarray(arr).convert(mode)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[Path(path).suffix.lower()]
+    im.save(path, format=fmt)
+    return Path(path)
+
+
+# (id, file, (h, w, fps, frames on disk) or None, annotation overrides)
+_VIDEOS = [
+    ("V1", "v24_40.mp4", (128, 256, 24, 40), {}),
+    ("V2", "v30_40.mp4", (128, 256, 30, 40), {"fps": 30}),
+    ("V3", "v60_30.mp4", (128, 256, 60, 30), {"fps": 60}),
+    ("V4", "v12_40.mp4", (128, 256, 12, 40), {"fps": 12}),
+    ("V5", "v23976_20.mp4", (128, 256, 23.976, 20), {"fps": 23.976}),
+    ("V6", "v24_17.mp4", (128, 256, 24, 17), {}),
+    ("V7", "v24_12.mp4", (128, 256, 24, 12), {}),
+    ("V8", "v24_8.mp4", (128, 256, 24, 8), {}),
+    ("V9", "v24_100.mp4", (128, 256, 24, 100), {}),
+    ("V10", "v24_60.mp4", (128, 256, 24, 60), {"cut": [30, 60], "num_frames": 30}),
+    ("V11", "v24_crop.mp4", (128, 256, 24, 40), {"crop": [0, 256, RED_BAND, RED_BAND + 128]}),
+    ("V12", "v_portrait.mp4", (256, 128, 24, 20), {}),
+    ("V13", "v_wide.mp4", (64, 256, 24, 20), {}),
+    ("V14", "v_small.mp4", (48, 96, 24, 20), {}),
+    ("V15", "v_43_ok.mp4", (96, 128, 24, 20), {}),
+    ("V16", "v_43_small.mp4", (90, 120, 24, 20), {}),
+    ("V17", "v_square.mp4", (128, 128, 24, 20), {}),
+    ("V18", "corrupt.mp4", None, {"resolution": {"height": 128, "width": 256}, "num_frames": 40}),
+    ("V19", "missing.mp4", None, {"resolution": {"height": 128, "width": 256}, "num_frames": 40}),
+    ("V20", "v24_10.mp4", (128, 256, 24, 10), {"num_frames": 40}),
+    ("V21", "empty.mp4", None, {"resolution": {"height": 128, "width": 256}, "num_frames": 40}),
+    ("D1", "v24_12.mp4", None, {"resolution": {"height": 128, "width": 256}, "num_frames": 12}),
+    ("D1", "v24_12.mp4", None, {"resolution": {"height": 128, "width": 256}, "num_frames": 12}),
+]
+
+_IMAGES = [
+    ("I1", "i_ok.jpg", (128, 256, "RGB")), ("I2", "i_43.jpg", (96, 128, "RGB")),
+    ("I3", "i_small.jpg", (32, 64, "RGB")), ("I4", "i_portrait.jpg", (200, 100, "RGB")),
+    ("I5", "i_png.png", (128, 256, "RGBA")), ("I6", "i_upper.JPG", (128, 256, "RGB")),
+    ("I7", "i_gray.jpg", (128, 256, "L")),
+]
+
+CONFIG_A = {
+    "video_reader_type": "decoder", "image_reader_type": "Image", "num_frames": 17, "frame_interval": 1,
+    "max_height": 64, "max_width": 128, "max_hxw": 8192, "min_hxw": 8192, "force_resolution": True,
+    "force_5_ratio": False, "max_h_div_w_ratio": 1.0, "min_h_div_w_ratio": 0.42, "hw_stride": 16,
+    "ae_stride_t": 8, "train_fps": 24, "speed_factor": 1.0, "too_long_factor": 5.0, "drop_short_ratio": 1.0,
+    "min_num_frames": 9, "cfg": 0.1, "seed": 42, "max_read_retries": 4,
+    "train_pipeline": {
+        k: [{"trans_type": "ToTensorVideo"},
+            {"trans_type": "CenterCropResizeVideo", "param": {"size": [64, 128], "interpolation_mode": "bicubic"}},
+            {"trans_type": "ae_norm"}] for k in ("video", "image")},
+}
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    root: Path
+    data_txt: Path
+    data_json: Path
+    annotations: tuple[Path, ...]
+
+
+def data_json_dict(data_txt: str | Path, **preprocess_overrides) -> dict:
+    """data.json content for config A (plus overrides), pointing at `data_txt`."""
+    pp = {**CONFIG_A, **preprocess_overrides}
+    return {
+        "dataset_param": {
+            "dataset_type": "t2v",
+            "basic_parameters": {"data_path": str(data_txt), "data_storage_mode": "combine"},
+            "preprocess_parameters": pp,
+            "use_text_processer": True, "enable_text_preprocess": True, "model_max_length": 32,
+        },
+        "dataloader_param": {
+            "batch_size": 1, "num_workers": 0, "group_data": True,
+            "collate_param": {"model_name": "GroupLength", "batch_size": 1, "num_frames": pp["num_frames"],
+                              "ae_stride": 8, "ae_stride_t": pp["ae_stride_t"], "patch_size": 2, "patch_size_t": 1},
+        },
+    }
+
+
+def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images: int = 4,
+                           seed: int = 0) -> SyntheticDataset:
+    """Write the dataset under `out_dir` (created); returns its paths."""
+    root = Path(out_dir).resolve()
+    rng = np.random.default_rng(seed)
+    sets = {name: root / name for name in ("set1", "set2", "set3")}
+    for d in sets.values():
+        d.mkdir(parents=True, exist_ok=True)
+
+    recs1 = []
+    for vid, name, media, extra in _VIDEOS:
+        path = sets["set1"] / name
+        if media is not None and not path.exists():
+            h, w, fps, n = media
+            write_video(path, n, h, w, fps, red_bands=RED_BAND if vid == "V11" else 0)
+        rec = {"id": vid, "path": name, "cap": f"a synthetic clip {vid.lower()} with a moving white square"}
+        if media is not None:
+            h, w, fps, n = media
+            rec.update(resolution={"height": h, "width": w}, num_frames=n, fps=fps)
+        rec.update(extra)
+        if vid == "V18":
+            path.write_bytes(rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
+        elif vid == "V21":
+            path.write_bytes(b"")
+        recs1.append(rec)
+
+    recs2 = []
+    for iid, name, (h, w, mode) in _IMAGES:
+        write_image(sets["set2"] / name, h, w, mode)
+        rec = {"id": iid, "path": name, "resolution": {"height": h, "width": w},
+               "cap": ["a grey picture", "a picture with a blue border", "a flat grey image"] if iid == "I1"
+               else f"synthetic image {iid.lower()}", "aesthetic": 5.0}
+        recs2 += [rec] * (4 if iid == "I1" else 1)
+    good = {"height": 128, "width": 256}
+    recs2 += [
+        {"id": "N1", "path": "i_ok.jpg", "cap": None, "resolution": good},
+        {"id": "N2", "path": "i_ok.jpg", "resolution": good},
+        {"id": "N3", "path": "i_ok.jpg", "cap": "no resolution"},
+        {"id": "N4", "path": "i_ok.jpg", "cap": "zero height", "resolution": {"height": 0, "width": 256}},
+        {"id": "N5", "path": "i_ok.jpg", "cap": "no width", "resolution": {"height": 128}},
+        {"id": "U1", "path": "notes.txt", "cap": "unsupported extension", "resolution": good},
+        "M1: not an object",
+        {"id": "M2", "cap": "no path", "resolution": good},
+    ]
+
+    recs3 = []
+    sizes = [(128, 256), (96, 128), (128, 128), (144, 256)]
+    for j in range(num_videos):
+        h, w = sizes[int(rng.integers(len(sizes)))]
+        fps = float(rng.choice([24, 25, 30]))
+        n = int(rng.integers(24, 61))
+        name = f"r{j:03d}.mp4"
+        write_video(sets["set3"] / name, n, h, w, fps)
+        recs3.append({"id": f"R{j}", "path": name, "cap": f"random clip number {j}",
+                      "resolution": {"height": h, "width": w}, "num_frames": n, "fps": fps})
+    for j in range(num_images):
+        h, w = sizes[int(rng.integers(len(sizes)))]
+        name = f"p{j:03d}" + [".png", ".jpg", ".JPEG"][j % 3]
+        write_image(sets["set3"] / name, h, w, level=int(rng.integers(40, 220)))
+        recs3.append({"id": f"P{j}", "path": name, "cap": f"random image number {j}",
+                      "resolution": {"height": h, "width": w}})
+
+    annos = []
+    lines = []
+    for name, recs in (("set1", recs1), ("set2", recs2), ("set3", recs3)):
+        if not recs:
+            continue
+        anno = sets[name] / "anno.json"
+        anno.write_text(json.dumps(recs, indent=1))
+        annos.append(anno)
+        lines += [f"{sets[name]},{anno}", ""]
+    data_txt = root / "data.txt"
+    data_txt.write_text("\n".join(lines))
+    data_json = root / "data.json"
+    data_json.write_text(json.dumps(data_json_dict(data_txt), indent=2))
+    return SyntheticDataset(root, data_txt, data_json, tuple(annos))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--num-videos", type=int, default=8, help="random extra videos in set3")
+    p.add_argument("--num-images", type=int, default=4, help="random extra images in set3")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    ds = make_synthetic_dataset(a.out, a.num_videos, a.num_images, a.seed)
+    print(f"wrote {ds.root}: data.txt={ds.data_txt} data.json={ds.data_json}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["CONFIG_A", "SyntheticDataset", "data_json_dict", "decode_frame_index", "frame_pixels",
+           "make_synthetic_dataset", "write_image", "write_video"]
