@@ -1,0 +1,295 @@
+"""Save and resume training in the Megatron legacy layout (training.md §6), with the reference's bugs fixed.
+
+`iter_XXXXXXX/mp_rank_YY/model_optim_rng.pt` (written by DP rank 0 of each TP rank) holds:
+
+| key | content |
+|---|---|
+| `model` | the module's `state_dict()` without `_extra_state` entries (model dtype) |
+| `ema_model` | fp32 EMA weights in model space, trainable params only (gathered from the DP shards) |
+| `optimizer` | `{"format": OPTIMIZER_FORMAT, "param_groups": [...], "state": {name: {exp_avg, exp_avg_sq, step, param?}}}` |
+| `opt_param_scheduler` | megatron `OptimizerParamScheduler.state_dict()` |
+| `rng_state` | one dict per DP rank: python, numpy, torch, accelerator and megatron tracker states |
+| `args`, `iteration`, `consumed_train_samples`, `clip_state`, `checkpoint_version`, `parallel` | as named |
+
+Differences from the reference, on purpose:
+* optimizer state in **model space** (full tensors per parameter name) instead of `distrib_optim.pt` shards:
+  DP-size independent (a DP=2 save resumes at DP=1), carries `ema_params` and a per-param `step`; `param` (the
+  fp32 master) is stored only for params whose model dtype is not fp32. Gathering costs one all-reduce per key
+  over the DP group (gloo, CPU memory);
+* `ema_model` is the fp32 EMA (the reference exported bf16) and is what resume reads back as `ema_params`;
+* the EMA warm-up counter (per-param `step`) and the adaptive-clip statistics are restored;
+* every file and the tracker are written atomically (temp + fsync + rename, tracker last), a failed write on any
+  rank raises `CheckpointWriteError` on all ranks and leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import platform
+from ..optim.fused_ema_adamw import EMA_KEY
+from ..optim.megatron import (
+    _subs,
+    gather_model_space,
+    load_optimizer_param_groups,
+    optimizer_param_groups,
+    scatter_model_space,
+    unwrap,
+)
+from .io import atomic_save, atomic_write_text
+from .layout import (
+    CheckpointError,
+    CheckpointWriteError,
+    model_file,
+    iteration_dir,
+    read_tracker,
+    saved_tp_size,
+    tracker_path,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 3.0
+OPTIMIZER_FORMAT = "osp-model-space-v1"
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    iteration: int
+    consumed_train_samples: int
+    args: Any
+    path: Path
+
+
+def _parallel() -> tuple[int, int, int]:
+    """(tp_rank, tp_size, dp_rank incl. CP); single process when megatron is not initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, 0
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+            for k, v in unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": platform.get_accelerator_rng_state(),
+        "rng_tracker_states": {k: v.clone() for k, v in tracker.items()},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    platform.set_accelerator_rng_state(state["cuda_rng_state"])
+    # set_states keeps the dict by reference and fork() mutates it: hand over copies.
+    tensor_parallel.get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["rng_tracker_states"].items()})
+
+
+def _gather_rng_states() -> list[dict]:
+    from megatron.core import parallel_state as ps
+
+    mine = _rng_state()
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return [mine]
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    states: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, mine, group=group)
+    return states
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else platform.device()
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _plain(args: Any) -> Any:
+    """Dataclass configs are stored as dicts so unpickling needs no project import."""
+    return dataclasses.asdict(args) if dataclasses.is_dataclass(args) and not isinstance(args, type) else args
+
+
+def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
+                    clip=None, consumed_train_samples: int = 0, args: Any = None, save_optim: bool = True,
+                    save_rng: bool = True) -> Path:
+    """Write iteration `iteration`; collective, call on every rank. Returns this TP rank's file path.
+
+    `model` is the (megatron-DDP-wrapped) module, `optimizer` the megatron optimizer from `build_optimizer`,
+    `scheduler` its `OptimizerParamScheduler`, `clip` the `AdaptiveGradClip`.
+    """
+    save_dir = Path(save_dir)
+    tp_rank, tp_size, dp_rank = _parallel()
+    previous = read_tracker(save_dir)
+    it_dir = iteration_dir(save_dir, iteration)
+    created_dir = not it_dir.exists()
+    if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
+        dist.barrier()
+
+    ema_model = opt_state = None
+    if optimizer is not None:
+        entries = gather_model_space(unwrap(model), optimizer)  # collective
+        ema_model = {name: entry.pop(EMA_KEY) for name, entry in entries.items()}
+        params = dict(unwrap(model).named_parameters())
+        for name, entry in entries.items():
+            if params[name].dtype == torch.float32:
+                entry.pop("param")  # identical to the fp32 model weight
+        if save_optim:
+            opt_state = {"format": OPTIMIZER_FORMAT, "param_groups": optimizer_param_groups(optimizer),
+                         "state": entries}
+    rng_states = _gather_rng_states() if save_rng else None  # collective
+
+    path = model_file(save_dir, iteration, tp_rank)
+    error: Optional[BaseException] = None
+    if dp_rank == 0:
+        payload: dict[str, Any] = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": int(iteration),
+            "consumed_train_samples": int(consumed_train_samples),
+            "args": _plain(args),
+            "parallel": {"tensor_model_parallel_size": tp_size},
+            "model": _model_state(model),
+        }
+        if ema_model is not None:
+            payload["ema_model"] = ema_model
+        if opt_state is not None:
+            payload["optimizer"] = opt_state
+            if scheduler is not None:
+                payload["opt_param_scheduler"] = scheduler.state_dict()
+        if clip is not None:
+            payload["clip_state"] = clip.state_dict()
+        if rng_states is not None:
+            payload["rng_state"] = rng_states
+        try:
+            atomic_save(payload, path)
+        except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the check below
+            error = exc
+    if not _all_ranks_ok(error is None):
+        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if is_rank0 and created_dir:
+            shutil.rmtree(it_dir, ignore_errors=True)
+        where = f"writing {path} failed: {error}" if error is not None else "another rank failed to write its file"
+        raise CheckpointWriteError(
+            f"saving checkpoint iteration {iteration} to {save_dir}: {where}. The tracker {tracker_path(save_dir)} "
+            f"still names the previous checkpoint ({previous if previous is not None else 'none'}), left intact."
+        ) from error
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_write_text(tracker_path(save_dir), str(iteration))
+    if dist.is_initialized():
+        dist.barrier()
+    logger.info("saved checkpoint iteration %s to %s", iteration, save_dir)
+    return path
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found (incomplete save or wrong --load directory)")
+    try:
+        # Our own files hold python/numpy RNG states and args: not loadable with weights_only.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file): {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
+        raise CheckpointError(f"{path}: not a model_optim_rng.pt checkpoint (missing 'model'/'iteration')")
+    return state
+
+
+def _load_model(model: nn.Module, state_dict: dict, path: Path, strict: bool) -> None:
+    try:
+        result = unwrap(model).load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: model weights do not fit this model: {exc}") from exc
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if strict and (missing or result.unexpected_keys):
+        raise CheckpointError(f"{path}: model keys differ from this model: missing {missing[:8]} "
+                              f"({len(missing)}), unexpected {result.unexpected_keys[:8]} "
+                              f"({len(result.unexpected_keys)})")
+
+
+def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, scheduler=None, *, clip=None,
+                    iteration: Optional[int] = None, no_load_optim: bool = False, no_load_rng: bool = False,
+                    finetune: bool = False, strict: bool = True) -> Optional[LoadedCheckpoint]:
+    """Restore what `save_checkpoint` wrote; collective. None when `load_dir` has no tracker (fresh start).
+
+    `finetune`: weights only, iteration 0, fresh optimizer (EMA restarts from the weights). `no_load_optim`
+    keeps the iteration but starts a fresh optimizer/scheduler/clip state. The trainer must not step the
+    scheduler for the restored iteration: its state is restored here.
+    """
+    load_dir = Path(load_dir)
+    if iteration is None:
+        iteration = read_tracker(load_dir)
+        if iteration is None:
+            logger.warning("no %s in %s: starting from scratch", tracker_path(load_dir).name, load_dir)
+            return None
+    tp_rank, tp_size, dp_rank = _parallel()
+    path = model_file(load_dir, iteration, tp_rank)
+    saved_tp = saved_tp_size(load_dir, iteration)
+    if saved_tp != tp_size:
+        raise CheckpointError(f"{path.parent.parent}: saved with tensor-parallel size {saved_tp}, this run uses "
+                              f"{tp_size}; resume with --tensor-model-parallel-size {saved_tp} or re-split it")
+    state = _read(path)
+    file_tp = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
+    if file_tp != tp_size:
+        raise CheckpointError(f"{path}: written by a run with tensor-parallel size {file_tp}, this run uses {tp_size}")
+
+    _load_model(model, state["model"], path, strict)
+    fresh_optimizer = finetune or no_load_optim or "optimizer" not in state
+    if optimizer is not None:
+        if fresh_optimizer:
+            for sub in _subs(optimizer):
+                sub.optimizer.state.clear()
+            optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+        else:
+            opt_state = state["optimizer"]
+            if opt_state.get("format") != OPTIMIZER_FORMAT:
+                raise CheckpointError(f"{path}: optimizer state format {opt_state.get('format')!r} is not "
+                                      f"{OPTIMIZER_FORMAT!r}; load with no_load_optim=True")
+            entries = {name: dict(entry) for name, entry in opt_state["state"].items()}
+            for name, ema in state.get("ema_model", {}).items():
+                if name in entries:
+                    entries[name][EMA_KEY] = ema
+            try:
+                scatter_model_space(unwrap(model), optimizer, entries)
+                load_optimizer_param_groups(optimizer, opt_state["param_groups"])
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
+    if not fresh_optimizer:
+        if scheduler is not None and "opt_param_scheduler" in state:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+        if clip is not None and "clip_state" in state:
+            clip.load_state_dict(state["clip_state"])
+    if not (finetune or no_load_rng) and "rng_state" in state:
+        rng = state["rng_state"]
+        _set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
+    if dist.is_initialized():
+        dist.barrier()
+    return LoadedCheckpoint(iteration=0 if finetune else int(state["iteration"]),
+                            consumed_train_samples=0 if finetune else int(state.get("consumed_train_samples", 0)),
+                            args=state.get("args"), path=path)

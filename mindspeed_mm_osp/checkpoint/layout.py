@@ -1,0 +1,62 @@
+"""Megatron legacy checkpoint layout (training.md §6.1) and its errors.
+
+    <dir>/latest_checkpointed_iteration.txt      "1000" (or "release")
+    <dir>/iter_0001000/mp_rank_00/model_optim_rng.pt
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+RELEASE = "release"
+_MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving failed; the tracker still points at the previous checkpoint."""
+
+
+def iteration_dir(root: Path | str, iteration: int | str) -> Path:
+    name = RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+    return Path(root) / name
+
+
+def model_file(root: Path | str, iteration: int | str, tp_rank: int) -> Path:
+    return iteration_dir(root, iteration) / f"mp_rank_{tp_rank:02d}" / MODEL_FILE
+
+
+def tracker_path(root: Path | str) -> Path:
+    return Path(root) / TRACKER_FILE
+
+
+def read_tracker(root: Path | str) -> Optional[int | str]:
+    """Iteration named by the tracker file, or None when there is none (nothing saved yet)."""
+    path = tracker_path(root)
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if text == RELEASE:
+        return RELEASE
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+
+
+def saved_tp_size(root: Path | str, iteration: int | str) -> int:
+    """Number of `mp_rank_XX` directories of one iteration (its tensor-parallel size)."""
+    it_dir = iteration_dir(root, iteration)
+    if not it_dir.is_dir():
+        raise CheckpointError(f"{it_dir}: checkpoint directory not found")
+    ranks = sorted(int(m.group(1)) for d in it_dir.iterdir() if (m := _MP_DIR.match(d.name)))
+    if not ranks:
+        raise CheckpointError(f"{it_dir}: no mp_rank_XX directories (incomplete or not a checkpoint)")
+    return ranks[-1] + 1

@@ -1,0 +1,300 @@
+"""megatron-core optimizer with FusedEmaAdamW inside, its LR schedule, and its state in model space.
+
+`build_optimizer` builds megatron's optimizer the normal way (`get_megatron_optimizer`: param groups with
+wd/lr multipliers, Float16 / FP32 / Distributed wrappers) and swaps each inner optimizer for `FusedEmaAdamW`
+before the first step (integration doc §1 "(A)"). megatron 0.16.1 has no hook for a custom inner class and its
+own DistributedOptimizer checkpoint paths drop `ema_params`, share one `step` tensor or raise `KeyError: 'step'`
+(integration doc §2), so the state is moved in *model space* here instead (doc §2 (ii)): one full fp32 tensor
+per model parameter and key, gathered from / scattered to the DP shards. That makes optimizer checkpoints
+independent of the DP size (a DP=2 save resumes at DP=1) and gives the fp32 EMA for export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import platform
+from .fused_ema_adamw import EMA_KEY, FusedEmaAdamW
+
+STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", EMA_KEY, "step")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The Megatron flags the optimizer, schedule and clipping read (names follow `--flag-name`)."""
+
+    lr: float = 1e-4                      # --lr (peak)
+    min_lr: float = 0.0                   # --min-lr
+    weight_decay: float = 0.01            # --weight-decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    ema_decay: float = 0.9999             # --ema-decay
+    bf16: bool = False
+    use_distributed_optimizer: bool = False
+    clip_grad: float = 1.0                # --clip-grad (0 disables clipping; ignored by the adaptive rule)
+    clip_grad_ema_decay: float = 0.99     # --clip_grad_ema_decay (> 0: adaptive 3-sigma rule)
+    max_consecutive_skips: int = 1        # stop after this many non-finite/extreme steps in a row
+    train_iters: int = 1                  # --train-iters (default decay horizon)
+    lr_warmup_iters: int = 0              # --lr-warmup-iters
+    lr_warmup_fraction: Optional[float] = None  # --lr-warmup-fraction (of the decay iters; wins over iters)
+    lr_warmup_init: float = 0.0           # --lr-warmup-init
+    lr_decay_style: str = "constant"      # --lr-decay-style
+    lr_decay_iters: Optional[int] = None  # --lr-decay-iters (default: train_iters)
+    use_checkpoint_opt_param_scheduler: bool = False
+    override_opt_param_scheduler: bool = False
+    fused: Optional[bool] = None          # FusedEmaAdamW kernel; None: torch's fused kernel on CUDA/CPU
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style={self.lr_decay_style!r}: expected one of {LR_DECAY_STYLES}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr={self.min_lr} must lie in [0, --lr={self.lr}]")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"--ema-decay={self.ema_decay} must lie in [0, 1]")
+        if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise ValueError(f"--lr-warmup-fraction={self.lr_warmup_fraction} must lie in [0, 1)")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
+
+
+def build_optimizer(model_chunks: nn.Module | Sequence[nn.Module], settings: OptimizerSettings):
+    """megatron `ChainedOptimizer` over megatron-DDP chunks, with `FusedEmaAdamW` as every inner optimizer.
+
+    Clipping is left to `clip_and_step` (megatron's `clip_grad` is set to 0), so call that instead of `step()`.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    chunks = [model_chunks] if isinstance(model_chunks, nn.Module) else list(model_chunks)
+    config = OptimizerConfig(
+        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+        bf16=settings.bf16, params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        use_distributed_optimizer=settings.use_distributed_optimizer, clip_grad=0.0,
+    )
+    optimizer = get_megatron_optimizer(config, chunks)
+    for sub in _subs(optimizer):
+        d = sub.optimizer.defaults
+        # Only these kwargs: `defaults` holds `decoupled_weight_decay`, which AdamW.__init__ rejects.
+        inner = FusedEmaAdamW([{"params": []}], lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                              weight_decay=d["weight_decay"], ema_decay=settings.ema_decay, fused=settings.fused)
+        for group in sub.optimizer.param_groups:
+            group.update({k: inner.defaults[k] for k in ("fused", "foreach", "ema_decay")})
+            for key, value in inner.defaults.items():
+                group.setdefault(key, value)
+            # Megatron leaves this to the scheduler's first step; set it so the optimizer is right without one.
+            group["weight_decay"] = d["weight_decay"] * group.get("wd_mult", 1.0)
+        # Assigned, not passed to __init__, as megatron does: fp32 main shards are views (non-leaf tensors)
+        # that `add_param_group` would reject. The groups stay the same dicts megatron's wrapper holds.
+        inner.param_groups = sub.optimizer.param_groups
+        inner.state.update(sub.optimizer.state)
+        sub.optimizer = inner
+    return optimizer
+
+
+def build_lr_scheduler(optimizer, settings: OptimizerSettings):
+    """megatron's `OptimizerParamScheduler` counted in iterations (call `.step(1)` after each successful update).
+
+    Megatron semantics: decay over `--lr-decay-iters` (default `--train-iters`), warm-up over
+    `--lr-warmup-fraction` x decay iters if given else `--lr-warmup-iters`, from `--lr-warmup-init` to `--lr`,
+    then down to `--min-lr`; constant weight decay. `state_dict()`/`load_state_dict()` are megatron's.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = settings.lr_decay_iters or settings.train_iters
+    warmup_iters = (int(settings.lr_warmup_fraction * decay_iters) if settings.lr_warmup_fraction is not None
+                    else settings.lr_warmup_iters)
+    if decay_iters <= 0 or warmup_iters >= decay_iters:
+        raise ValueError(f"LR warm-up ({warmup_iters} iters) must be shorter than the decay ({decay_iters} iters); "
+                         "check --lr-warmup-iters/--lr-warmup-fraction, --lr-decay-iters and --train-iters")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=settings.lr_warmup_init, max_lr=settings.lr, min_lr=settings.min_lr,
+        lr_warmup_steps=warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=settings.lr_decay_style,
+        start_wd=settings.weight_decay, end_wd=settings.weight_decay, wd_incr_steps=decay_iters,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=settings.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=settings.override_opt_param_scheduler,
+    )
+
+
+# --- model-space view of the (possibly sharded) optimizer state -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a model parameter's main (fp32) copy lives: `main` = flat range [start, end) of the model param."""
+
+    model_param: nn.Parameter
+    main: torch.Tensor
+    group: dict
+    start: int
+    end: int
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user module inside megatron DDP / Float16Module wrappers (its names are the checkpoint keys)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _subs(optimizer) -> Iterator:
+    """Non-stub megatron optimizers (ChainedOptimizer members, or the optimizer itself)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not getattr(sub, "is_stub_optimizer", False) and sub.optimizer is not None:
+            yield sub
+
+
+def _is_distributed(sub) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(sub, DistributedOptimizer)
+
+
+def _sub_params_and_slots(sub) -> tuple[list[nn.Parameter], list[_Slot]]:
+    """All model params this sub-optimizer covers (same on every DP rank) and this rank's local slots."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    groups = sub.optimizer.param_groups
+    if _is_distributed(sub):
+        covered = [p for buffer in sub.buffers for p in buffer.params]
+        slots = []
+        for model_param, (g, o) in sub.model_param_group_index_map.items():
+            r = sub._get_model_param_range_map(model_param)["param"]
+            slots.append(_Slot(model_param, groups[g]["params"][o], groups[g], r.start, r.end))
+        return covered, slots
+    pairs: list[tuple[nn.Parameter, torch.Tensor, dict]] = []
+    if isinstance(sub, Float16OptimizerWithFloat16Params):
+        for g, group in enumerate(groups):
+            pairs += [(m, main, group) for m, main in zip(sub.float16_groups[g], sub.fp32_from_float16_groups[g])]
+            pairs += [(p, p, group) for p in sub.fp32_from_fp32_groups[g]]
+    else:  # FP32Optimizer: the model params are the main params
+        pairs = [(p, p, group) for group in groups for p in group["params"]]
+    slots = [_Slot(m, main, group, 0, m.numel()) for m, main, group in pairs]
+    return [s.model_param for s in slots], slots
+
+
+def _reduce_group(sub):
+    """(DP group, device) for summing disjoint shards, or None when every rank already holds everything."""
+    if not _is_distributed(sub) or not dist.is_initialized():
+        return None
+    if sub.data_parallel_group_gloo is not None:
+        return sub.data_parallel_group_gloo, torch.device("cpu")
+    return sub.data_parallel_group, platform.device()
+
+
+def _local_value(sub, slot: _Slot, key: str) -> Optional[torch.Tensor]:
+    state = sub.optimizer.state.get(slot.main, {})
+    if key == "param":
+        return slot.main
+    if key == EMA_KEY:
+        return state.get(EMA_KEY, slot.main)  # never stepped: the EMA is the weight itself
+    return state.get(key)
+
+
+def gather_model_space(model: nn.Module, optimizer, keys: Iterable[str] = STATE_KEYS) -> dict[str, dict]:
+    """`{param_name: {key: full fp32 CPU tensor (model shape) | float step}}` for every trainable param.
+
+    Collective over each sub-optimizer's DP group (call on all ranks). `step` is 0.0 and the moment tensors are
+    absent for params that have no optimizer state yet.
+    """
+    keys = tuple(keys)
+    names = {p: n for n, p in unwrap(model).named_parameters()}
+    out: dict[str, dict] = {}
+    for sub in _subs(optimizer):
+        covered, slots = _sub_params_and_slots(sub)
+        order = {p: i for i, p in enumerate(names)}  # model order: identical on every DP rank
+        covered = sorted(set(covered), key=order.__getitem__)
+        offsets, total = {}, 0
+        for p in covered:
+            offsets[p] = total
+            total += p.numel()
+        reduce = _reduce_group(sub)
+        device = reduce[1] if reduce else torch.device("cpu")
+        steps = torch.zeros(len(covered), dtype=torch.float64, device=device)
+        index = {p: i for i, p in enumerate(covered)}
+        for slot in slots:
+            state = sub.optimizer.state.get(slot.main, {})
+            if "step" in state:
+                steps[index[slot.model_param]] = float(state["step"])
+        if reduce:
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=reduce[0])
+        flats = {}
+        for key in keys:
+            if key == "step":
+                continue
+            flat = torch.zeros(total, dtype=torch.float32, device=device)
+            for slot in slots:
+                value = _local_value(sub, slot, key)
+                if value is not None:
+                    base = offsets[slot.model_param]
+                    flat[base + slot.start: base + slot.end] = value.detach().reshape(-1).to(device, torch.float32)
+            if reduce:
+                dist.all_reduce(flat, group=reduce[0])  # disjoint ranges: the sum is a concatenation
+            flats[key] = flat.cpu()
+        for p in covered:
+            has_state = bool(steps[index[p]] > 0)
+            entry: dict = {}
+            for key in keys:
+                if key == "step":
+                    entry[key] = float(steps[index[p]])
+                elif key in ("param", EMA_KEY) or has_state:
+                    entry[key] = flats[key][offsets[p]: offsets[p] + p.numel()].view(p.shape).clone()
+            out[names[p]] = entry
+    return out
+
+
+def scatter_model_space(model: nn.Module, optimizer, entries: dict[str, dict]) -> None:
+    """Inverse of `gather_model_space`: each rank takes its shard of every given key.
+
+    `param` (optional) overwrites the main params; `step > 0` (re)creates the state with a per-param `step`
+    tensor (the shared-step bug of megatron's loader cannot occur); `step == 0` clears it. Model weights are
+    not touched: load them from the model state dict.
+    """
+    names = {p: n for n, p in unwrap(model).named_parameters()}
+    for sub in _subs(optimizer):
+        _, slots = _sub_params_and_slots(sub)
+        for slot in slots:
+            name = names[slot.model_param]
+            if name not in entries:
+                raise KeyError(f"optimizer state has no entry for parameter {name!r}")
+            entry = entries[name]
+
+            def shard(t: torch.Tensor) -> torch.Tensor:
+                piece = t.reshape(-1)[slot.start: slot.end].to(slot.main.device, torch.float32)
+                return piece.view_as(slot.main).clone()
+
+            with torch.no_grad():
+                if "param" in entry:
+                    slot.main.copy_(shard(entry["param"]))
+            step = float(entry.get("step", 0.0))
+            if step <= 0:
+                sub.optimizer.state.pop(slot.main, None)
+                continue
+            state = {"step": FusedEmaAdamW.new_step_tensor(slot.group, slot.main, step)}
+            for key in ("exp_avg", "exp_avg_sq", EMA_KEY):
+                if key in entry:
+                    state[key] = shard(entry[key])
+            sub.optimizer.state[slot.main] = state
+
+
+def optimizer_param_groups(optimizer) -> list[dict]:
+    """Per-group hyper-parameters in a stable order (no tensors), for the checkpoint."""
+    return [{k: v for k, v in g.items() if k in _GROUP_KEYS} for sub in _subs(optimizer)
+            for g in sub.optimizer.param_groups]
+
+
+def load_optimizer_param_groups(optimizer, saved: list[dict]) -> None:
+    groups = [g for sub in _subs(optimizer) for g in sub.optimizer.param_groups]
+    if len(groups) != len(saved):
+        raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, this model/optimizer has {len(groups)}")
+    for group, values in zip(groups, saved):
+        group.update(values)
+
+
+_GROUP_KEYS = ("lr", "weight_decay", "betas", "eps", "ema_decay", "wd_mult", "lr_mult", "max_lr", "min_lr")
