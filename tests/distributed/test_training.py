@@ -5,6 +5,8 @@ import torch
 
 from mindspeed_mm_osp.testing import run_distributed
 
+pytestmark = pytest.mark.slow
+
 
 def _train(rank, world_size, argv, save_weights_to=None):
     import torch.distributed as dist
