@@ -38,6 +38,10 @@ class PredictorConfig:
     interpolation_scale_h: float = 1.0
     interpolation_scale_w: float = 1.0
     from_pretrained: Optional[str] = None
+    # The final block's text-stream parameters (attn1.to_add_out, norm2.norm_enc, ff_enc) exist in R1 only when
+    # the model was built with TP>1, which the release was. They never change the video output. Build them when
+    # the checkpoint to load has them (`models.predictor.has_final_block_text_params(state_dict)`).
+    final_block_text_params: bool = False
 
     @property
     def hidden_size(self) -> int:
@@ -58,8 +62,8 @@ class PredictorConfig:
         half = len(self.num_layers) // 2
         require(tuple(self.num_layers[:half]) == tuple(reversed(self.num_layers[half + 1:])), file, f"{p}num_layers",
                 f"encoder and decoder stages must mirror each other for the skip connections, got {list(self.num_layers)}")
-        require(self.head_dim % 8 == 0 and self.head_dim >= 16, file, f"{p}head_dim",
-                f"3-D RoPE splits head_dim into t/h/w parts; use a multiple of 8 that is >= 16, got {self.head_dim}")
+        require(self.head_dim % 16 == 0, file, f"{p}head_dim",
+                f"3-D RoPE splits head_dim into t/h/w parts of 4:6:6 sixteenths; use a multiple of 16, got {self.head_dim}")
         require(self.patch_size_t == 1, file, f"{p}patch_size_t",
                 "only patch_size_t=1 is coherent in Open-Sora Plan v1.5 (temporal patching is not implemented by the release)")
         require(self.patch_size >= 1, file, f"{p}patch_size", "must be >= 1")
@@ -69,3 +73,43 @@ class PredictorConfig:
         require(self.num_heads % tp == 0, file, f"{path}.num_heads",
                 f"num_heads={self.num_heads} (num_heads*head_dim={self.hidden_size}) must be divisible by "
                 f"--tensor-model-parallel-size={tp}; pick a TP size that divides num_heads")
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recomputation of the predictor blocks (training only).
+
+    * `granularity="full", method="block", num_layers=N`: the first N blocks (global order) are recomputed whole.
+    * `selective_ffn_layers=N`: only the FFN half (adaLN-2, FFNs, gated residuals) of the first N blocks is
+      recomputed; this is what the release trained with (N=32, all blocks).
+    The two are mutually exclusive here (R1 silently combined them, see the predictor spec §5/§7.12).
+    """
+
+    granularity: Optional[Literal["full"]] = None
+    method: Literal["block"] = "block"
+    num_layers: int = 0
+    selective_ffn_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.granularity not in (None, "full"):
+            raise ValueError(f"recompute granularity must be None or 'full', got {self.granularity!r}")
+        if self.method != "block":
+            raise ValueError(f"recompute method must be 'block', got {self.method!r}")
+        if self.num_layers < 0 or self.selective_ffn_layers < 0:
+            raise ValueError("recompute num_layers and selective_ffn_layers must be >= 0")
+        if self.granularity == "full" and self.num_layers == 0:
+            raise ValueError("recompute granularity 'full' needs num_layers > 0 (how many blocks to recompute)")
+        if self.granularity is None and self.num_layers > 0:
+            raise ValueError("recompute num_layers > 0 needs granularity='full'")
+        if self.granularity == "full" and self.selective_ffn_layers > 0:
+            raise ValueError(
+                "full-block recompute (granularity='full') and selective FFN recompute (selective_ffn_layers) are "
+                "mutually exclusive; use one of them")
+
+    def full_block(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (1-based, global) is recomputed whole."""
+        return self.granularity == "full" and layer_idx <= self.num_layers
+
+    def ffn_only(self, layer_idx: int) -> bool:
+        """Whether only the FFN half of block `layer_idx` (1-based, global) is recomputed."""
+        return layer_idx <= self.selective_ffn_layers

@@ -1,0 +1,112 @@
+"""Activation memory and step time of the predictor with no / selective-FFN / full-block recompute.
+
+Model: the tiny 7-stage config (14 blocks, width 64) on a long sequence. Activation memory is
+* CPU: bytes of the distinct tensor storages saved for backward during the forward (counted with
+  `torch.autograd.graph.saved_tensors_hooks`, parameters excluded) - what stays alive until backward;
+* accelerator: peak allocated memory during forward + backward above the level before the forward.
+
+    python bench/bench_recompute.py           # latent 8x64x64 -> 8192 video tokens
+    python bench/bench_recompute.py --quick   # latent 4x32x32 -> 1024 video tokens, < 1 min
+
+CPU runs default to 1 thread (`--threads`): on a shared 2-core box, 2 OpenMP threads were ~8x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mindspeed_mm_osp import platform
+from mindspeed_mm_osp.config import from_dict
+from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
+from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
+
+TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
+            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
+MODES = {"none": None, "selective FFN (14)": RecomputeConfig(selective_ffn_layers=14),
+         "full block (14)": RecomputeConfig(granularity="full", num_layers=14)}
+
+
+class SavedTensorBytes:
+    """Sum of distinct storages packed for backward, ignoring parameters."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def run(model, inputs, iters: int) -> tuple[float, int]:
+    def step(counter=None):
+        model.zero_grad(set_to_none=True)
+        if counter is None:
+            out = model(*inputs)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                out = model(*inputs)
+        out.float().square().mean().backward()
+
+    on_cpu = platform.accelerator() == "cpu"
+    counter = SavedTensorBytes(model) if on_cpu else None
+    platform.synchronize()
+    platform.reset_peak_memory_stats()
+    before = platform.max_memory_allocated()
+    step(counter)  # also the warm-up
+    platform.synchronize()
+    memory = counter.total if on_cpu else platform.max_memory_allocated() - before
+    times = []
+    for _ in range(iters):
+        platform.synchronize()
+        t0 = time.perf_counter()
+        step()
+        platform.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (ignored on accelerators)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    platform.adapt_megatron()  # megatron's checkpoint saves/restores the "CUDA" RNG state
+    frames, size = (4, 32) if args.quick else (8, 64)
+    iters = args.iters or (1 if args.quick else 2)
+    dev = platform.device()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 4, frames, size, size, generator=g).to(dev), torch.tensor([500.0], device=dev),
+              torch.randn(1, 64, 24, generator=g).to(dev), None, None, torch.randn(1, 16, generator=g).to(dev))
+    cfg = from_dict(PredictorConfig, TINY)
+    torch.manual_seed(0)
+    reference_sd = local_state_dict(SparseUMMDiT(cfg))
+
+    kind = "saved-for-backward bytes" if platform.accelerator() == "cpu" else "peak allocated above start"
+    print(f"device={dev} threads={torch.get_num_threads()} video_tokens={frames * (size // 2) ** 2} text_tokens=64 "
+          f"blocks=14 width=64 fp32; memory = {kind}; time = median of {iters} after a warm-up")
+    rows = []
+    for name, recompute in MODES.items():
+        model = SparseUMMDiT(cfg, recompute=recompute).to(dev).train()
+        load_merged_state_dict(model, reference_sd)
+        rows.append((name, *run(model, inputs, iters)))
+    base_t, base_m = rows[0][1], rows[0][2]
+    print(f"{'recompute':<22}{'activation MiB':>16}{'vs none':>10}{'step s':>10}{'vs none':>10}")
+    for name, t, mem in rows:
+        print(f"{name:<22}{mem / 2**20:>16.1f}{mem / base_m:>10.2f}{t:>10.2f}{t / base_t:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

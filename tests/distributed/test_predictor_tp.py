@@ -1,0 +1,132 @@
+"""TP=2 (with and without sequence parallelism) equals TP=1 on the same weights: outputs and gradients.
+
+Replicated-parameter grads under SP are synchronised by megatron's own `finalize_model_grads` over a megatron
+`DistributedDataParallel` wrapper (what the training loop does), which sums the grads of params tagged
+`sequence_parallel=True` over TP. q/k RMSNorm weights are summed inside autograd (see `HeadRMSNorm`).
+"""
+
+import pytest
+import torch
+
+from mindspeed_mm_osp.config import from_dict
+from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
+from mindspeed_mm_osp.models.predictor import (
+    SparseUMMDiT,
+    load_merged_state_dict,
+    local_state_dict,
+    merge_state_dicts,
+    tp_split_dim,
+)
+from mindspeed_mm_osp.testing import run_distributed
+
+TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
+            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_config(**overrides) -> PredictorConfig:
+    return from_dict(PredictorConfig, {**TINY, **overrides})
+
+
+def make_inputs(seed, frames, height, width, text):
+    g = torch.Generator().manual_seed(seed)
+    video_mask = torch.ones(2, frames, height, width)
+    video_mask[1, -1] = 0
+    text_mask = torch.ones(2, 1, text)
+    text_mask[1, :, -3:] = 0
+    inputs = (torch.randn(2, 4, frames, height, width, generator=g), torch.tensor([0.0, 731.5]),
+              torch.randn(2, 1, text, 24, generator=g), video_mask, text_mask, torch.randn(2, 1, 16, generator=g))
+    return inputs, torch.randn(2, 4, frames, height, width, generator=g)  # loss weights
+
+
+# L=18, S=8 (config A); L=9, S=7: neither divisible by TP=2, so SP pads.
+CASES = [make_inputs(0, 3, 4, 6, 8), make_inputs(1, 3, 2, 6, 7)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference(cfg):
+    """TP=1 model without torch.distributed, randomised weights; per case: output and param grads."""
+    torch.manual_seed(0)
+    model = SparseUMMDiT(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    results = []
+    for inputs, weight in CASES:
+        model.zero_grad(set_to_none=True)
+        out = model(*inputs)
+        (out * weight).sum().backward()
+        results.append((out.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                       for n, p in model.named_parameters()}))
+    return local_state_dict(model), results
+
+
+def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
+    load_merged_state_dict(model, full_sd)
+    ddp = DistributedDataParallel(config=model.config, module=model,
+                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                                           overlap_grad_reduce=False))
+    results = []
+    for inputs, weight in CASES:
+        ddp.zero_grad_buffer()
+        out = ddp(*inputs)
+        (out * weight).sum().backward()  # identical full loss on each TP rank (Megatron convention)
+        finalize_model_grads([ddp])
+        results.append((out.detach(), {n: p.main_grad.clone() for n, p in model.named_parameters()}))
+    return results, local_state_dict(model)
+
+
+CONFIG_A = {}  # zero-init skips, double_ff, no final-block text params
+CONFIG_B = {"skip_connection_zero_init": False, "double_ff": False, "final_block_text_params": True}
+
+
+@pytest.mark.parametrize("overrides,sequence_parallel,recompute", [
+    (CONFIG_A, False, None), (CONFIG_A, True, None), (CONFIG_B, False, None), (CONFIG_B, True, None),
+    (CONFIG_A, True, RecomputeConfig(granularity="full", num_layers=7)),
+    (CONFIG_B, True, RecomputeConfig(selective_ffn_layers=14)),
+], ids=["A-tp", "A-tp-sp", "B-tp", "B-tp-sp", "A-tp-sp-full-recompute", "B-tp-sp-ffn-recompute"])
+def test_tp2_matches_tp1(overrides, sequence_parallel, recompute):
+    cfg = tiny_config(**overrides)
+    full_sd, expected = reference(cfg)
+    ranks = run_distributed(_tp_rank, 2, cfg, full_sd, sequence_parallel, recompute, tp=2)
+    for case, (ref_out, ref_grads) in enumerate(expected):
+        for rank_results, _ in ranks:
+            torch.testing.assert_close(rank_results[case][0], ref_out, **TOL)  # full output on every rank
+        grads = merge_state_dicts([rank_results[case][1] for rank_results, _ in ranks])
+        assert grads.keys() == ref_grads.keys()
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, **TOL, msg=lambda m, name=name: f"case {case} {name}: {m}")
+            if tp_split_dim(name) is None:  # replicated params must not drift apart across TP ranks
+                torch.testing.assert_close(ranks[1][0][case][1][name], ranks[0][0][case][1][name], **TOL)
+    # the TP=2 ranks' gathered state dict is the TP=1 state dict (TP=1 -> TP=2 loading, round trip)
+    merged = merge_state_dicts([sd for _, sd in ranks])
+    assert merged.keys() == full_sd.keys() and all(torch.equal(merged[k], full_sd[k]) for k in full_sd)
+
+
+def _tp_init_rank(rank, world_size, cfg, inputs):
+    torch.manual_seed(123)
+    model = SparseUMMDiT(cfg, sequence_parallel=True).eval()
+    with torch.no_grad():
+        return model(*inputs), local_state_dict(model)
+
+
+def test_tp1_loads_tp2_state_dict():
+    """A model initialised at TP=2 (per-rank shards), gathered, loads into TP=1 and gives the same output."""
+    cfg = tiny_config(final_block_text_params=True)
+    inputs = CASES[0][0]
+    ranks = run_distributed(_tp_init_rank, 2, cfg, inputs, tp=2)
+    tp1 = SparseUMMDiT(cfg).eval()
+    load_merged_state_dict(tp1, merge_state_dicts([sd for _, sd in ranks]))
+    with torch.no_grad():
+        torch.testing.assert_close(tp1(*inputs), ranks[0][0], **TOL)
