@@ -59,8 +59,10 @@ def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> Encod
         from ..models.ae import sample_posterior
 
         mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
-        latents = ((sample_posterior(mean.float(), logvar.float(), vae_generator) - batch["latent_shift"].to(device))
-                   * batch["latent_scale"].to(device))
+        shift = batch["latent_shift"].to(device, mean.dtype)
+        scale = batch["latent_scale"].to(device, mean.dtype)
+        # in the stored (VAE) dtype, then fp32: the same rounding as VideoAutoencoder.encode
+        latents = ((sample_posterior(mean, logvar, vae_generator) - shift) * scale).float()
     if "text_hidden" in batch:
         text, text_mask = batch["text_hidden"].to(device), batch["text_mask"].to(device)
         pooled = batch["text_pooled"].to(device) if "text_pooled" in batch else None

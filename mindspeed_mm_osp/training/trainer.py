@@ -11,6 +11,7 @@ too many skips in a row save the last good state and stop with an error.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -101,7 +102,10 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     model_cfg.predictor.validate_parallel(tp, file=args.mm_model)
     precision = resolve_precision(model_cfg, args)
 
-    encoders = FrozenEncoders(model_cfg, precision)
+    with torch.random.fork_rng(devices=[]):
+        # Building the encoders (random init before their weights load) must not move the RNG stream the
+        # predictor is initialised from: the same seed gives the same predictor with or without the feature cache.
+        encoders = FrozenEncoders(model_cfg, precision)
     predictor = build_predictor(model_cfg, args, precision)
     ddp = wrap_ddp(predictor, args)
     settings = optimizer_settings(args, precision)
@@ -122,19 +126,26 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
 
     # -- data: TP peers share a loader unless encoder DP splits encoding across them
     dp_cfg = data_cfg.dataset_param
-    tokenizer = load_tokenizer(dp_cfg.tokenizer_config) if dp_cfg.tokenizer_config else None
-    tokenizer_2 = load_tokenizer(dp_cfg.tokenizer_config_2) if dp_cfg.tokenizer_config_2 else None
+    need_text = not model_cfg.load_text_features
+    tokenizer = load_tokenizer(dp_cfg.tokenizer_config) if need_text and dp_cfg.tokenizer_config else None
+    tokenizer_2 = load_tokenizer(dp_cfg.tokenizer_config_2) if need_text and dp_cfg.tokenizer_config_2 else None
+    if model_cfg.load_video_features or model_cfg.load_text_features:  # feature cache (issue 8)
+        from ..features import build_cached_dataloader
+
+        build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
+    else:
+        build_loader = build_train_dataloader
     mbs, gbs, ga = args.micro_batch_size, args.global_batch_size, args.num_microbatches
     encoder_dp = model_cfg.enable_encoder_dp and tp > 1
     ordinal = consumed // (dp * mbs)  # micro-batches this replica has trained on
     if encoder_dp:
         world = dist.get_world_size()
-        loader, stats = build_train_dataloader(
+        loader, stats = build_loader(
             data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=rank, dp_size=world,
             micro_batch_size=mbs, global_batch_size=world * mbs, consumed_samples=(ordinal // tp) * world * mbs,
             seed=args.seed)
     else:
-        loader, stats = build_train_dataloader(
+        loader, stats = build_loader(
             data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=dp_rank, dp_size=dp,
             micro_batch_size=mbs, global_batch_size=gbs, consumed_samples=consumed, seed=args.seed)
     stream = EncodedStream(loader, encoders, seed=args.seed, start_ordinal=ordinal, dp_rank=dp_rank,

@@ -117,3 +117,29 @@ def test_encoder_dp_resume_equals_uninterrupted(tiny_assets, tmp_path):
     _, model_b, _ = _final_weights(tmp_path / "b")
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]), key
+
+
+def _extract(rank, world_size, data_json, model_json, out):
+    from mindspeed_mm_osp.config import load_data_config, load_model_config
+    from mindspeed_mm_osp.features import extract_features
+
+    extract_features(load_data_config(data_json), load_model_config(model_json), out, shard_size=4, progress=False)
+
+
+def test_training_from_feature_cache_equals_online(tmp_path):
+    """pretrain.py with load_video_features + load_text_features reproduces the online loss curve."""
+    import json
+
+    from mindspeed_mm_osp.features.tiny import make_tiny_setup
+
+    setup = make_tiny_setup(tmp_path / "setup")
+    run_distributed(_extract, 1, str(setup.data_json), str(setup.model_json), str(setup.cache_dir), timeout=240)
+    cached_cfg = json.loads(setup.model_json.read_text())
+    cached_cfg.update(load_video_features=True, load_text_features=True)
+    cached_json = tmp_path / "model_cached.json"
+    cached_json.write_text(json.dumps(cached_cfg))
+    online = {"data_json": setup.data_json, "model_json": setup.model_json}
+    cached = {"data_json": setup.data_json, "model_json": cached_json}
+    a = run_distributed(_train, 1, _argv(online, iters=4), tp=1, timeout=240)
+    b = run_distributed(_train, 1, _argv(cached, iters=4), tp=1, timeout=240)
+    torch.testing.assert_close(torch.tensor(b[0]["losses"]), torch.tensor(a[0]["losses"]), rtol=1e-4, atol=1e-5)
