@@ -63,7 +63,8 @@ def main() -> None:
     if a.release_slice:
         release = load_model_config(ROOT / "examples/opensoraplan1.5/model_opensoraplan1_5.json").predictor
         cfg = dataclasses.replace(release, num_layers=(2, 2, 2), sparse_n=(1, 2, 1))
-        latent, text_len = tuple(a.latent or (57, 36, 64)), 512  # 57x288x512 latents of the issue = T=57,H/8,W/8
+        # a 57x288x512 video (frames x height x width) is a latent of 8x36x64 after the 8x8x8 WF-VAE
+        latent, text_len = tuple(a.latent or (8, 36, 64)), 512
     else:
         cfg = load_model_config(ROOT / "examples/tiny/model.json").predictor
         latent, text_len = tuple(a.latent or (3, 8, 16)), 32
