@@ -43,14 +43,6 @@ def make_inputs(seed, frames, height, width, text):
 CASES = [make_inputs(0, 3, 4, 6, 8), make_inputs(1, 3, 2, 6, 7)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference(cfg):
     """TP=1 model without torch.distributed, randomised weights; per case: output and param grads."""
     torch.manual_seed(0)

@@ -23,14 +23,6 @@ SEED = 7
 FP32 = Precision(vae=torch.float32, text=torch.float32, predictor=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     s = make_tiny_setup(tmp_path_factory.mktemp("features"))

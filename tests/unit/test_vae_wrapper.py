@@ -9,15 +9,6 @@ from mindspeed_mm_osp.config import AEConfig, from_dict
 from mindspeed_mm_osp.models.ae import VideoAutoencoder, tiny_ae_config_dict, write_tiny_wfvae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (30x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return write_tiny_wfvae(tmp_path_factory.mktemp("tiny_vae"), seed=0)

@@ -18,15 +18,6 @@ DECODE_CHUNKS = [1, 2, 3, 4, 5]  # latent frames
 ENCODE_CHUNKS = [1, 2, 3]  # latent frames = 8, 16, 24 pixel frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (30x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> WFVAE:
     torch.manual_seed(0)
