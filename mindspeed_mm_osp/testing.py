@@ -11,7 +11,7 @@ import os
 import pickle
 import socket
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp

@@ -14,7 +14,6 @@ import argparse
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
