@@ -41,7 +41,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
+            # one x264 thread: frame-threaded encoding is not bit-reproducible from run to run
+            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)

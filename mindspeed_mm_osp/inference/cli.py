@@ -1,0 +1,323 @@
+"""`inference.py` / `osp-inference`: Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun).
+
+    inference.py --config examples/tiny/inference.json --prompt "a cat" --save-path out/
+    torchrun --nproc_per_node 2 inference.py --config ... --tensor-model-parallel-size 2
+    inference.py --config ... --save-latents --save-path lat/      # stage 1: text encoders + predictor only
+    inference.py --config ... --decode-latents lat/ --save-path vid/  # stage 2: VAE only
+    inference.py --config ... --benchmark --warmup 1 --repeat 3 --report bench.json
+
+Prompts (`--prompt` file, one per line, or a literal) are split over data-parallel replicas (prompt i goes to
+replica i mod DP); all TP ranks of a replica run the same pipeline on identical inputs and only TP rank 0 decodes
+and writes, so every file has one writer. Output per prompt i: `{i:06d}.mp4` + `{i:06d}.json` (settings), or
+`{i:06d}.safetensors` with `--save-latents`. Every file is written atomically and none is ever deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .. import platform
+from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
+from .benchmark import StageTimer, peak_memory
+from .presets import add_preset_arguments, size_from_args
+from .pipeline import (
+    TextConditioner,
+    decode,
+    denoise,
+    initial_noise,
+    latent_shape,
+    load_latents,
+    load_prompts,
+    prepare_texts,
+    save_latents,
+    write_video,
+)
+
+logger = logging.getLogger("mindspeed_mm_osp.inference")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    rank: int = 0
+
+    @property
+    def writer(self) -> bool:
+        return self.tp_rank == 0
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="inference JSON (e.g. inference_t2v_model1_5.json)")
+    p.add_argument("--prompt", help="prompt text, or a file with one prompt per line")
+    p.add_argument("--negative-prompt", help="appended to the v1.5 negative prompt")
+    p.add_argument("--seed", type=int, help="noise seed of prompt i is seed + i")
+    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--shift", type=float, help="static sigma shift (turns dynamic shifting off)")
+    p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"))
+    add_preset_arguments(p)
+    p.add_argument("--save-path", help="output folder")
+    p.add_argument("--weight-dtype", choices=["fp32", "fp16", "bf16"], help="predictor and text encoder dtype")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
+    p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
+                                               "(default: predictor.from_pretrained)")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--save-latents", action="store_true", help="stop after denoising; write latents")
+    stage.add_argument("--decode-latents", metavar="DIR", help="decode latents written by --save-latents")
+    stage.add_argument("--benchmark", action="store_true", help="time every stage; write --report, no videos")
+    p.add_argument("--warmup", type=int, default=1, help="benchmark: untimed full runs first")
+    p.add_argument("--repeat", type=int, default=3, help="benchmark: timed full runs")
+    p.add_argument("--report", help="benchmark report path (default: <save-path>/benchmark.json)")
+    args = p.parse_args(argv)
+    if args.size is not None and any(v is not None for v in (args.resolution, args.aspect_ratio, args.duration)):
+        p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
+    if args.warmup < 0 or args.repeat < 1:
+        p.error("--warmup must be >= 0 and --repeat >= 1")
+    return args
+
+
+def build_config(args: argparse.Namespace) -> InferenceConfig:
+    """The JSON with the command-line overrides applied, validated again as a whole."""
+    data = to_dict(load_inference_config(args.config))
+    top = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+           "save_path": args.save_path, "weight_dtype": args.weight_dtype}
+    data.update({k: v for k, v in top.items() if v is not None})
+    diffusion = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                 "guidance_rescale": args.guidance_rescale, "shift": args.shift}
+    data["diffusion"].update({k: v for k, v in diffusion.items() if v is not None})
+    if args.shift is not None:
+        data["diffusion"]["use_dynamic_shifting"] = False
+    if args.size is not None:
+        data["pipeline_config"]["input_size"] = list(args.size)
+    elif any(v is not None for v in (args.resolution, args.aspect_ratio, args.duration)):
+        fps = data["fps"] // data["frame_interval"]  # the fps the videos are written at
+        try:
+            size = size_from_args(args, tuple(data["pipeline_config"]["input_size"]), fps=fps)
+        except ValueError as e:
+            raise ConfigError(args.config, "--resolution/--aspect-ratio/--duration", str(e)) from None
+        data["pipeline_config"]["input_size"] = list(size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"size preset -> frames {size[0]}, height {size[1]}, width {size[2]}")
+    return from_dict(InferenceConfig, data, file=f"{args.config} + command line")
+
+
+def init_parallel(tp: int, seed: int) -> tuple[Ranks, bool]:
+    """(ranks, whether we initialised torch.distributed). Single process without TP needs no process group."""
+    import torch.distributed as dist
+
+    from ..parallel import ParallelConfigError, initialize_distributed
+
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1 and tp == 1:
+        return Ranks(), False
+    owned = not dist.is_initialized()
+    initialize_distributed(tp=tp, seed=seed)
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() != tp:
+        raise ParallelConfigError(f"torch.distributed is already set up with TP="
+                                  f"{ps.get_tensor_model_parallel_world_size()}, but "
+                                  f"--tensor-model-parallel-size {tp} was asked")
+    return Ranks(ps.get_tensor_model_parallel_rank(), tp, ps.get_data_parallel_rank(),
+                 ps.get_data_parallel_world_size(), dist.get_rank()), owned
+
+
+def _record(cfg: InferenceConfig, args: argparse.Namespace, index: int, prompt: str, positive: str,
+            negative: str, ranks: Ranks) -> dict:
+    d, pc = cfg.diffusion, cfg.pipeline_config
+    return {
+        "index": index, "prompt": prompt, "positive_text": positive, "negative_text": negative,
+        "seed": cfg.seed, "noise_seed": cfg.seed + index, "num_inference_steps": d.num_inference_steps,
+        "guidance_scale": d.guidance_scale, "guidance_rescale": d.guidance_rescale, "shift": d.shift,
+        "use_dynamic_shifting": d.use_dynamic_shifting,
+        "use_linear_quadratic_schedule": d.use_linear_quadratic_schedule,
+        "size": list(pc.input_size), "latent_shape": list(latent_shape(cfg)),
+        "fps": cfg.fps // cfg.frame_interval, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
+        "tensor_model_parallel_size": ranks.tp_size, "config": str(args.config),
+        "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
+    }
+
+
+class Generator:
+    """Text encoders + predictor (and the VAE on writer ranks unless latents are saved)."""
+
+    def __init__(self, cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks, build_vae: bool):
+        from ..models.ae import VideoAutoencoder
+        from ..models.text import to_torch_dtype
+        from .weights import build_predictor, load_predictor_weights
+
+        weights = args.predictor_weights or cfg.predictor.from_pretrained
+        if not weights:
+            raise ConfigError(args.config, "predictor.from_pretrained",
+                              "no predictor weights: set it or pass --predictor-weights")
+        self.cfg, self.args, self.ranks = cfg, args, ranks
+        device, dtype = platform.device(), to_torch_dtype(cfg.weight_dtype)
+        self.text = TextConditioner(cfg, dtype, device)
+        self.model = build_predictor(cfg.predictor, load_predictor_weights(weights), dtype, device,
+                                     sequence_parallel=ranks.tp_size > 1)
+        self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae and ranks.writer else None
+
+    def sample(self, indices: Sequence[int], prompts: Sequence[str], timer: StageTimer,
+               progress: bool) -> tuple[torch.Tensor, list[dict]]:
+        """Latents (B, C, t, h, w) fp32 on CPU and one settings record per prompt."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        positive, negative = prepare_texts(prompts, cfg.negative_prompt, cfg.pipeline_config.version)
+        guided = cfg.diffusion.guidance_scale > 1.0
+        with timer.time("text_encode"):
+            # [negative; positive] in one encoder call, split again for the sampler's [uncond; cond] batch.
+            emb = self.text.encode(negative + positive if guided else positive)
+        b = len(prompts)
+        uncond = {k: v[:b] for k, v in emb.items()} if guided else None
+        cond = {k: v[-b:] for k, v in emb.items()}
+        noise = initial_noise(latent_shape(cfg), cfg.seed, indices)
+        bar = tqdm(total=cfg.diffusion.num_inference_steps, desc=f"prompt {indices[0]}", disable=not progress,
+                   file=sys.stderr)
+        last = [time.perf_counter()]
+
+        def on_step(step: int, num_steps: int, latents: torch.Tensor) -> None:
+            platform.synchronize()
+            now = time.perf_counter()
+            if timer.enabled:
+                timer.samples["denoise_step"].append(now - last[0])
+            last[0] = now
+            bar.update(1)
+
+        platform.synchronize()
+        last[0] = time.perf_counter()
+        latents = denoise(self.model, noise, cond, uncond, cfg, callback=on_step).cpu()
+        bar.close()
+        records = [_record(cfg, self.args, i, p, pos, neg, self.ranks)
+                   for i, p, pos, neg in zip(indices, prompts, positive, negative)]
+        return latents, records
+
+
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def generate(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> list[Path]:
+    prompts = load_prompts(cfg.prompt)
+    gen = Generator(cfg, args, ranks, build_vae=not args.save_latents)
+    save_dir, fps = Path(cfg.save_path), cfg.fps // cfg.frame_interval
+    mine = [i for i in range(len(prompts)) if i % ranks.dp_size == ranks.dp_rank]
+    written = []
+    for batch in _chunks(mine, cfg.micro_batch_size):
+        latents, records = gen.sample(batch, [prompts[i] for i in batch], StageTimer(), progress=ranks.rank == 0)
+        if not ranks.writer:
+            continue
+        for b, (index, record) in enumerate(zip(batch, records)):
+            if args.save_latents:
+                written.append(save_latents(save_dir / f"{index:06d}.safetensors", latents[b], record))
+            else:
+                written.append(write_video(save_dir, f"{index:06d}", decode(gen.vae, latents[b:b + 1])[0], fps,
+                                           record))
+            logger.info("wrote %s", written[-1])
+    return written
+
+
+def decode_saved(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> list[Path]:
+    """Stage 2: VAE only. Files are split over DP replicas; TP rank 0 of each decodes and writes."""
+    from ..models.ae import VideoAutoencoder
+
+    files = sorted(Path(args.decode_latents).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors latents in {args.decode_latents}")
+    mine = files[ranks.dp_rank::ranks.dp_size] if ranks.writer else []
+    written = []
+    if mine:
+        vae = VideoAutoencoder(cfg.ae).to(platform.device())
+        save_dir = Path(cfg.save_path)
+        for path in mine:
+            saved = load_latents(path)
+            video = decode(vae, saved.latents[None])[0]
+            record = {**saved.record, "decoded_from": str(path), "vae_dtype": cfg.ae.dtype}
+            fps = saved.record.get("fps", cfg.fps // cfg.frame_interval)
+            written.append(write_video(save_dir, path.stem, video, fps, record))
+            logger.info("wrote %s", written[-1])
+    return written
+
+
+def benchmark(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> Optional[Path]:
+    """`warmup` untimed then `repeat` timed full runs on the first micro-batch of prompts; report on rank 0."""
+    from ..models.text import to_torch_dtype
+    from .video_io import write_json_atomic
+
+    prompts = load_prompts(cfg.prompt)
+    indices = list(range(min(cfg.micro_batch_size, len(prompts))))
+    gen = Generator(cfg, args, ranks, build_vae=True)
+    platform.reset_peak_memory_stats()
+    timer = StageTimer()
+    for run in range(args.warmup + args.repeat):
+        timer.enabled = run >= args.warmup
+        with timer.time("total"):
+            latents, _ = gen.sample(indices, [prompts[i] for i in indices], timer, progress=ranks.rank == 0)
+            if gen.vae is not None:
+                with timer.time("vae_decode"):
+                    decode(gen.vae, latents)
+    if ranks.rank != 0:
+        return None
+    report = {
+        "device": str(platform.device()), "device_name": platform.device_name(),
+        "accelerator": platform.accelerator(), "weight_dtype": str(to_torch_dtype(cfg.weight_dtype)),
+        "vae_dtype": cfg.ae.dtype, "tensor_model_parallel_size": ranks.tp_size,
+        "data_parallel_size": ranks.dp_size, "batch_size": len(indices),
+        "input_size": list(cfg.pipeline_config.input_size), "latent_shape": list(latent_shape(cfg)),
+        "num_inference_steps": cfg.diffusion.num_inference_steps,
+        "guidance": cfg.diffusion.guidance_scale > 1.0, "warmup": args.warmup, "repeat": args.repeat,
+        "torch_threads": torch.get_num_threads(), "stages": timer.summary(), "peak_memory": peak_memory(),
+    }
+    path = Path(args.report) if args.report else Path(cfg.save_path) / "benchmark.json"
+    write_json_atomic(path, report)
+    for stage, s in report["stages"].items():
+        print(f"{stage:>14}: mean {s['mean_s']:.4f}s  min {s['min_s']:.4f}s  max {s['max_s']:.4f}s  (n={s['count']})")
+    print(f"report: {path}")
+    return path
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = build_config(args)
+    ranks, owned = init_parallel(args.tp, cfg.seed)
+    try:
+        if args.decode_latents:
+            decode_saved(cfg, args, ranks)
+        elif args.benchmark:
+            benchmark(cfg, args, ranks)
+        else:
+            generate(cfg, args, ranks)
+    finally:
+        if owned:
+            from ..parallel import destroy_distributed
+
+            destroy_distributed()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from ..checkpoint.layout import CheckpointError
+    from ..parallel import ParallelConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, ParallelConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"inference.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Text-to-video inference on tiny models: videos and sidecars, two-stage = one-stage, benchmark report,
+prompt handling, seeded noise and predictor weight loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mindspeed_mm_osp.checkpoint.convert import save_split_checkpoint
+from mindspeed_mm_osp.config import from_dict, load_inference_config
+from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.inference import cli
+from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts, prepare_texts
+from mindspeed_mm_osp.inference.video_io import read_mp4
+from mindspeed_mm_osp.inference.weights import build_predictor, load_predictor_weights
+from mindspeed_mm_osp.models.predictor import SparseUMMDiT, local_state_dict
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents
+STEPS = 2
+
+
+def make_tiny_inference(root: Path, final_block_text_params: bool = True) -> Path:
+    """Tiny T5/CLIP/VAE folders, random predictor weights (merged safetensors) and an inference JSON."""
+    from safetensors.torch import save_file
+
+    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
+
+    models = make_tiny_models(root / "models")
+    data = json.loads((REPO / "examples/tiny/inference.json").read_text())
+    torch.manual_seed(0)
+    pcfg = from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": final_block_text_params})
+    model = SparseUMMDiT(pcfg)
+    with torch.no_grad():  # zero-initialised parts would make every prediction trivially equal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_file(local_state_dict(model), str(root / "model_ema.safetensors"))
+    data["ae"]["from_pretrained"] = str(models["vae"])
+    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
+                        ("tokenizer_2", "clip")]:
+        data[key]["from_pretrained"] = str(models[folder])
+    data["predictor"]["from_pretrained"] = str(root / "model_ema.safetensors")
+    data["pipeline_config"]["input_size"] = SIZE
+    data["diffusion"]["num_inference_steps"] = STEPS
+    data.update(model_max_length=16, save_path=str(root / "default_out"))
+    (root / "prompts.txt").write_text("a red fox runs in the snow\n\n  waves crash on a rocky shore  \n")
+    data["prompt"] = str(root / "prompts.txt")
+    (root / "inference.json").write_text(json.dumps(data))
+    return root / "inference.json"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return make_tiny_inference(tmp_path_factory.mktemp("tiny_inference"))
+
+
+def run(config: Path, *extra: str) -> None:
+    cli.main(["--config", str(config), *extra])
+
+
+def test_videos_sidecars_and_two_stage_equal_one_stage(config, tmp_path, monkeypatch):
+    decoded = []  # what reaches the VAE, observed (not replaced) in both stages
+    real_decode = cli.decode
+
+    def observed_decode(vae, latents):
+        decoded.append(latents.clone())
+        return real_decode(vae, latents)
+
+    monkeypatch.setattr(cli, "decode", observed_decode)
+
+    run(config, "--save-path", str(tmp_path / "one"))
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "000000.json", "000000.mp4", "000001.json", "000001.mp4"]
+    frames, fps = read_mp4(tmp_path / "one" / "000001.mp4")
+    assert frames.shape == (SIZE[0], SIZE[1], SIZE[2], 3) and fps == 8
+    record = json.loads((tmp_path / "one" / "000001.json").read_text())
+    assert record["prompt"] == "waves crash on a rocky shore"
+    assert record["positive_text"] == "high quality, waves crash on a rocky shore"
+    assert (record["noise_seed"], record["num_inference_steps"], record["size"]) == (43, STEPS, SIZE)
+
+    run(config, "--save-latents", "--save-path", str(tmp_path / "lat"))
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    saved = load_latents(tmp_path / "lat" / "000001.safetensors")
+    assert saved.latents.shape == (4, 2, 4, 6) and saved.latents.dtype == torch.float32
+    assert saved.record["prompt"] == "waves crash on a rocky shore"
+
+    run(config, "--decode-latents", str(tmp_path / "lat"), "--save-path", str(tmp_path / "two"))
+    assert len(decoded) == 4
+    for one_stage, two_stage in zip(decoded[:2], decoded[2:]):
+        assert torch.equal(one_stage, two_stage)  # bit-identical latents into the same decoder
+    for stem in ("000000", "000001"):
+        one, _ = read_mp4(tmp_path / "one" / f"{stem}.mp4")
+        two, fps = read_mp4(tmp_path / "two" / f"{stem}.mp4")
+        assert fps == 8 and one.shape == two.shape
+        # Identical decoded videos; libx264 (threaded) does not always give identical bitstreams for them,
+        # so the files are compared within H.264 noise.
+        diff = np.abs(one.astype(np.int16) - two.astype(np.int16))
+        assert diff.mean() < 2.0, (stem, diff.mean(), diff.max())
+    assert json.loads((tmp_path / "two" / "000001.json").read_text())["decoded_from"].endswith("000001.safetensors")
+
+
+def test_overrides_change_the_result_and_are_recorded(config, tmp_path):
+    run(config, "--save-latents", "--save-path", str(tmp_path / "a"), "--prompt", "a cat")
+    run(config, "--save-latents", "--save-path", str(tmp_path / "b"), "--prompt", "a cat", "--seed", "7",
+        "--guidance-scale", "1.0", "--shift", "3.0", "--num-inference-steps", "1", "--negative-prompt", "dogs")
+    a, b = load_latents(tmp_path / "a" / "000000.safetensors"), load_latents(tmp_path / "b" / "000000.safetensors")
+    assert not torch.allclose(a.latents, b.latents)
+    assert b.record["seed"] == 7 and b.record["guidance_scale"] == 1.0 and b.record["shift"] == 3.0
+    assert b.record["num_inference_steps"] == 1 and not b.record["use_dynamic_shifting"]
+    assert b.record["negative_text"].endswith("underexposed. dogs")
+
+
+def test_benchmark_report(config, tmp_path):
+    report = tmp_path / "bench.json"
+    run(config, "--benchmark", "--warmup", "1", "--repeat", "2", "--report", str(report), "--prompt", "a cat",
+        "--save-path", str(tmp_path / "out"))
+    data = json.loads(report.read_text())
+    counts = {stage: s["count"] for stage, s in data["stages"].items()}
+    assert counts == {"text_encode": 2, "denoise_step": 2 * STEPS, "vae_decode": 2, "total": 2}
+    for s in data["stages"].values():
+        assert 0 < s["min_s"] <= s["mean_s"] <= s["max_s"]
+    assert data["peak_memory"]["kind"] == "cpu_peak_rss" and data["peak_memory"]["bytes"] > 0
+    assert data["tensor_model_parallel_size"] == 1 and data["input_size"] == SIZE
+    assert data["latent_shape"] == [4, 2, 4, 6] and data["weight_dtype"] == "torch.float32"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.mp4"))
+
+
+def test_errors_exit_cleanly(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(config, "--predictor-weights", str(tmp_path / "nope.pt"), "--save-path", str(tmp_path / "o"))
+    assert exc.value.code == 2 and "nope.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(config, "--size", "10", "32", "32")  # frames must be 8k+1
+    assert "8k+1" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        run(config, "--decode-latents", str(tmp_path / "empty"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompts_and_templates(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first\n\n second \n")
+    assert load_prompts(str(path)) == ["first", "second"]
+    assert load_prompts("just a prompt") == ["just a prompt"]
+    pos, neg = prepare_texts(["A\u00a0dog"], None, "v1.5")
+    assert pos == ["high quality, a dog"]
+    assert neg[0].startswith("worst quality, normal quality, low quality, low res, blurry, artifacts, grainy")
+
+
+def test_noise_is_per_prompt_and_batch_independent():
+    both = initial_noise((4, 2, 3, 3), 5, [0, 1])
+    assert torch.equal(both[1], initial_noise((4, 2, 3, 3), 5, [1])[0])
+    assert torch.equal(both[0], initial_noise((4, 2, 3, 3), 5, [0])[0])
+    assert not torch.equal(both[0], both[1])
+
+
+def test_weights_loader_detects_final_block_text_params_and_reads_checkpoints(config, tmp_path):
+    cfg = load_inference_config(config)
+    state = load_predictor_weights(cfg.predictor.from_pretrained)
+    key = "transformer_blocks.6.1.attn1.to_add_out.weight"
+    assert key in state
+    model = build_predictor(cfg.predictor, state, torch.float32, torch.device("cpu"))
+    assert model.predictor_config.final_block_text_params and not model.training
+    torch.testing.assert_close(model.state_dict()[key], state[key])
+    without = {k: v for k, v in state.items() if not k.startswith(("transformer_blocks.6.1.attn1.to_add_out",
+                                                                   "transformer_blocks.6.1.norm2.norm_enc",
+                                                                   "transformer_blocks.6.1.ff_enc"))}
+    assert not build_predictor(cfg.predictor, without, torch.float32, torch.device("cpu")) \
+        .predictor_config.final_block_text_params
+
+    # A training checkpoint folder: its EMA is used.
+    ema = {k: v + 1 for k, v in state.items()}
+    save_split_checkpoint(state, tmp_path / "ckpt", 2, 4, ema_sd=ema)
+    loaded = load_predictor_weights(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded[key], ema[key])
