@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
-import time
 from typing import Callable
 
 import torch
 
+from _timing import median_seconds
 from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.optim.fused_ema_adamw import FusedEmaAdamW, ema_decay_at
 
@@ -39,17 +38,8 @@ def make_params(total: int, device: torch.device) -> list[torch.nn.Parameter]:
     return params
 
 
-def timed(step: Callable[[], None], iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    platform.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        platform.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(step: Callable[[], None], iters: int) -> float:
+    return median_seconds(step, iters, warmup=2)
 
 
 def copy_bandwidth(numel: int, device: torch.device, iters: int) -> float:

@@ -14,11 +14,10 @@ CPU runs default to 1 thread (`--threads`): on a shared 2-core box, 2 OpenMP thr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import median_seconds
 from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
@@ -66,14 +65,7 @@ def run(model, inputs, iters: int) -> tuple[float, int]:
     step(counter)  # also the warm-up
     platform.synchronize()
     memory = counter.total if on_cpu else platform.max_memory_allocated() - before
-    times = []
-    for _ in range(iters):
-        platform.synchronize()
-        t0 = time.perf_counter()
-        step()
-        platform.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), memory
+    return median_seconds(step, iters, warmup=0), memory
 
 
 def main() -> None:

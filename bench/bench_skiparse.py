@@ -13,11 +13,10 @@ CPU runs default to 1 thread (`--threads`): on a shared 2-core box, 2 OpenMP thr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _timing import median_seconds
 from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.models.predictor import skiparse_attention, skiparse_key_mask
 
@@ -28,15 +27,7 @@ def step_time(k: int, group: bool, tensors, key_valid, iters: int) -> float:
         ox, oc = skiparse_attention(*leaves, key_valid=key_valid, k=k, group=group)
         (ox.sum() + oc.sum()).backward()
 
-    step()  # warm-up
-    times = []
-    for _ in range(iters):
-        platform.synchronize()
-        t0 = time.perf_counter()
-        step()
-        platform.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, iters)
 
 
 def main() -> None:

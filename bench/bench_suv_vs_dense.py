@@ -13,12 +13,11 @@ CPU runs default to 1 thread (`--threads`): on a shared 2-core box, 2 OpenMP thr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from _timing import median_seconds
 from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
@@ -40,14 +39,7 @@ def step(model, args):
 
 
 def timed(model, args, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        platform.synchronize()
-        t0 = time.perf_counter()
-        step(model, args)
-        platform.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: step(model, args), iters, warmup=0)
 
 
 def attention_share(model, args) -> float:
