@@ -200,10 +200,18 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
             f"saving checkpoint iteration {iteration} to {save_dir}: {where}. The tracker {tracker_path(save_dir)} "
             f"still names the previous checkpoint ({previous if previous is not None else 'none'}), left intact."
         ) from error
+    tracker_error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_write_text(tracker_path(save_dir), str(iteration))
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            atomic_write_text(tracker_path(save_dir), str(iteration))
+        except Exception as exc:
+            tracker_error = exc
+    if not _all_ranks_ok(tracker_error is None):  # also the barrier
+        raise CheckpointWriteError(
+            f"saving checkpoint iteration {iteration} to {save_dir}: updating the tracker {tracker_path(save_dir)} failed"
+            f"{f': {tracker_error}' if tracker_error else ' on rank 0'}. It still names the previous checkpoint "
+            f"({previous if previous is not None else 'none'}), left intact; iteration {iteration} is complete and "
+            f"loadable with --ckpt-step {iteration}.") from tracker_error
     logger.info("saved checkpoint iteration %s to %s", iteration, save_dir)
     return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -47,7 +48,10 @@ class AEConfig:
 
     def validate(self, file, path: str) -> None:
         p = f"{path}." if path else ""
+        require(self.base_channels >= 1, file, f"{p}base_channels", "must be >= 1")
+        require(min(self.vae_scale_factor) >= 1, file, f"{p}vae_scale_factor", "every factor must be >= 1")
         for key in ("scale", "shift"):
+            require(all(math.isfinite(x) for x in getattr(self, key) or ()), file, f"{p}{key}", "values must be finite")
             values = getattr(self, key)
             require(values is None or len(values) == self.latent_dim, file, f"{p}{key}",
                     f"needs latent_dim={self.latent_dim} values, got {0 if values is None else len(values)}")

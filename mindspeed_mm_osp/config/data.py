@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -73,6 +74,8 @@ class PreprocessParameters:
     train_pipeline: TrainPipeline = field(default_factory=TrainPipeline)
 
     def validate(self, file, path: str) -> None:
+        require(self.ae_stride_t >= 1, file, f"{path}.ae_stride_t", "must be >= 1")
+        require(math.isfinite(self.speed_factor) and self.speed_factor > 0, file, f"{path}.speed_factor", "must be > 0")
         require(self.frame_interval == 1, file, f"{path}.frame_interval",
                 "must be 1 (values > 1 only enlarge the crop window beyond num_frames in Open-Sora Plan)")
         require(self.num_frames >= 1 and (self.num_frames - 1) % self.ae_stride_t == 0, file, f"{path}.num_frames",
@@ -89,7 +92,7 @@ class PreprocessParameters:
         if self.force_resolution:
             for key in ("max_height", "max_width"):
                 v = getattr(self, key)
-                require(v % 16 == 0, file, f"{path}.{key}",
+                require(v >= 16 and v % 16 == 0, file, f"{path}.{key}",
                         f"must be a multiple of 16 (VAE stride 8 x patch 2) with force_resolution, got {v}")
         else:
             require(self.hw_stride % 16 == 0, file, f"{path}.hw_stride", f"must be a multiple of 16, got {self.hw_stride}")
@@ -123,6 +126,7 @@ class DatasetParam:
     _aliases = {"enable_text_preprocessing": "enable_text_preprocess"}
 
     def validate(self, file, path: str) -> None:
+        require(self.model_max_length >= 1, file, f"{path}.model_max_length", "must be >= 1")
         require(self.use_text_processer, file, f"{path}.use_text_processer",
                 "must be true: every sample is tokenized (REF retries forever without it, spec B13)")
 
@@ -137,6 +141,10 @@ class CollateParam:
     ae_stride_t: int = 8
     patch_size: int = 2
     patch_size_t: int = 1
+
+    def validate(self, file, path: str) -> None:
+        for key in ("ae_stride", "patch_size", "patch_size_t"):
+            require(getattr(self, key) >= 1, file, f"{path}.{key}", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,9 @@ class DataloaderParam:
     initial_global_step_for_sampler: int = 0
     gradient_accumulation_size: int = 1
     collate_param: CollateParam = field(default_factory=CollateParam)
+
+    def validate(self, file, path: str) -> None:
+        require(self.num_workers >= 0, file, f"{path}.num_workers", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .ae import AEConfig
+from .ae import AEConfig, Dtype
 from .diffusion import DiffusionConfig
 from .loader import from_dict, read_json, require
 from .predictor import PredictorConfig
@@ -24,7 +24,7 @@ class PipelineConfig:
         frames, height, width = self.input_size
         require(frames >= 1 and (frames - 1) % 8 == 0, file, f"{path}.input_size[0]",
                 f"frames must be 8k+1 for the 8x temporal VAE stride, got {frames} (nearest: {((frames - 1) // 8) * 8 + 1})")
-        require(height % 16 == 0 and width % 16 == 0, file, f"{path}.input_size",
+        require(height >= 16 and width >= 16 and height % 16 == 0 and width % 16 == 0, file, f"{path}.input_size",
                 f"height and width must be multiples of 16 (VAE stride 8 x patch 2), got {height}x{width}")
 
 
@@ -47,11 +47,12 @@ class InferenceConfig:
     negative_prompt: Optional[str] = None
     seed: int = 42
     device: str = "auto"
-    weight_dtype: str = "fp16"
+    weight_dtype: Dtype = "fp16"
 
     def validate(self, file, path: str) -> None:
         require(self.micro_batch_size >= 1, file, "micro_batch_size", "must be >= 1")
         require(self.fps >= 1, file, "fps", "must be >= 1")
+        require(self.model_max_length >= 1, file, "model_max_length", "must be >= 1")
         require(self.frame_interval >= 1, file, "frame_interval", "must be >= 1")
         require(self.ae.latent_dim == self.predictor.in_channels, file, "predictor.in_channels",
                 f"must equal ae.latent_dim={self.ae.latent_dim}, got {self.predictor.in_channels}")

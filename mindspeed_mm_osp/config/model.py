@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .ae import AEConfig
+from .ae import AEConfig, Dtype
 from .diffusion import DiffusionConfig
 from .loader import from_dict, read_json, require
 from .predictor import PredictorConfig
@@ -27,7 +27,7 @@ class ModelConfig:
     load_video_features: bool = False
     load_text_features: bool = False
     enable_encoder_dp: bool = False
-    weight_dtype: str = "bf16"
+    weight_dtype: Dtype = "bf16"
 
     def validate(self, file, path: str) -> None:
         require(self.load_video_features or self.ae is not None, file, "ae",

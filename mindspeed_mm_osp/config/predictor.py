@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -62,7 +63,12 @@ class PredictorConfig:
         half = len(self.num_layers) // 2
         require(tuple(self.num_layers[:half]) == tuple(reversed(self.num_layers[half + 1:])), file, f"{p}num_layers",
                 f"encoder and decoder stages must mirror each other for the skip connections, got {list(self.num_layers)}")
-        require(self.head_dim % 16 == 0, file, f"{p}head_dim",
+        for key in ("in_channels", "timestep_embed_dim", "caption_channels", "pooled_projection_dim"):
+            require(getattr(self, key) >= 1, file, f"{p}{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.out_channels is None or self.out_channels >= 1, file, f"{p}out_channels", "must be >= 1")
+        require(0.0 <= self.dropout < 1.0, file, f"{p}dropout", f"must be in [0, 1), got {self.dropout}")
+        require(math.isfinite(self.norm_eps) and self.norm_eps > 0, file, f"{p}norm_eps", "must be a finite number > 0")
+        require(self.head_dim >= 16 and self.head_dim % 16 == 0, file, f"{p}head_dim",
                 f"3-D RoPE splits head_dim into t/h/w parts of 4:6:6 sixteenths; use a multiple of 16, got {self.head_dim}")
         require(self.patch_size_t == 1, file, f"{p}patch_size_t",
                 "only patch_size_t=1 is coherent in Open-Sora Plan v1.5 (temporal patching is not implemented by the release)")

@@ -60,7 +60,8 @@ def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 context_parallel_size=cp)
+                                                 context_parallel_size=cp,
+                                                 distributed_timeout_minutes=timeout_minutes)
     set_seed(seed, data_parallel_random_init=data_parallel_random_init)
     return layout
 

@@ -9,6 +9,7 @@ Unknown flags fail with the flag named.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -167,12 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
+    """'3:nan,5:inf' -> {3: 'nan', 5: 'inf'} (fault-injection tests only)."""
+    faults = {}
+    for item in filter(None, (spec or "").split(",")):
+        it, _, kind = item.partition(":")
+        if not it.strip().isdigit():
+            raise ValueError(f"expected ITER:nan|inf, got {item!r}")
+        if kind not in ("nan", "inf"):
+            raise ValueError(f"kind must be nan or inf, got {kind!r}")
+        faults[int(it)] = kind
+    return faults
+
+
 class ArgumentError(ValueError):
     pass
 
 
 def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Cross-flag checks, done once before anything is built."""
+    def check(names, ok, what, optional=False):
+        for name in names:
+            value = getattr(args, name)
+            if (value is not None or not optional) and not ok(value):
+                raise ArgumentError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+    check(("tensor_model_parallel_size", "micro_batch_size", "max_consecutive_skips", "tensorboard_log_interval",
+           "train_iters"), lambda v: v is None or v >= 1, ">= 1")
+    check(("global_batch_size", "lr_decay_iters", "train_samples"), lambda v: v >= 1, ">= 1", optional=True)
+    check(("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters"), lambda v: math.isfinite(v) and v >= 0, ">= 0")
+    check(("exit_interval", "peak_tflops"), lambda v: math.isfinite(v) and v >= 0, ">= 0", optional=True)
+    check(("lr_warmup_fraction",), lambda v: 0 <= v <= 1, "in [0, 1]", optional=True)
+    check(("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)")
+    check(("adam_eps", "distributed_timeout_minutes"), lambda v: math.isfinite(v) and v > 0, "> 0")
+    try:
+        parse_fault_spec(args.inject_nonfinite_grad)
+    except ValueError as e:
+        raise ArgumentError(f"--inject-nonfinite-grad: {e}") from None
     tp = args.tensor_model_parallel_size
     if world_size % tp != 0:
         raise ArgumentError(f"--tensor-model-parallel-size={tp} must divide the world size {world_size}")
@@ -188,6 +220,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ArgumentError("set --train-iters (or --train-samples)")
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
+        if args.train_iters < 1:
+            raise ArgumentError(f"--train-samples={args.train_samples} is less than one global batch")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
     if args.sequence_parallel and tp == 1:

@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +24,7 @@ from .. import platform
 from ..config import load_data_config, load_model_config
 from ..diffusion import FlowMatchingScheduler
 from ..parallel import initialize_distributed
+from .arguments import parse_fault_spec
 from .batches import EncodedStream
 from .components import (FrozenEncoders, build_predictor, optimizer_settings, resolve_precision, wrap_ddp)
 from .flops import peak_flops_per_second, predictor_training_flops
@@ -45,17 +45,6 @@ class TrainResult:
     losses: list[float]
     skipped_iterations: int
     stop_reason: str
-
-
-def _parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
-    """'3:nan,5:inf' -> {3: 'nan', 5: 'inf'} (fault-injection tests only)."""
-    faults = {}
-    for item in filter(None, (spec or "").split(",")):
-        it, kind = item.split(":")
-        if kind not in ("nan", "inf"):
-            raise ValueError(f"--inject-nonfinite-grad: kind must be nan or inf, got {kind!r}")
-        faults[int(it)] = kind
-    return faults
 
 
 def _inject(ddp, kind: str) -> None:
@@ -152,7 +141,7 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
                            tp_group=ps.get_tensor_model_parallel_group())
 
     writers = MetricWriters(args, is_logging_rank=rank == 0)
-    faults = _parse_fault_spec(getattr(args, "inject_nonfinite_grad", None))
+    faults = parse_fault_spec(args.inject_nonfinite_grad)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_second()
     start_time = time.monotonic()
     losses: list[float] = []

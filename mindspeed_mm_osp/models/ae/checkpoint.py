@@ -35,16 +35,19 @@ class LoadResult(NamedTuple):
 
 
 def _read(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints pickle optimizer/sampler objects; only load those you trust.
-        logger.warning("%s: not loadable with weights_only=True; unpickling it in full", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            logger.warning("%s: not loadable with weights_only=True; unpickling it in full", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointKeyError(f"{path}: cannot read the WF-VAE checkpoint (truncated or corrupt file): "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
 
 def _ema_disabled() -> bool:

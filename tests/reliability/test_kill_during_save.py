@@ -1,0 +1,227 @@
+"""SIGKILL while a checkpoint is being written: the tracker always names a complete checkpoint, and resuming
+from it reproduces the uninterrupted run bit for bit.
+
+Each trial forks one training process (2 tiny iterations, a save after each) and kills it during the save of
+iteration 1 or 2, in two ways:
+
+* external: the test process watches for the temp file of the atomic writer and sends SIGKILL after a random
+  delay drawn over the write window measured on the uninterrupted run (kills land in the payload write, its
+  fsync, the rename or the tracker update with the odds of their durations; a few land after the save);
+* internal: the training process sends itself SIGKILL at one chosen point of the writer (after a random
+  number of payload bytes, before/after each fsync and rename of the payload and of the tracker), so the
+  short windows (tracker write, ~1 ms) are hit for sure.
+
+SIGKILL runs no Python cleanup (`finally`, temp-file removal), exactly like a node loss.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mindspeed_mm_osp.checkpoint.layout import MODEL_FILE, TRACKER_FILE, model_file, read_tracker
+from reliability_harness import assert_same_training_state, load_file, log, run_ranks
+from reliability_harness import start_ranks, train, train_argv
+
+pytestmark = pytest.mark.slow
+
+ITERS = 2
+# Points of `checkpoint.io._atomic_write` where the internal trials kill, in the order a save passes them.
+POINTS = ("payload_bytes", "payload_fsync", "payload_replace", "payload_replaced", "payload_dir_fsync",
+          "tracker_fsync", "tracker_replace", "tracker_replaced")
+
+
+def _argv(assets, save_dir: Path, *extra: str) -> list[str]:
+    return train_argv(assets, "--save", str(save_dir), "--save-interval", "1", *extra, iters=ITERS)
+
+
+def _train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fraction: float, payload_size: int):
+    """Train; SIGKILL this process at `point` of the save of `iteration` (`fraction` of the payload bytes)."""
+    import os as real_os
+
+    from mindspeed_mm_osp.checkpoint import io as ckpt_io
+
+    state = {"iteration": None}
+    write_payload = ckpt_io._write_payload
+
+    def die() -> None:
+        real_os.kill(real_os.getpid(), signal.SIGKILL)
+
+    def at(name: str) -> None:
+        if state["iteration"] == iteration and name == point:
+            die()
+
+    class KillAfterBytes:
+        """File wrapper for torch.save that dies once `limit` bytes went through."""
+
+        def __init__(self, f, limit: int):
+            self.f, self.limit, self.written = f, limit, 0
+
+        def write(self, data) -> int:
+            if self.written + len(data) > self.limit:
+                self.f.write(bytes(data)[: self.limit - self.written])
+                self.f.flush()
+                die()
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def payload(obj, f) -> None:
+        name = Path(f.name).parent.parent.name  # iter_XXXXXXX
+        state["iteration"] = int(name.split("_")[1])
+        if state["iteration"] == iteration and point == "payload_bytes":
+            f = KillAfterBytes(f, int(fraction * payload_size))
+        write_payload(obj, f)
+
+    class Os:
+        """`os` as seen by checkpoint.io, with kill points around fsync and replace."""
+
+        def __getattr__(self, name):
+            return getattr(real_os, name)
+
+        def fsync(self, fd):
+            target = Path(real_os.readlink(f"/proc/self/fd/{fd}"))
+            if target.is_dir():
+                at("payload_dir_fsync" if target.name.startswith("mp_rank_") else "tracker_dir_fsync")
+            else:
+                at("tracker_fsync" if TRACKER_FILE in target.name else "payload_fsync")
+            return real_os.fsync(fd)
+
+        def replace(self, src, dst):
+            kind = "tracker" if Path(dst).name == TRACKER_FILE else "payload"
+            at(f"{kind}_replace")
+            real_os.replace(src, dst)
+            at(f"{kind}_replaced")
+
+    ckpt_io._write_payload = payload
+    ckpt_io.os = Os()
+    return train(rank, world_size, argv)
+
+
+@pytest.fixture(scope="module")
+def reference(micro_assets, tmp_path_factory):
+    """The uninterrupted run (same flags, a save after every iteration) and the measured payload write window."""
+    root = tmp_path_factory.mktemp("reference")
+    ranks = start_ranks(train, 1, _argv(micro_assets, root))
+    watched = model_file(root, ITERS, 0).parent
+    first_tmp = done = None
+    while ranks.procs[0].is_alive() and done is None:
+        names = os.listdir(watched) if watched.is_dir() else []
+        now = time.monotonic()
+        if first_tmp is None and any(".tmp-" in n for n in names):
+            first_tmp = now
+        if MODEL_FILE in names:
+            done = now
+        time.sleep(0.0002)
+    results = ranks.results(240)
+    ranks.reap()
+    ok, out = results[0]
+    assert ok, out
+    window = (done - first_tmp) if first_tmp and done else 0.2
+    size = model_file(root, ITERS, 0).stat().st_size
+    log(f"kill-during-save: payload {size} bytes, write window {window:.3f}s")
+    return {"dir": root, "losses": out["losses"], "window": window, "payload_size": size}
+
+
+def _check_survived(save_dir: Path, reference: dict) -> int:
+    """Every checkpoint file under its final name is complete and equals the uninterrupted run's; the tracker
+    names one of them (or nothing, when the first save was killed). Returns the tracker's iteration (0: none)."""
+    tracked = read_tracker(save_dir)  # raises on a torn tracker file
+    for it in range(1, ITERS + 1):
+        path = model_file(save_dir, it, 0)
+        if path.exists():
+            got, want = load_file(path), load_file(model_file(reference["dir"], it, 0))
+            assert (got["iteration"], got["consumed_train_samples"]) == (it, it)
+            assert_same_training_state(got, want)
+    if tracked is None:
+        return 0
+    assert model_file(save_dir, tracked, 0).exists(), f"tracker names iteration {tracked} but its file is absent"
+    return int(tracked)
+
+
+def _resume_equals_reference(micro_assets, save_dir: Path, reference: dict, tracked: int) -> None:
+    results = run_ranks(train, 1, _argv(micro_assets, save_dir, "--load", str(save_dir)))
+    ok, out = results[0]
+    assert ok, out
+    assert out["iteration"] == ITERS
+    assert out["losses"] == reference["losses"][tracked:]
+    assert_same_training_state(load_file(model_file(save_dir, ITERS, 0)),
+                               load_file(model_file(reference["dir"], ITERS, 0)))
+
+
+def _outcome(save_dir: Path, tracked: int, iteration: int) -> str:
+    stale = sorted(p.name.split(".tmp-")[0].lstrip(".") for p in save_dir.rglob(".*.tmp-*"))
+    return f"tracker={tracked or 'none'} stale_temp={stale or 'none'} killed_in_save_of={iteration}"
+
+
+_rng = random.Random(20261123)
+_BYTES = [round(_rng.random(), 3) for _ in range(4)]
+# (iteration whose save is killed, point, fraction of the payload written for "payload_bytes")
+INTERNAL = ([(2, p, 0.0) for p in POINTS if p != "payload_bytes"] + [(2, "payload_bytes", f) for f in _BYTES[:3]]
+            + [(1, "payload_bytes", _BYTES[3]), (1, "tracker_fsync", 0.0)])
+# These are resumed to the end and compared with the uninterrupted run; all are checked for completeness.
+RESUMED = {INTERNAL[0], INTERNAL[3], INTERNAL[5], INTERNAL[7], INTERNAL[-1]}
+
+
+@pytest.mark.parametrize("iteration, point, fraction", INTERNAL,
+                         ids=[f"iter{i}-{p}" + (f"-{f:.2f}" if p == "payload_bytes" else "") for i, p, f in INTERNAL])
+def test_sigkill_at_writer_point(micro_assets, tmp_path, reference, iteration, point, fraction):
+    save_dir = tmp_path / "ckpt"
+    ranks = start_ranks(_train_and_kill_self, 1, _argv(micro_assets, save_dir), iteration, point, fraction,
+                        reference["payload_size"])
+    ranks.procs[0].join(240)
+    assert ranks.procs[0].exitcode == -signal.SIGKILL
+    tracked = _check_survived(save_dir, reference)
+    expected = iteration if point == "tracker_replaced" else iteration - 1
+    assert tracked == expected
+    log(f"kill-during-save internal {point}@{fraction:.2f}: {_outcome(save_dir, tracked, iteration)}")
+    if (iteration, point, fraction) in RESUMED:
+        _resume_equals_reference(micro_assets, save_dir, reference, tracked)
+
+
+EXTERNAL_SEEDS = list(range(10))
+
+
+@pytest.mark.parametrize("seed", EXTERNAL_SEEDS)
+def test_sigkill_from_outside_at_random_time(micro_assets, tmp_path, reference, seed):
+    rng = random.Random(seed)
+    iteration = 1 if seed % 5 == 4 else 2
+    delay = rng.uniform(0.0, reference["window"])
+    save_dir = tmp_path / "ckpt"
+    ranks = start_ranks(train, 1, _argv(micro_assets, save_dir))
+    proc = ranks.procs[0]
+    watched = model_file(save_dir, iteration, 0).parent
+    while proc.is_alive():
+        if watched.is_dir() and any(".tmp-" in n or n == MODEL_FILE for n in os.listdir(watched)):
+            break
+        time.sleep(0.0002)
+    time.sleep(delay)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.join(240)
+    ranks.reap()
+    tracked = _check_survived(save_dir, reference)
+    assert tracked in (iteration - 1, iteration)
+    log(f"kill-during-save external delay {1000 * delay:.0f}ms exit {proc.exitcode}: "
+        f"{_outcome(save_dir, tracked, iteration)}")
+    if seed < 5 and tracked < ITERS:
+        _resume_equals_reference(micro_assets, save_dir, reference, tracked)
+
+
+def test_next_save_removes_temp_files_of_killed_writers(tmp_path):
+    import torch
+
+    from mindspeed_mm_osp.checkpoint import save_checkpoint
+
+    stale = model_file(tmp_path, 2, 0).parent / f".{MODEL_FILE}.tmp-999999"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial checkpoint of a killed run")
+    save_checkpoint(tmp_path, 2, torch.nn.Linear(2, 2))
+    assert not stale.exists()
