@@ -333,6 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             paths = save_merged(merged, args.save_dir, args.format)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:  # disk full, permissions: every file is written atomically, so none is half-written
+        raise SystemExit(f"error: writing to {args.save_dir} failed: {exc}. Files already there are complete; "
+                         f"free space or fix permissions and rerun (the conversion is idempotent).") from None
     for path in paths:
         print(path)
 

@@ -215,3 +215,13 @@ def test_ema_missing(tmp_path, full):
 def test_target_tp_not_dividing_heads(tmp_path, full, ema):
     write_training_checkpoint(tmp_path / "ckpt", full, ema, 2)
     _fails(tmp_path, r"cannot split into TP=3", "--target-tp", "3")
+
+
+def test_unwritable_output_is_a_clear_error_not_a_traceback(tmp_path, full, ema):
+    """A disk or permission error while writing exits with a message naming the folder, not a traceback."""
+    load = write_training_checkpoint(tmp_path / "ckpt", full, ema, tp=2)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output folder should go")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--load_dir", str(load), "--save_dir", str(blocker / "out"), "--ema"])
+    assert str(exit_info.value.code).startswith(f"error: writing to {blocker / 'out'} failed")
