@@ -22,7 +22,10 @@ from .device import (
     set_device,
     synchronize,
 )
-from .megatron_adaptor import adapt_megatron
+from .megatron_adaptor import adapt_megatron, quiet_cpu_warnings
+
+if accelerator() == "cpu":
+    quiet_cpu_warnings()  # before megatron-core is first imported: its import-time notices say nothing on CPU
 
 __all__ = [
     "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "device_name", "dist_backend", "empty_cache",

@@ -135,15 +135,15 @@ def _patch_megatron() -> None:
 
 
 _CPU_NOISE = (
-    r".*all_gather_into_tensor is deprecated.*",
-    r".*reduce_scatter_tensor is deprecated.*",
+    r".*all_gather_into_tensor.? is deprecated.*",
+    r".*reduce_scatter_tensor.? is deprecated.*",
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
     r"Transformer Engine and Apex are not installed.*",
 )
 
 
-def _quiet_cpu_warnings() -> None:
+def quiet_cpu_warnings() -> None:
     """Warnings megatron-core raises on every step on CPU that say nothing about the run."""
     import warnings
 
@@ -167,6 +167,6 @@ def adapt_megatron() -> None:
     if not _patched:
         _patch_torch_cuda()
         _patch_megatron()
-        _quiet_cpu_warnings()
+        quiet_cpu_warnings()
         _patched = True
     enter_cuda_to_cpu_mode()

@@ -18,6 +18,7 @@ logger = logging.getLogger("mindspeed_mm_osp.train")
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every DDP bucket's parameters
 
 
 @dataclass
