@@ -178,3 +178,14 @@ def test_weights_loader_detects_final_block_text_params_and_reads_checkpoints(co
     save_split_checkpoint(state, tmp_path / "ckpt", 2, 4, ema_sd=ema)
     loaded = load_predictor_weights(tmp_path / "ckpt")
     torch.testing.assert_close(loaded[key], ema[key])
+
+
+def test_generates_at_the_smallest_preset(config, tmp_path):
+    """--resolution 144p --aspect-ratio 1:1 --duration 1f: the whole pipeline at the smallest preset size."""
+    from mindspeed_mm_osp.inference.video_io import read_mp4
+
+    out = tmp_path / "preset"
+    run(config, "--prompt", "a small red ball", "--resolution", "144p", "--aspect-ratio", "1:1", "--duration", "1f",
+        "--num-inference-steps", "2", "--save-path", str(out))
+    frames, _ = read_mp4(out / "000000.mp4")
+    assert frames.shape == (1, 144, 144, 3)
