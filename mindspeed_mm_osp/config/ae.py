@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from .dtypes import Dtype
 from .loader import require
 
-Dtype = Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16", "half"]
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .ae import AEConfig, Dtype
+from .ae import AEConfig
 from .diffusion import DiffusionConfig
+from .dtypes import Dtype
 from .loader import from_dict, read_json, require
 from .predictor import PredictorConfig
 from .text import TextEncoderConfig, TokenizerConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .ae import Dtype
+from .dtypes import Dtype
 from .loader import require
 
 

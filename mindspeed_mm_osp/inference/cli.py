@@ -156,7 +156,7 @@ class Generator:
 
     def __init__(self, cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks, build_vae: bool):
         from ..models.ae import VideoAutoencoder
-        from ..models.text import to_torch_dtype
+        from ..config.dtypes import to_torch_dtype
         from .weights import build_predictor, load_predictor_weights
 
         weights = args.predictor_weights or cfg.predictor.from_pretrained
@@ -254,7 +254,7 @@ def decode_saved(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -
 
 def benchmark(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> Optional[Path]:
     """`warmup` untimed then `repeat` timed full runs on the first micro-batch of prompts; report on rank 0."""
-    from ..models.text import to_torch_dtype
+    from ..config.dtypes import to_torch_dtype
     from .video_io import write_json_atomic
 
     prompts = load_prompts(cfg.prompt)

@@ -18,7 +18,7 @@ import torch
 from .. import platform
 from ..config import ModelConfig
 from ..config.predictor import RecomputeConfig
-from ..models.text.encoder import to_torch_dtype
+from ..config.dtypes import dtype_name, to_torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +97,10 @@ class FrozenEncoders:
         self.vae = None
         self.text = None
         if not model_cfg.load_video_features:
-            self.vae = VideoAutoencoder(dataclasses.replace(model_cfg.ae, dtype=_dtype_name(precision.vae))).to(device)
+            self.vae = VideoAutoencoder(dataclasses.replace(model_cfg.ae, dtype=dtype_name(precision.vae))).to(device)
         if not model_cfg.load_text_features:
             self.text = TextEncoders.from_config(model_cfg.text_encoder, model_cfg.text_encoder_2,
                                                  dtype=precision.text).to(device)
-
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]
 
 
 def optimizer_settings(args, precision: Precision):

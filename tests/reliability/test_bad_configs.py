@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mindspeed_mm_osp.config import ConfigError, load_data_config, load_inference_config, load_model_config
 from mindspeed_mm_osp.config.loader import strip_json_comments
-from mindspeed_mm_osp.models.text.encoder import to_torch_dtype
+from mindspeed_mm_osp.config.dtypes import to_torch_dtype
 from reliability_harness import log
 
 ROOT = Path(__file__).resolve().parents[2]

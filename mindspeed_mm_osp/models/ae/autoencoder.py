@@ -13,19 +13,9 @@ import torch
 from torch import nn
 
 from ...config.ae import AEConfig
+from ...config.dtypes import to_torch_dtype
 from .checkpoint import load_wfvae_checkpoint
 from .wfvae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WFVAE, sample_posterior, split_posterior
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
 
 class VideoAutoencoder(nn.Module):
     """WF-VAE + latent normalisation; eval mode, no gradients, weights in `config.dtype`.
@@ -40,7 +30,7 @@ class VideoAutoencoder(nn.Module):
             raise ValueError("ae.scale and ae.shift are required: the per-channel latent normalisation "
                              "vectors of the release JSON (latent_dim values each)")
         self.config = config
-        self.dtype = torch_dtype(config.dtype)
+        self.dtype = to_torch_dtype(config.dtype)
         self.vae = WFVAE(config)
         if config.from_pretrained:
             load_wfvae_checkpoint(self.vae, config.from_pretrained)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
 
+from ...config.dtypes import to_torch_dtype
 from ...config.text import TextEncoderConfig
 
 _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -22,21 +23,6 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "CLIPWithProjection": CLIPTextModelWithProjection,
 }
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
-def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The config spellings ("fp16", "bf16", "float32", ...) as a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
 def load_text_encoder(config: TextEncoderConfig, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
