@@ -37,7 +37,7 @@ from .collate import GroupLengthCollate
 from .dataset import CaptionProcessor, SampleKey, T2VDataset
 from .index import (FilterStats, SampleIndex, SamplePlan, SampleShape, build_index, iter_plans, media_kind,
                     plan_rng)
-from .loader import (DatasetStats, TrainDataLoader, build_index_from_config, build_train_dataloader,
+from .loader import (DatasetStats, TrainDataLoader, assemble_loader, build_index_from_config, build_train_dataloader,
                      iter_annotation_plans)
 from .readers import DecordReader, PyAVReader, ReadError, make_video_reader, read_image
 from .sampler import LengthGroupedSampler
@@ -45,6 +45,7 @@ from .sampler import LengthGroupedSampler
 __all__ = [
     "CaptionProcessor", "DatasetStats", "DecordReader", "FilterStats", "GroupLengthCollate", "LengthGroupedSampler",
     "PyAVReader", "ReadError", "SampleIndex", "SampleKey", "SamplePlan", "SampleShape", "T2VDataset",
-    "TrainDataLoader", "build_index", "build_index_from_config", "build_train_dataloader", "iter_annotation_plans",
+    "TrainDataLoader", "assemble_loader", "build_index", "build_index_from_config", "build_train_dataloader",
+    "iter_annotation_plans",
     "iter_plans", "load_annotations", "make_video_reader", "media_kind", "parse_data_txt", "plan_rng", "read_image",
 ]

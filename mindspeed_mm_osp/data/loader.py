@@ -72,14 +72,26 @@ def build_train_dataloader(data_config: DataConfig, *, tokenizer, tokenizer_2, d
     dp = data_config.dataset_param
     dataset = T2VDataset(index, dp, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                          video_reader=make_video_reader(dp.preprocess_parameters.video_reader_type), seed=seed)
+    return assemble_loader(data_config, index, fstats, dataset, GroupLengthCollate(data_config.dataloader_param
+                                                                                   .collate_param),
+                           dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro_batch_size,
+                           global_batch_size=global_batch_size, consumed_samples=consumed_samples, seed=seed,
+                           num_workers=num_workers, num_epochs=num_epochs)
+
+
+def assemble_loader(data_config: DataConfig, index: SampleIndex, filter_stats: FilterStats, dataset, collate_fn, *,
+                    dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int, consumed_samples: int,
+                    seed: int, num_workers: Optional[int] = None,
+                    num_epochs: int = 1) -> tuple[TrainDataLoader, DatasetStats]:
+    """Grouped sampler + DataLoader around any dataset over `index` (online frames or cached features)."""
     sampler = LengthGroupedSampler(index.shape_id, micro_batch_size=micro_batch_size,
                                    global_batch_size=global_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                                    consumed_samples=consumed_samples, num_epochs=num_epochs)
     dl = data_config.dataloader_param
     workers = dl.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=GroupLengthCollate(dl.collate_param),
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                          num_workers=workers, pin_memory=dl.pin_memory)
-    stats = DatasetStats(filter=fstats, samples=len(index), steps_per_epoch=sampler.steps_per_epoch)
+    stats = DatasetStats(filter=filter_stats, samples=len(index), steps_per_epoch=sampler.steps_per_epoch)
     return TrainDataLoader(loader, stats), stats
 
 
@@ -91,5 +103,5 @@ def iter_annotation_plans(data_config: DataConfig, *, seed: int, global_batch_si
     yield from iter_plans(index, data_config.dataset_param.preprocess_parameters, seed)
 
 
-__all__ = ["DatasetStats", "TrainDataLoader", "build_index_from_config", "build_train_dataloader",
+__all__ = ["DatasetStats", "TrainDataLoader", "assemble_loader", "build_index_from_config", "build_train_dataloader",
            "iter_annotation_plans"]

@@ -42,8 +42,8 @@ import torch
 
 from ..config import DataConfig, ModelConfig
 from ..config.data import CollateParam, DatasetParam
-from ..data import (CaptionProcessor, DatasetStats, GroupLengthCollate, LengthGroupedSampler, SampleIndex, T2VDataset,
-                    TrainDataLoader, build_index_from_config, make_video_reader)
+from ..data import (CaptionProcessor, DatasetStats, GroupLengthCollate, SampleIndex, T2VDataset, TrainDataLoader,
+                    assemble_loader, build_index_from_config, make_video_reader)
 from ..data.readers import ReadError
 from .format import (FORMAT_VERSION, INDEX_FILE, CacheMismatchError, TensorFiles, caption_key, check_provenance,
                      provenance, sample_id)
@@ -237,18 +237,13 @@ def build_cached_dataloader(data_config: DataConfig, model_config: ModelConfig, 
     dataset = CachedT2VDataset(index, dp, cache, ids, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                video_reader=make_video_reader(dp.preprocess_parameters.video_reader_type), seed=seed,
                                video=video, text=text)
-    sampler = LengthGroupedSampler(index.shape_id, micro_batch_size=micro_batch_size,
-                                   global_batch_size=global_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                                   consumed_samples=consumed_samples, num_epochs=num_epochs)
-    dl = data_config.dataloader_param
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                         collate_fn=FeatureCollate(dl.collate_param, cache),
-                                         num_workers=dl.num_workers if num_workers is None else num_workers,
-                                         pin_memory=dl.pin_memory)
-    stats = DatasetStats(filter=fstats, samples=len(index), steps_per_epoch=sampler.steps_per_epoch)
+    loader, stats = assemble_loader(data_config, index, fstats, dataset, FeatureCollate(
+        data_config.dataloader_param.collate_param, cache), dp_rank=dp_rank, dp_size=dp_size,
+        micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples,
+        seed=seed, num_workers=num_workers, num_epochs=num_epochs)
     logger.info("training from feature cache %s (%s%s)", cache_dir, "latents" if video else "",
                 " + text" if text and video else "text" if text else "")
-    return TrainDataLoader(loader, stats), stats
+    return loader, stats
 
 
 __all__ = ["CachedCaptions", "CachedT2VDataset", "FeatureCache", "FeatureCollate", "build_cached_dataloader"]
