@@ -90,6 +90,16 @@ def _build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_POSITIONS)
 
 
+def _save_seeded(model_cls, config, tokenizer, out_dir: Path, seed: int) -> Path:
+    """Random-init `model_cls(config)` from `seed` (global RNG untouched), saved with its tokenizer."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def write_tiny_t5(out_dir: str | Path, d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
                   d_ff: int = 64, vocab_size: int = 64, seed: int = 0) -> Path:
     """A T5 v1.1-style (gated-GELU) encoder + SentencePiece tokenizer in `out_dir`.
@@ -102,12 +112,7 @@ def write_tiny_t5(out_dir: str | Path, d_model: int = 32, num_layers: int = 2, n
         vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
         num_heads=num_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return _save_seeded(T5EncoderModel, config, tokenizer, out_dir, seed)
 
 
 def write_tiny_clip(out_dir: str | Path, hidden: int = 32, projection_dim: int = 24, num_layers: int = 2,
@@ -125,9 +130,4 @@ def write_tiny_clip(out_dir: str | Path, hidden: int = 32, projection_dim: int =
         # The pooled token is located by this id, so it must be the tokenizer's EOS.
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModelWithProjection(config)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return _save_seeded(CLIPTextModelWithProjection, config, tokenizer, out_dir, seed)
