@@ -11,6 +11,7 @@ too many skips in a row save the last good state and stop with an error.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import logging
 import math
@@ -34,6 +35,9 @@ from .step import flow_matching_loss
 logger = logging.getLogger("mindspeed_mm_osp.train")
 
 
+RECENT_LOSSES = 10_000  # a run of 1e8 iterations must not keep every loss in memory
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose after saving (too many skipped steps)."""
 
@@ -42,7 +46,7 @@ class TrainingStopped(RuntimeError):
 class TrainResult:
     iteration: int
     consumed_train_samples: int
-    losses: list[float]
+    losses: list[float]  # per iteration of this run, the last RECENT_LOSSES at most
     skipped_iterations: int
     stop_reason: str
 
@@ -144,7 +148,7 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     faults = parse_fault_spec(args.inject_nonfinite_grad)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_second()
     start_time = time.monotonic()
-    losses: list[float] = []
+    losses: collections.deque[float] = collections.deque(maxlen=RECENT_LOSSES)
     skipped = nan_iterations = 0
     stop_reason = "train_iters reached"
     last_saved = iteration
@@ -233,5 +237,5 @@ def pretrain(args: argparse.Namespace) -> TrainResult:
     if stats.read_failures and rank == 0:
         logger.info("unreadable files skipped (retried on other samples): %s", dict(stats.read_failures))
     logger.info("training finished: %s at iteration %d", stop_reason, iteration)
-    return TrainResult(iteration=iteration, consumed_train_samples=consumed, losses=losses,
+    return TrainResult(iteration=iteration, consumed_train_samples=consumed, losses=list(losses),
                        skipped_iterations=skipped, stop_reason=stop_reason)
