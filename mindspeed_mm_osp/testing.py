@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, tp: int, seed: int, init_megatron: bool,
+def _child(rank: int, world_size: int, port: int, tp: int, cp: int, seed: int, init_megatron: bool,
            fn: Callable, args: tuple, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -36,7 +36,7 @@ def _child(rank: int, world_size: int, port: int, tp: int, seed: int, init_megat
         from .parallel import destroy_distributed, initialize_distributed
 
         if init_megatron:
-            initialize_distributed(tp=tp, seed=seed, timeout_minutes=2)
+            initialize_distributed(tp=tp, cp=cp, seed=seed, timeout_minutes=2)
         result = fn(rank, world_size, *args)
         try:
             payload = pickle.dumps(result)
@@ -51,7 +51,7 @@ def _child(rank: int, world_size: int, port: int, tp: int, seed: int, init_megat
         os._exit(0)
 
 
-def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, seed: int = 1234,
+def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, cp: int = 1, seed: int = 1234,
                     timeout: float = 120.0, init_megatron: bool = True) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` forked ranks; return results by rank.
 
@@ -65,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, seed: int
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, seed, init_megatron, fn, args, queue))
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, cp, seed, init_megatron, fn, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -75,10 +75,14 @@ class PredictorConfig:
         require(self.patch_size >= 1, file, f"{p}patch_size", "must be >= 1")
         require(self.num_heads >= 1, file, f"{p}num_heads", "must be >= 1")
 
-    def validate_parallel(self, tp: int, file=None, path: str = "predictor") -> None:
-        require(self.num_heads % tp == 0, file, f"{path}.num_heads",
-                f"num_heads={self.num_heads} (num_heads*head_dim={self.hidden_size}) must be divisible by "
-                f"--tensor-model-parallel-size={tp}; pick a TP size that divides num_heads")
+    def validate_parallel(self, tp: int, cp: int = 1, file=None, path: str = "predictor") -> None:
+        """TP splits the heads; Ulysses CP splits each TP rank's heads again around attention."""
+        sizes = f"--tensor-model-parallel-size={tp}"
+        if cp > 1:
+            sizes += f" x --context-parallel-size={cp} = {tp * cp}"
+        require(self.num_heads % (tp * cp) == 0, file, f"{path}.num_heads",
+                f"num_heads={self.num_heads} (num_heads*head_dim={self.hidden_size}) must be divisible by {sizes}; "
+                "pick sizes whose product divides num_heads")
 
 
 @dataclass(frozen=True)

@@ -28,18 +28,20 @@ class ParallelConfigError(ValueError):
 
 
 def check_layout(world_size: int, tp: int, pp: int = 1, cp: int = 1) -> ParallelLayout:
-    """Validate the requested layout before any group is built."""
+    """Validate the requested layout before any group is built: world = TP x CP x DP."""
     if pp != 1:
         raise ParallelConfigError(
-            f"--pipeline-model-parallel-size={pp} is not supported yet; use 1 (SparseUMMDiT trains with TP/SP + DP)")
-    if cp != 1:
-        raise ParallelConfigError(
-            f"--context-parallel-size={cp} is not supported yet; use 1 and --sequence-parallel for long sequences")
+            f"--pipeline-model-parallel-size={pp} is not supported yet; use 1 (SparseUMMDiT trains with TP/SP/CP + DP)")
     if tp < 1 or world_size % tp != 0:
         raise ParallelConfigError(
             f"--tensor-model-parallel-size={tp} must divide the world size {world_size} "
             f"(nnodes x nproc_per_node); choose a divisor of {world_size}")
-    return ParallelLayout(world_size=world_size, tensor_parallel=tp, data_parallel=world_size // tp)
+    if cp < 1 or world_size % (tp * cp) != 0:
+        raise ParallelConfigError(
+            f"--tensor-model-parallel-size={tp} x --context-parallel-size={cp} = {tp * cp} must divide the world "
+            f"size {world_size} (nnodes x nproc_per_node); choose sizes whose product divides {world_size}")
+    return ParallelLayout(world_size=world_size, tensor_parallel=tp, data_parallel=world_size // (tp * cp),
+                          context_parallel=cp)
 
 
 def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,

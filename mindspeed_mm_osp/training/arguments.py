@@ -205,6 +205,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         parse_fault_spec(args.inject_nonfinite_grad)
     except ValueError as e:
         raise ArgumentError(f"--inject-nonfinite-grad: {e}") from None
+    if args.context_parallel_size != 1:  # the predictor has CP; data, loss scaling and checkpoints follow
+        raise ArgumentError(f"--context-parallel-size={args.context_parallel_size} is not supported by the trainer "
+                            "yet; use 1 and --sequence-parallel for long sequences")
     tp = args.tensor_model_parallel_size
     if world_size % tp != 0:
         raise ArgumentError(f"--tensor-model-parallel-size={tp} must divide the world size {world_size}")

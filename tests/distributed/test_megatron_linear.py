@@ -79,7 +79,8 @@ def test_unsupported_layouts_are_rejected():
     assert check_layout(8, 4).data_parallel == 2
     with pytest.raises(ParallelConfigError, match="pipeline-model-parallel-size=2 is not supported"):
         check_layout(8, 2, pp=2)
-    with pytest.raises(ParallelConfigError, match="context-parallel-size=2"):
-        check_layout(8, 2, cp=2)
+    assert check_layout(8, 2, cp=2).data_parallel == 2
+    with pytest.raises(ParallelConfigError, match=r"tensor-model-parallel-size=2 x --context-parallel-size=3 = 6"):
+        check_layout(8, 2, cp=3)
     with pytest.raises(ParallelConfigError, match="must divide the world size 6"):
         check_layout(6, 4)

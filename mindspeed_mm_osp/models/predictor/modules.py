@@ -3,7 +3,9 @@
 Activations are (sequence, batch, hidden) like Megatron. Under sequence parallelism (SP) each TP rank holds a
 contiguous slice of the video and of the text sequence between blocks; column-parallel linears all-gather the
 sequence, row-parallel linears reduce-scatter it, so attention (incl. skiparse) always sees full sequences with the
-rank's own heads (predictor spec §4.3).
+rank's own heads (predictor spec §4.3). Under context parallelism (CP) each CP rank holds a shard of the video
+sequence; `JointAttention` hands its projections to `parallel.context_parallel`, whose all-to-all gives the full
+sequence with heads / CP heads, so attention below sees the same full sequences.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config.predictor import PredictorConfig
+from ...parallel import context_parallel as cp
 from .skiparse import skiparse_attention, skiparse_key_mask
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -25,7 +28,7 @@ from .skiparse import skiparse_attention, skiparse_key_mask
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """How the layers are built: TP size/rank, SP, and the megatron configs of the parallel linears.
+    """How the layers are built: TP size/rank, SP, CP size, and the megatron configs of the parallel linears.
 
     `megatron=False` (parallel_state not initialised, TP=1) builds plain `LocalLinear` stand-ins with the same
     parameter names, so the model also runs without torch.distributed (e.g. on the `meta` device).
@@ -38,6 +41,7 @@ class ParallelContext:
     init_weights: bool
     layer_config: object = None        # TransformerConfig, sequence_parallel as requested
     modulation_config: object = None   # same without SP: the adaLN linears read the replicated conditioning
+    cp_size: int = 1                   # context-parallel (Ulysses) ranks sharing one sample's video sequence
 
 
 def _normal_init(weight: torch.Tensor) -> torch.Tensor:
@@ -323,7 +327,8 @@ class JointAttention(nn.Module):
         super().__init__()
         dim, bias = cfg.hidden_size, cfg.attention_bias
         self.head_dim = cfg.head_dim
-        self.seq_shards = ctx.tp_size if ctx.sequence_parallel else 1
+        self.tp_seq_shards = ctx.tp_size if ctx.sequence_parallel else 1
+        self.cp_size = ctx.cp_size
         self.sparse_n = sparse_n
         self.sparse_group = sparse_group
         self.to_q = column_linear(ctx, dim, dim, bias=bias)
@@ -339,30 +344,39 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([row_linear(ctx, dim, dim, bias=True), nn.Dropout(cfg.dropout)])
         self.to_add_out = row_linear(ctx, dim, dim, bias=True) if text_out else None
 
-    def _heads(self, proj: nn.Module, x: torch.Tensor, length: int) -> torch.Tensor:
-        """Project (full sequence after the SP all-gather), drop SP padding, split heads: (length, B, heads, hd)."""
+    def _video_heads(self, proj: nn.Module, x: torch.Tensor, length: int) -> torch.Tensor:
+        """Project (this CP shard, full over TP after the SP all-gather), split heads, all-to-all to the full
+        sequence with this CP rank's heads, drop the padding: (length, B, heads / (TP*CP), hd)."""
         y, _ = proj(x)
-        return y[:length].unflatten(-1, (-1, self.head_dim))
+        return cp.sequence_to_heads(y.unflatten(-1, (-1, self.head_dim)))[:length]
+
+    def _text_heads(self, proj: nn.Module, c: torch.Tensor, length: int) -> torch.Tensor:
+        """Project the (CP-replicated) text, drop SP padding, keep this CP rank's heads."""
+        y, _ = proj(c)
+        return cp.local_heads(y[:length].unflatten(-1, (-1, self.head_dim)))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout):
         k, group = self.sparse_n, self.sparse_group
         length_x, length_c = layout.video_len, layout.text_len
-        qx = apply_rope(self.norm_q(self._heads(self.to_q, x, length_x)), layout.rope_cos, layout.rope_sin)
-        kx = apply_rope(self.norm_k(self._heads(self.to_k, x, length_x)), layout.rope_cos, layout.rope_sin)
-        vx = self._heads(self.to_v, x, length_x)
-        qc = self.norm_added_q(self._heads(self.add_q_proj, c, length_c))
-        kc = self.norm_added_k(self._heads(self.add_k_proj, c, length_c))
-        vc = self._heads(self.add_v_proj, c, length_c)
+        # RoPE and the skiparse regroup run after the all-to-all, on the full sequence: positions are global.
+        qx = apply_rope(self.norm_q(self._video_heads(self.to_q, x, length_x)), layout.rope_cos, layout.rope_sin)
+        kx = apply_rope(self.norm_k(self._video_heads(self.to_k, x, length_x)), layout.rope_cos, layout.rope_sin)
+        vx = self._video_heads(self.to_v, x, length_x)
+        qc = self.norm_added_q(self._text_heads(self.add_q_proj, c, length_c))
+        kc = self.norm_added_k(self._text_heads(self.add_k_proj, c, length_c))
+        vc = self._text_heads(self.add_v_proj, c, length_c)
 
         ox, oc = skiparse_attention(qx, kx, vx, qc, kc, vc, layout.key_mask(k, group), k, group)
-        ox, oc = ox.flatten(-2), oc.flatten(-2)
 
-        # back to the (TP-divisible) padded full length the row-parallel reduce-scatter expects
-        ax, _ = self.to_out[0](_pad_seq(ox, x.shape[0] * self.seq_shards))
+        # back to this CP shard at the (TP-divisible) padded length the row-parallel reduce-scatter expects
+        shard_len = x.shape[0] * self.tp_seq_shards
+        ox = cp.heads_to_sequence(_pad_seq(ox, shard_len * self.cp_size)).flatten(-2)
+        ax, _ = self.to_out[0](ox)
         ax = self.to_out[1](ax)
         ac = None
         if self.to_add_out is not None:
-            ac, _ = self.to_add_out(_pad_seq(oc, c.shape[0] * self.seq_shards))
+            oc = cp.gather_heads(oc.flatten(-2))
+            ac, _ = self.to_add_out(_pad_seq(oc, c.shape[0] * self.tp_seq_shards))
         return ax, ac
 
 

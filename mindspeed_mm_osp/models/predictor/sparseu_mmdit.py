@@ -10,7 +10,9 @@ Differences from the reference, on purpose:
 * the final block's text params exist by config flag (`final_block_text_params`), not by the TP size;
 * `double_ff=False` normalises/modulates the text before the shared FFN (R1 fed it raw);
 * masks are key-padding masks, never square; `attention_mask=None` means all valid;
-* sequences not divisible by TP under SP are padded and the padding is excluded from attention.
+* sequences not divisible by TP under SP (CP x TP under CP) are padded and the padding is excluded from attention;
+* context parallelism (Ulysses, `parallel/context_parallel.py`) splits the video over CP ranks after patch
+  embedding and gathers it before `proj_out`; inside, attention sees the full sequence (see `JointAttention`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from ... import platform
 from ...config.predictor import PredictorConfig, RecomputeConfig
-from ...parallel import make_transformer_config
+from ...parallel import context_parallel, make_transformer_config
 from .modules import (
     AdaNormOut,
     LayerNorm,
@@ -45,12 +47,13 @@ def _parallel_context(config: PredictorConfig, sequence_parallel: bool, params_d
     initialised = parallel_state.model_parallel_is_initialized()
     tp = parallel_state.get_tensor_model_parallel_world_size() if initialised else 1
     rank = parallel_state.get_tensor_model_parallel_rank() if initialised else 0
-    config.validate_parallel(tp)
+    cp_size = context_parallel.context_parallel_size()
+    config.validate_parallel(tp, cp_size)
     on_meta = torch.empty(()).device.type == "meta"
     kwargs = dict(tp=tp, params_dtype=params_dtype, perform_initialization=not on_meta)
     return ParallelContext(
         tp_size=tp, tp_rank=rank, sequence_parallel=bool(sequence_parallel and tp > 1), megatron=initialised,
-        init_weights=not on_meta,
+        init_weights=not on_meta, cp_size=cp_size,
         layer_config=make_transformer_config(config.num_heads, config.hidden_size,
                                              sequence_parallel=sequence_parallel, **kwargs),
         modulation_config=make_transformer_config(config.num_heads, config.hidden_size, **kwargs))
@@ -164,8 +167,11 @@ class SparseUMMDiT(nn.Module):
         layout = TokenLayout(video_len=x.shape[0], text_len=c.shape[0], rope_cos=cos, rope_sin=sin,
                              video_valid=video_valid, text_valid=text_valid)
 
-        # 3. Sequence-parallel scatter (padding to a multiple of TP never reaches attention).
-        x, c = self._scatter(x), self._scatter(c)
+        # 3. Split the video over CP, then each CP shard (and the CP-replicated text) over TP under SP. The padding
+        #    to a multiple of CP x TP never reaches attention.
+        x = self._scatter(context_parallel.split_sequence(x, self.ctx.cp_size, context_parallel.context_parallel_rank(),
+                                                          self._sp_shards()))
+        c = self._scatter(c)
 
         # 4. U-shaped stages: encoder stages push (x, c), decoder stages pop them (LIFO) and fuse [current, skip].
         skips = []
@@ -182,10 +188,11 @@ class SparseUMMDiT(nn.Module):
             if s < self.num_skips and cfg.skip_connection:
                 skips.append((x, c))
 
-        # 5. Output head: norm_final then norm_out (two LayerNorms, as the release), gather, project, unpatchify.
+        # 5. Output head: norm_final then norm_out (two LayerNorms, as the release), SP gather, project (on this CP
+        #    shard: only the loss, replicated on every CP rank, comes after the CP gather), unpatchify.
         x = self.norm_out(self.norm_final(x), temb)
-        x = self._gather(x)[:layout.video_len]
-        x = self.proj_out(x.transpose(0, 1))  # (B, L, p*p*Cout)
+        x = self.proj_out(self._gather(x))
+        x = context_parallel.gather_sequence(x)[:layout.video_len].transpose(0, 1)  # (B, L, p*p*Cout)
         cout = cfg.output_channels
         x = x.reshape(b, t, h, w, 1, p, p, cout).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, cout, t, h * p, w * p)
@@ -196,6 +203,9 @@ class SparseUMMDiT(nn.Module):
 
             return tensor_parallel.checkpoint(functools.partial(block, layout=layout), False, x, c, temb)
         return block(x, c, temb, layout)
+
+    def _sp_shards(self) -> int:
+        return self.ctx.tp_size if self.ctx.sequence_parallel else 1
 
     def _scatter(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ctx.sequence_parallel:
