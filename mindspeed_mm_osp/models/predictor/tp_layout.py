@@ -7,6 +7,10 @@ Used by `load_merged_state_dict` (slice a merged/released checkpoint for this ra
   (weight and bias), FFN `net.0.proj.weight`, adaLN `norm1.linear`/`norm2.linear`/`norm_out.linear` (weight and bias);
 * dim 1 (row-parallel, input features): `attn1.to_out.0.weight`, `attn1.to_add_out.weight`, FFN `net.2.weight`;
 * everything else is replicated (norms, row-parallel biases, embedders, skip linears, proj_out).
+
+LoRA adapters `<module>.lora_A` (r x in) / `<module>.lora_B` (out x r) follow their base weight `<module>.weight`:
+of a dim-0 (column) weight B splits along dim 0 and A is replicated; of a dim-1 (row) weight A splits along dim 1
+and B is replicated (`models.lora`).
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ _DIM0 = re.compile(
     r"|(^|\.)(ff|ff_enc)\.net\.0\.proj\.weight$"
     r"|(^|\.)(norm1|norm2|norm_out)\.linear\.(weight|bias)$")
 _DIM1 = re.compile(r"(^|\.)attn1\.(to_out\.0|to_add_out)\.weight$|(^|\.)(ff|ff_enc)\.net\.2\.weight$")
+ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])$")
 _WRAPPERS = ("ema_state_dict", "model", "state_dict")
 
 
 def tp_split_dim(key: str) -> Optional[int]:
     """None (replicated), 0 or 1: the dim along which `key` is split over TP ranks."""
+    lora = ADAPTER_KEY.match(key)
+    if lora:
+        base_dim = tp_split_dim(lora.group("module") + ".weight")
+        return {(0, "B"): 0, (1, "A"): 1}.get((base_dim, lora.group("which")))
     if _DIM0.search(key):
         return 0
     if _DIM1.search(key):
@@ -75,4 +84,5 @@ def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict:
     return out
 
 
-__all__ = ["merge_state_dicts", "shard_state_dict", "strip_extra_state", "tp_split_dim", "unwrap_state_dict"]
+__all__ = ["ADAPTER_KEY", "merge_state_dicts", "shard_state_dict", "strip_extra_state", "tp_split_dim",
+           "unwrap_state_dict"]
