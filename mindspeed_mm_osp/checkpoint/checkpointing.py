@@ -10,6 +10,7 @@
 | `opt_param_scheduler` | megatron `OptimizerParamScheduler.state_dict()` |
 | `rng_state` | one dict per DP rank: python, numpy, torch, accelerator and megatron tracker states |
 | `args`, `iteration`, `consumed_train_samples`, `clip_state`, `checkpoint_version`, `parallel` | as named |
+| `lora` | LoRA runs only: `models.lora.lora_metadata` (LoRA config, base predictor config); `model` then holds the adapters only |
 
 Differences from the reference, on purpose:
 * optimizer state in **model space** (full tensors per parameter name) instead of `distrib_optim.pt` shards:
@@ -82,7 +83,11 @@ def _parallel() -> tuple[int, int, int]:
             ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _model_state(model: nn.Module, lora: Optional[dict]) -> dict[str, torch.Tensor]:
+    if lora is not None:  # the frozen base is not saved: it is reloaded from its own file
+        from ..models.lora import lora_state_dict
+
+        return lora_state_dict(unwrap(model))
     return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
             for k, v in unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
 
@@ -139,11 +144,12 @@ def _plain(args: Any) -> Any:
 
 def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
                     clip=None, consumed_train_samples: int = 0, args: Any = None, save_optim: bool = True,
-                    save_rng: bool = True) -> Path:
+                    save_rng: bool = True, lora: Optional[dict] = None) -> Path:
     """Write iteration `iteration`; collective, call on every rank. Returns this TP rank's file path.
 
     `model` is the (megatron-DDP-wrapped) module, `optimizer` the megatron optimizer from `build_optimizer`,
-    `scheduler` its `OptimizerParamScheduler`, `clip` the `AdaptiveGradClip`.
+    `scheduler` its `OptimizerParamScheduler`, `clip` the `AdaptiveGradClip`. `lora` (`lora_metadata` of a
+    LoRA run) stores the adapters instead of the whole model, with the metadata.
     """
     save_dir = Path(save_dir)
     tp_rank, tp_size, dp_rank = _parallel()
@@ -175,8 +181,10 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
             "consumed_train_samples": int(consumed_train_samples),
             "args": _plain(args),
             "parallel": {"tensor_model_parallel_size": tp_size},
-            "model": _model_state(model),
+            "model": _model_state(model, lora),
         }
+        if lora is not None:
+            payload["lora"] = lora
         if ema_model is not None:
             payload["ema_model"] = ema_model
         if opt_state is not None:
@@ -229,6 +237,20 @@ def _read(path: Path) -> dict:
     return state
 
 
+def _load_adapters(model: nn.Module, state: dict, path: Path, lora: dict) -> None:
+    """A LoRA run loads adapters only, from an adapter checkpoint of the same LoRA config and base config."""
+    from ..models.lora import check_resumable, load_lora_state_dict
+
+    if "lora" not in state:
+        raise CheckpointError(f"{path}: a full-model checkpoint, not LoRA adapters; give the base with --load "
+                              "and resume adapters with --lora-load")
+    try:
+        check_resumable(state["lora"], lora, str(path))
+        load_lora_state_dict(unwrap(model), state["model"], str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
 def _load_model(model: nn.Module, state_dict: dict, path: Path, strict: bool) -> None:
     try:
         result = unwrap(model).load_state_dict(state_dict, strict=False)
@@ -243,8 +265,12 @@ def _load_model(model: nn.Module, state_dict: dict, path: Path, strict: bool) ->
 
 def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, scheduler=None, *, clip=None,
                     iteration: Optional[int] = None, no_load_optim: bool = False, no_load_rng: bool = False,
-                    finetune: bool = False, strict: bool = True) -> Optional[LoadedCheckpoint]:
+                    finetune: bool = False, strict: bool = True,
+                    lora: Optional[dict] = None) -> Optional[LoadedCheckpoint]:
     """Restore what `save_checkpoint` wrote; collective. None when `load_dir` has no tracker (fresh start).
+
+    `lora` (`lora_metadata` of this LoRA run): load adapters, refusing a checkpoint of another LoRA config or
+    base config, or a full-model checkpoint. Without it an adapter checkpoint is refused.
 
     `finetune`: weights only, iteration 0, fresh optimizer (EMA restarts from the weights). `no_load_optim`
     keeps the iteration but starts a fresh optimizer/scheduler/clip state. The trainer must not step the
@@ -267,7 +293,13 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
     if file_tp != tp_size:
         raise CheckpointError(f"{path}: written by a run with tensor-parallel size {file_tp}, this run uses {tp_size}")
 
-    _load_model(model, state["model"], path, strict)
+    if lora is not None:
+        _load_adapters(model, state, path, lora)
+    elif "lora" in state:
+        raise CheckpointError(f"{path}: holds LoRA adapters only; resume it with the same --lora-* flags and "
+                              "--lora-load, or fold it into its base with convert_mm_to_ckpt.py --lora-merge")
+    else:
+        _load_model(model, state["model"], path, strict)
     fresh_optimizer = finetune or no_load_optim or "optimizer" not in state
     if optimizer is not None:
         if fresh_optimizer:

@@ -5,6 +5,8 @@ writes `OUT/model[_ema].safetensors` and/or `OUT/model[_ema].pt` (flat state dic
 layout) plus `OUT/convert_info.json`. `--target-tp N` instead writes `OUT/iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt`
 (`model` and `ema_model`) and the tracker, from a training checkpoint or a merged file, to resume, finetune or
 infer at another TP size.
+`--lora-merge --base BASE` folds the LoRA adapters of the checkpoint in `--load_dir` (their EMA with `--ema`) into
+the base weights (a merged/released file or a training checkpoint) and writes the merged weights like above.
 
 Differences from the reference converter (training.md §6.5), on purpose:
 * the split rule per key comes from `models.predictor.tp_split_dim` (explicit patterns, not suffixes);
@@ -284,6 +286,30 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
+def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool = False,
+                          iteration: Optional[int | str] = None) -> MergedCheckpoint:
+    """Merged base weights with the adapters (or their EMA) of a LoRA checkpoint folded in (TP=1 view).
+
+    The adapters are merged over their TP ranks first; the base (a weights file, or a training checkpoint root
+    whose `model` is used) is checked against the base config the adapters record.
+    """
+    from ..models.lora import check_base_weights, merge_lora, recorded_config
+
+    it_dir, it, files, states = read_checkpoint(load_dir, iteration)
+    if "lora" not in states[0]:
+        raise CheckpointError(f"{files[0]}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge to "
+                              "convert a full-model checkpoint)")
+    adapters = merge_entry(it_dir, it, files, states, "ema_model" if ema else "model")
+    base = Path(base)
+    base_sd = load_weights(base) if base.is_file() else merge_checkpoint(base).state_dict
+    try:
+        check_base_weights(states[0]["lora"], base_sd, str(base))
+        merged = merge_lora(base_sd, adapters.state_dict, recorded_config(states[0]["lora"]).scaling)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return MergedCheckpoint(merged, it, len(files), ema, it_dir)
+
+
 def _merged_file_iteration(path: Path) -> int | str:
     info = path.parent / INFO_FILE
     if info.is_file():
@@ -305,9 +331,16 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="split into this many TP shards in the Megatron layout (model and ema_model both) "
                         "instead of writing merged files")
     p.add_argument("--format", choices=FORMATS, default="both", help="merged file format(s)")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="--load_dir is a LoRA adapter checkpoint: fold its adapters (with --ema, their EMA) into "
+                        "--base and write the merged weights (merged files, or --target-tp shards)")
+    p.add_argument("--base", default=None,
+                   help="with --lora-merge: the base weights (merged/released file or training checkpoint root)")
     args = p.parse_args(argv)
     if args.iteration is not None and args.iteration != RELEASE:
         args.iteration = int(args.iteration)
+    if args.lora_merge != (args.base is not None):
+        p.error("--lora-merge and --base go together (adapters from --load_dir, base weights from --base)")
     return args
 
 
@@ -316,7 +349,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = _parse(argv)
     load = Path(args.load_dir)
     try:
-        if args.target_tp is not None:
+        if args.lora_merge:
+            merged = merge_lora_checkpoint(load, args.base, ema=args.ema, iteration=args.iteration)
+            paths = (save_merged(merged, args.save_dir, args.format) if args.target_tp is None else
+                     save_split_checkpoint(merged.state_dict, args.save_dir, args.target_tp, merged.iteration,
+                                           source=f"{merged.source} + {args.base}"))
+        elif args.target_tp is not None:
             if load.is_file():
                 weights = load_weights(load)
                 it = args.iteration if args.iteration is not None else _merged_file_iteration(load)
@@ -341,5 +379,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 __all__ = ["MergedCheckpoint", "atomic_save_safetensors", "load_weights", "locate_iteration", "main",
-           "merge_checkpoint", "merge_entry", "merge_shards", "rank_files", "read_checkpoint", "save_merged",
-           "save_split_checkpoint", "split_weights"]
+           "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards", "rank_files", "read_checkpoint",
+           "save_merged", "save_split_checkpoint", "split_weights"]

@@ -268,7 +268,10 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Te
 
 def lora_metadata(config: LoRAConfig, predictor_config) -> dict:
     """What an adapter checkpoint records: its LoRA config and the predictor config of its base."""
-    return {"config": dataclasses.asdict(config), "base": dataclasses.asdict(predictor_config)}
+    def plain(dc) -> dict:  # lists, not tuples: the JSON config loader reads it back
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(dc).items()}
+
+    return {"config": plain(config), "base": plain(predictor_config)}
 
 
 def check_base(metadata: Mapping, predictor_config, source: str) -> LoRAConfig:
@@ -276,22 +279,63 @@ def check_base(metadata: Mapping, predictor_config, source: str) -> LoRAConfig:
 
     Raises a ValueError naming every differing predictor field (`from_pretrained`, a path, is not compared).
     """
-    here = dataclasses.asdict(predictor_config)
-    recorded = dict(metadata["base"])
-    fields = sorted((set(here) | set(recorded)) - {"from_pretrained"})
-    diffs = [f"{f}: adapters {recorded.get(f)!r}, base {here.get(f)!r}" for f in fields
-             if _plain(recorded.get(f)) != _plain(here.get(f))]
-    if diffs:
-        raise ValueError(f"{source}: the adapters were trained on another base model; differing predictor "
-                         f"config: {'; '.join(diffs)}")
+    _require_same_base(metadata["base"], dataclasses.asdict(predictor_config), source)
+    return recorded_config(metadata)
+
+
+def recorded_config(metadata: Mapping) -> LoRAConfig:
     values = dict(metadata["config"])
     values["target_modules"] = tuple(values["target_modules"])
     return LoRAConfig(**values)
 
 
-def _plain(value):
-    return list(value) if isinstance(value, (tuple, list)) else value
+def check_base_weights(metadata: Mapping, base: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check a merged base state dict against the base config the adapters record (keys and shapes of a model
+    built on `meta` from that config); raises a ValueError naming the first differences."""
+    from ..config import from_dict
+    from ..config.predictor import PredictorConfig
+    from .predictor import SparseUMMDiT, has_final_block_text_params
+
+    cfg = from_dict(PredictorConfig, dict(metadata["base"]))
+    cfg = dataclasses.replace(cfg, final_block_text_params=has_final_block_text_params(base, cfg))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SparseUMMDiT(cfg).state_dict().items()
+                    if not k.endswith("_extra_state")}
+    got = {k: tuple(v.shape) for k, v in base.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    shapes = [f"{k}: base {got[k]}, adapters' base {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source}: the base weights are not the model the adapters were trained on "
+                         f"(hidden_size {cfg.hidden_size}, num_layers {list(cfg.num_layers)}): shape mismatches "
+                         f"{shapes[:4]} ({len(shapes)}), missing {missing[:4]} ({len(missing)}), unexpected "
+                         f"{unexpected[:4]} ({len(unexpected)})")
 
 
-__all__ = ["LoRALinear", "apply_lora", "check_base", "load_lora_state_dict", "lora_metadata",
-           "lora_modules", "lora_state_dict", "merge_lora", "resolve_targets"]
+def check_resumable(recorded: Mapping, current: Mapping, source: str) -> None:
+    """Both `lora_metadata`: same base config (`check_base`) and same LoRA config, else a ValueError naming
+    the differing fields."""
+    _require_same_base(recorded["base"], current["base"], source)
+    diffs = _differences(recorded["config"], current["config"], ("checkpoint", "this run"))
+    if diffs:
+        raise ValueError(f"{source}: adapters of another LoRA config ({diffs}); resume with the checkpoint's "
+                         "--lora-* flags")
+
+
+def _require_same_base(recorded: Mapping, current: Mapping, source: str) -> None:
+    diffs = _differences(recorded, current, ("adapters", "base"), ignore=("from_pretrained",))
+    if diffs:
+        raise ValueError(f"{source}: the adapters were trained on another base model; differing predictor "
+                         f"config: {diffs}")
+
+
+def _differences(a: Mapping, b: Mapping, labels: tuple[str, str], ignore: tuple[str, ...] = ()) -> str:
+    def plain(value):
+        return list(value) if isinstance(value, (tuple, list)) else value
+
+    fields = sorted((set(a) | set(b)) - set(ignore))
+    return "; ".join(f"{f}: {labels[0]} {a.get(f)!r}, {labels[1]} {b.get(f)!r}" for f in fields
+                     if plain(a.get(f)) != plain(b.get(f)))
+
+
+__all__ = ["LoRALinear", "apply_lora", "check_base", "check_base_weights", "check_resumable", "load_lora_state_dict", "lora_metadata",
+           "lora_modules", "lora_state_dict", "merge_lora", "recorded_config", "resolve_targets"]
