@@ -22,29 +22,12 @@ from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
+from mindspeed_mm_osp.training.memory_measure import SavedTensorBytes
 
 TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 MODES = {"none": None, "selective FFN (14)": RecomputeConfig(selective_ffn_layers=14),
          "full block (14)": RecomputeConfig(granularity="full", num_layers=14)}
-
-
-class SavedTensorBytes:
-    """Sum of distinct storages packed for backward, ignoring parameters."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.params:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
 
 
 def run(model, inputs, iters: int) -> tuple[float, int]:
@@ -53,7 +36,7 @@ def run(model, inputs, iters: int) -> tuple[float, int]:
         if counter is None:
             out = model(*inputs)
         else:
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            with counter.record():
                 out = model(*inputs)
         out.float().square().mean().backward()
 
