@@ -97,7 +97,16 @@ def measure_predictor_step(cfg, work, recompute, act_dtype: torch.dtype, sequenc
         out = ddp(latent, timestep, text, None, None, pooled)
     out.float().square().mean().backward()
     optimizer.step()
-    return {"activations": counter.total, **static_bytes_measured(ddp, optimizer)}
+    peak = 0
+    if platform.accelerator() != "cpu":  # a second step with all optimizer state allocated: the steady peak
+        del out
+        platform.synchronize()
+        platform.reset_peak_memory_stats()
+        ddp(latent, timestep, text, None, None, pooled).float().square().mean().backward()
+        optimizer.step()
+        platform.synchronize()
+        peak = platform.max_memory_allocated()
+    return {"activations": counter.total, "peak": peak, **static_bytes_measured(ddp, optimizer)}
 
 
 def planner_error(cfg, work, recompute, act_dtype: torch.dtype, sequence_parallel: bool = False,
@@ -114,6 +123,8 @@ def planner_error(cfg, work, recompute, act_dtype: torch.dtype, sequence_paralle
     plan = plan_memory(cfg, work, par, recompute, act_dtype, OptimizerPlan(distributed=distributed_optimizer))
     predicted = {"activations": plan.activations, "weights": plan.weights, "grads": plan.grads,
                  "optimizer": plan.optimizer}
+    if measured["peak"]:  # accelerator: allocated peak vs static + saved + workspace (inputs are tiny)
+        predicted["peak"] = plan.static + plan.activations + plan.workspace
     return {k: (measured[k], predicted[k]) for k in predicted}
 
 

@@ -302,6 +302,17 @@ def _outside_blocks(cfg: PredictorConfig, work: Workload, sh: _Shapes, act_bytes
     return total
 
 
+def _scatter_slice_excess(sh: _Shapes, act_bytes: int) -> int:
+    """megatron's SP scatter returns a slice (a view) of the full sequence when that is contiguous in (seq,
+    batch, hidden): after the TP padding (a cat) or with batch 1; a first block that keeps its input then keeps
+    the whole storage. Otherwise the slice is copied."""
+    excess = 0
+    for tokens, res, pad in ((sh.video, sh.res_video, sh.pad_video), (sh.text, sh.res_text, sh.pad_text)):
+        if sh.b == 1 or pad != tokens:
+            excess += sh.b * (pad - res) * sh.d * act_bytes
+    return excess
+
+
 def _block_layout(cfg: PredictorConfig) -> list[tuple[int, bool, bool]]:
     """(sparsity k, group skip, has text outputs) of every block in execution order."""
     sparse = cfg.sparse_n if cfg.sparse1d else (1,) * len(cfg.num_layers)
@@ -325,6 +336,8 @@ def activation_bytes(cfg: PredictorConfig, work: Workload, par: Parallel, recomp
     """(saved bytes of the whole forward, largest recomputed unit re-materialised in backward)."""
     sh = _shapes(cfg, work, par)
     total, recomputed = _outside_blocks(cfg, work, sh, act_bytes), 0
+    if par.sp and (act_bytes == FP32 or _block_mode(recompute, 1) == "full"):
+        total += _scatter_slice_excess(sh, act_bytes)
     for idx, (k, group, text_out) in enumerate(_block_layout(cfg), start=1):
         mode = _block_mode(recompute, idx)
         kept = block_saved_bytes(sh, k, group, text_out, cfg.double_ff, mode, act_bytes, param_bytes)
