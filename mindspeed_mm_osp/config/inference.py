@@ -50,6 +50,11 @@ class InferenceConfig:
     device: str = "auto"
     weight_dtype: Dtype = "fp16"
 
+    @property
+    def output_fps(self) -> int:
+        """The fps videos are written at: the source fps over the frame sampling interval."""
+        return self.fps // self.frame_interval
+
     def validate(self, file, path: str) -> None:
         require(self.micro_batch_size >= 1, file, "micro_batch_size", "must be >= 1")
         require(self.fps >= 1, file, "fps", "must be >= 1")

@@ -14,7 +14,6 @@ and writes, so every file has one writer. Output per prompt i: `{i:06d}.mp4` + `
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -26,9 +25,9 @@ from typing import Optional, Sequence
 import torch
 
 from .. import platform
-from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
+from ..config import ConfigError, InferenceConfig
+from .arguments import InferenceArgs, build_config, parse_args
 from .benchmark import StageTimer, peak_memory
-from .presets import add_preset_arguments, size_from_args
 from .pipeline import (
     TextConditioner,
     decode,
@@ -58,63 +57,6 @@ class Ranks:
         return self.tp_rank == 0
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="inference JSON (e.g. inference_t2v_model1_5.json)")
-    p.add_argument("--prompt", help="prompt text, or a file with one prompt per line")
-    p.add_argument("--negative-prompt", help="appended to the v1.5 negative prompt")
-    p.add_argument("--seed", type=int, help="noise seed of prompt i is seed + i")
-    p.add_argument("--num-inference-steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--guidance-rescale", type=float)
-    p.add_argument("--shift", type=float, help="static sigma shift (turns dynamic shifting off)")
-    p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"))
-    add_preset_arguments(p)
-    p.add_argument("--save-path", help="output folder")
-    p.add_argument("--weight-dtype", choices=["fp32", "fp16", "bf16"], help="predictor and text encoder dtype")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
-    p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
-                                               "(default: predictor.from_pretrained)")
-    stage = p.add_mutually_exclusive_group()
-    stage.add_argument("--save-latents", action="store_true", help="stop after denoising; write latents")
-    stage.add_argument("--decode-latents", metavar="DIR", help="decode latents written by --save-latents")
-    stage.add_argument("--benchmark", action="store_true", help="time every stage; write --report, no videos")
-    p.add_argument("--warmup", type=int, default=1, help="benchmark: untimed full runs first")
-    p.add_argument("--repeat", type=int, default=3, help="benchmark: timed full runs")
-    p.add_argument("--report", help="benchmark report path (default: <save-path>/benchmark.json)")
-    args = p.parse_args(argv)
-    if args.size is not None and any(v is not None for v in (args.resolution, args.aspect_ratio, args.duration)):
-        p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
-    if args.warmup < 0 or args.repeat < 1:
-        p.error("--warmup must be >= 0 and --repeat >= 1")
-    return args
-
-
-def build_config(args: argparse.Namespace) -> InferenceConfig:
-    """The JSON with the command-line overrides applied, validated again as a whole."""
-    data = to_dict(load_inference_config(args.config))
-    top = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-           "save_path": args.save_path, "weight_dtype": args.weight_dtype}
-    data.update({k: v for k, v in top.items() if v is not None})
-    diffusion = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                 "guidance_rescale": args.guidance_rescale, "shift": args.shift}
-    data["diffusion"].update({k: v for k, v in diffusion.items() if v is not None})
-    if args.shift is not None:
-        data["diffusion"]["use_dynamic_shifting"] = False
-    if args.size is not None:
-        data["pipeline_config"]["input_size"] = list(args.size)
-    elif any(v is not None for v in (args.resolution, args.aspect_ratio, args.duration)):
-        fps = data["fps"] // data["frame_interval"]  # the fps the videos are written at
-        try:
-            size = size_from_args(args, tuple(data["pipeline_config"]["input_size"]), fps=fps)
-        except ValueError as e:
-            raise ConfigError(args.config, "--resolution/--aspect-ratio/--duration", str(e)) from None
-        data["pipeline_config"]["input_size"] = list(size)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"size preset -> frames {size[0]}, height {size[1]}, width {size[2]}")
-    return from_dict(InferenceConfig, data, file=f"{args.config} + command line")
-
-
 def init_parallel(tp: int, seed: int) -> tuple[Ranks, bool]:
     """(ranks, whether we initialised torch.distributed). Single process without TP needs no process group."""
     import torch.distributed as dist
@@ -135,7 +77,7 @@ def init_parallel(tp: int, seed: int) -> tuple[Ranks, bool]:
                  ps.get_data_parallel_world_size(), dist.get_rank()), owned
 
 
-def _record(cfg: InferenceConfig, args: argparse.Namespace, index: int, prompt: str, positive: str,
+def _record(cfg: InferenceConfig, args: InferenceArgs, index: int, prompt: str, positive: str,
             negative: str, ranks: Ranks) -> dict:
     d, pc = cfg.diffusion, cfg.pipeline_config
     return {
@@ -145,7 +87,7 @@ def _record(cfg: InferenceConfig, args: argparse.Namespace, index: int, prompt: 
         "use_dynamic_shifting": d.use_dynamic_shifting,
         "use_linear_quadratic_schedule": d.use_linear_quadratic_schedule,
         "size": list(pc.input_size), "latent_shape": list(latent_shape(cfg)),
-        "fps": cfg.fps // cfg.frame_interval, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
+        "fps": cfg.output_fps, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
         "tensor_model_parallel_size": ranks.tp_size, "config": str(args.config),
         "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
     }
@@ -154,10 +96,11 @@ def _record(cfg: InferenceConfig, args: argparse.Namespace, index: int, prompt: 
 class Generator:
     """Text encoders + predictor (and the VAE on writer ranks unless latents are saved)."""
 
-    def __init__(self, cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks, build_vae: bool):
+    def __init__(self, cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks, build_vae: bool):
         from ..models.ae import VideoAutoencoder
         from ..config.dtypes import to_torch_dtype
-        from .weights import build_predictor, load_predictor_weights
+        from ..models.predictor import build_predictor
+        from .weights import load_predictor_weights
 
         weights = args.predictor_weights or cfg.predictor.from_pretrained
         if not weights:
@@ -210,10 +153,10 @@ def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def generate(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> list[Path]:
+def generate(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> list[Path]:
     prompts = load_prompts(cfg.prompt)
     gen = Generator(cfg, args, ranks, build_vae=not args.save_latents)
-    save_dir, fps = Path(cfg.save_path), cfg.fps // cfg.frame_interval
+    save_dir, fps = Path(cfg.save_path), cfg.output_fps
     mine = [i for i in range(len(prompts)) if i % ranks.dp_size == ranks.dp_rank]
     written = []
     for batch in _chunks(mine, cfg.micro_batch_size):
@@ -230,7 +173,7 @@ def generate(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> li
     return written
 
 
-def decode_saved(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> list[Path]:
+def decode_saved(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> list[Path]:
     """Stage 2: VAE only. Files are split over DP replicas; TP rank 0 of each decodes and writes."""
     from ..models.ae import VideoAutoencoder
 
@@ -246,13 +189,13 @@ def decode_saved(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -
             saved = load_latents(path)
             video = decode(vae, saved.latents[None])[0]
             record = {**saved.record, "decoded_from": str(path), "vae_dtype": cfg.ae.dtype}
-            fps = saved.record.get("fps", cfg.fps // cfg.frame_interval)
+            fps = saved.record.get("fps", cfg.output_fps)
             written.append(write_video(save_dir, path.stem, video, fps, record))
             logger.info("wrote %s", written[-1])
     return written
 
 
-def benchmark(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> Optional[Path]:
+def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Optional[Path]:
     """`warmup` untimed then `repeat` timed full runs on the first micro-batch of prompts; report on rank 0."""
     from ..config.dtypes import to_torch_dtype
     from .video_io import write_json_atomic
@@ -289,9 +232,13 @@ def benchmark(cfg: InferenceConfig, args: argparse.Namespace, ranks: Ranks) -> O
     return path
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: InferenceArgs) -> None:
+    """Merge the config, set up TP/DP, run the asked stage (generate, decode saved latents, or benchmark)."""
     cfg = build_config(args)
     ranks, owned = init_parallel(args.tp, cfg.seed)
+    if args.size_preset and ranks.rank == 0:
+        frames, height, width = cfg.pipeline_config.input_size
+        print(f"size preset -> frames {frames}, height {height}, width {width}")
     try:
         if args.decode_latents:
             decode_saved(cfg, args, ranks)

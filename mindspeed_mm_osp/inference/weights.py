@@ -7,16 +7,13 @@ weights carry them (the release, trained at TP>1, does; see `PredictorConfig.fin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from ..checkpoint.convert import load_weights, merge_entry, read_checkpoint
 from ..checkpoint.layout import MODEL_FILE, CheckpointError
-from ..config.predictor import PredictorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +33,4 @@ def load_predictor_weights(path: Path | str) -> dict[str, torch.Tensor]:
     return load_weights(path)
 
 
-def build_predictor(config: PredictorConfig, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                    device: torch.device, sequence_parallel: bool = False):
-    """SparseUMMDiT for this TP rank in eval mode, weights sliced from the merged `state_dict`."""
-    from ..models.predictor import SparseUMMDiT, has_final_block_text_params, load_merged_state_dict
-
-    config = dataclasses.replace(config, final_block_text_params=has_final_block_text_params(state_dict, config))
-    # Megatron's TP layers are created in fp32 and cast afterwards, as the reference does.
-    model = SparseUMMDiT(config, sequence_parallel=sequence_parallel, params_dtype=torch.float32)
-    load_merged_state_dict(model, state_dict)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-__all__ = ["build_predictor", "load_predictor_weights"]
+__all__ = ["load_predictor_weights"]

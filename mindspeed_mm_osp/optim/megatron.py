@@ -11,6 +11,7 @@ independent of the DP size (a DP=2 save resumes at DP=1) and gives the fp32 EMA 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -23,6 +24,7 @@ from .fused_ema_adamw import EMA_KEY, FusedEmaAdamW
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", EMA_KEY, "step")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+_NOT_FLAGS = ("use_checkpoint_opt_param_scheduler", "override_opt_param_scheduler", "fused")  # API-only settings
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,24 @@ class OptimizerSettings:
     use_checkpoint_opt_param_scheduler: bool = False
     override_opt_param_scheduler: bool = False
     fused: Optional[bool] = None          # FusedEmaAdamW kernel; None: torch's fused kernel on CUDA/CPU
+
+    @classmethod
+    def from_args(cls, args, *, bf16: bool) -> "OptimizerSettings":
+        """Settings from the validated `pretrain.py` flags (`training.args.TrainingArgs`).
+
+        Fields named like a flag copy it; the rest translate Megatron's conventions: the EMA exists only with
+        `--optimizer-selection fused_ema_adamw`, an unset `--clip_grad_ema_decay` is the static clip, and
+        without warm-up the schedule starts at `--lr`. `bf16` is the predictor's resolved dtype.
+        """
+        translated = {
+            "bf16": bf16,
+            "ema_decay": args.ema_decay if args.optimizer_selection == "fused_ema_adamw" else 0.0,
+            "clip_grad_ema_decay": args.clip_grad_ema_decay or 0.0,
+            "lr_warmup_init": args.lr_warmup_init if args.lr_warmup_iters or args.lr_warmup_fraction else args.lr,
+        }
+        copied = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in translated and f.name not in _NOT_FLAGS}
+        return cls(**copied, **translated)
 
     def __post_init__(self) -> None:
         if self.lr_decay_style not in LR_DECAY_STYLES:

@@ -13,6 +13,8 @@ import math
 import sys
 from typing import Optional, Sequence
 
+from .args import TrainingArgs
+
 # flag -> why it has no effect for SparseUMMDiT (printed in --help and docs/training.md)
 NO_OP_FLAGS = {
     "--num-layers": "Megatron GPT dummy; the DiT layout comes from predictor.num_layers in --mm-model",
@@ -62,6 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Accepted flags with no effect for this model:\n" + "\n".join(
                     f"  {k:34s} {v}" for k, v in NO_OP_FLAGS.items()))
+    _add_model_flags(p)
+    _add_parallel_flags(p)
+    _add_schedule_flags(p)
+    _add_optimizer_flags(p)
+    _add_precision_flags(p)
+    _add_recompute_flags(p)
+    _add_checkpoint_flags(p)
+    _add_logging_flags(p)
+    # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
+    # element after the grad reduce of that iteration.
+    p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
+
+    # Accepted for launcher compatibility; see NO_OP_FLAGS.
+    noop = p.add_argument_group("accepted, no effect for this model (see epilog)")
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                 "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"):
+        noop.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
+    for flag in ("--attention-dropout", "--hidden-dropout"):
+        noop.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
+    for flag in ("--tokenizer-type", "--position-embedding-type", "--normalization"):
+        noop.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    for flag in ("--swiglu", "--no-masked-softmax-fusion", "--fp32-residual-connection",
+                 "--attention-softmax-in-fp32", "--use-ema", "--use-fused-rmsnorm", "--qk-layernorm",
+                 "--no-gradient-accumulation-fusion"):
+        noop.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     mm = p.add_argument_group("multimodal configs")
     mm.add_argument("--mm-data", required=True, help="data JSON (dataset, preprocessing, dataloader)")
     mm.add_argument("--mm-model", required=True, help="model JSON (ae, text encoders, predictor, diffusion)")
@@ -70,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                     default=True, help="per-component dtypes from the model JSON (VAE ae.dtype, text encoders and "
                                        "predictor weight_dtype); --no-model_custom_precision casts all to --bf16/--fp16")
 
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -81,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--overlap-grad-reduce", action="store_true")
     par.add_argument("--data-parallel-random-init", action="store_true")
 
+
+def _add_schedule_flags(p: argparse.ArgumentParser) -> None:
     bt = p.add_argument_group("batch and schedule")
     bt.add_argument("--micro-batch-size", type=int, default=1)
     bt.add_argument("--global-batch-size", type=int, default=None)
@@ -88,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--train-samples", type=int, default=None)
     bt.add_argument("--seed", type=int, default=1234)
 
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer-selection", "--optimizer", dest="optimizer_selection", default="fused_ema_adamw",
                      choices=["fused_ema_adamw", "adamw", "adam"])
@@ -110,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop (after saving the last good state) when this many steps in a row are skipped "
                           "for non-finite or extreme gradients")
 
+
+def _add_precision_flags(p: argparse.ArgumentParser) -> None:
     prec = p.add_argument_group("precision")
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp16", action="store_true")
     prec.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
 
+
+def _add_recompute_flags(p: argparse.ArgumentParser) -> None:
     rc = p.add_argument_group("recomputation")
     rc.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     rc.add_argument("--recompute-method", default=None, choices=["block", "uniform"])
@@ -122,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--selective_recom", "--selective-recom", dest="selective_recom", action="store_true")
     rc.add_argument("--recom_ffn_layers", "--recom-ffn-layers", dest="recom_ffn_layers", type=int, default=0)
 
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ck = p.add_argument_group("checkpointing")
     ck.add_argument("--save", default=None)
     ck.add_argument("--load", default=None)
@@ -136,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--exit-duration-in-mins", type=float, default=None)
     ck.add_argument("--use-dist-ckpt", action="store_true")
 
+
+def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=1)
     lg.add_argument("--log-throughput", action="store_true")
@@ -147,25 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     lg.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak TFLOP/s for MFU (default: bf16 dense peak of known devices, measured on CPU)")
-
-    # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
-    # element after the grad reduce of that iteration.
-    p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
-
-    # Accepted for launcher compatibility; see NO_OP_FLAGS.
-    noop = p.add_argument_group("accepted, no effect for this model (see epilog)")
-    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-                 "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"):
-        noop.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("--attention-dropout", "--hidden-dropout"):
-        noop.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
-    for flag in ("--tokenizer-type", "--position-embedding-type", "--normalization"):
-        noop.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    for flag in ("--swiglu", "--no-masked-softmax-fusion", "--fp32-residual-connection",
-                 "--attention-softmax-in-fp32", "--use-ema", "--use-fused-rmsnorm", "--qk-layernorm",
-                 "--no-gradient-accumulation-fusion"):
-        noop.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    return p
 
 
 def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
@@ -185,8 +211,8 @@ class ArgumentError(ValueError):
     pass
 
 
-def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Cross-flag checks, done once before anything is built."""
+def _check_values(args: argparse.Namespace) -> None:
+    """Per-flag ranges."""
     def check(names, ok, what, optional=False):
         for name in names:
             value = getattr(args, name)
@@ -204,10 +230,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     try:
         parse_fault_spec(args.inject_nonfinite_grad)
     except ValueError as e:
-        raise ArgumentError(f"--inject-nonfinite-grad: {e}") from None
+        raise ArgumentError(f"--inject-nonfinite-grad: {e}") from e
     if args.context_parallel_size != 1:  # the predictor has CP; data, loss scaling and checkpoints follow
         raise ArgumentError(f"--context-parallel-size={args.context_parallel_size} is not supported by the trainer "
                             "yet; use 1 and --sequence-parallel for long sequences")
+
+
+def _derive_batches(args: argparse.Namespace, world_size: int) -> None:
+    """Data-parallel size, global batch, gradient accumulation and train_iters from the world size."""
     tp = args.tensor_model_parallel_size
     if world_size % tp != 0:
         raise ArgumentError(f"--tensor-model-parallel-size={tp} must divide the world size {world_size}")
@@ -225,9 +255,13 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         args.train_iters = args.train_samples // args.global_batch_size
         if args.train_iters < 1:
             raise ArgumentError(f"--train-samples={args.train_samples} is less than one global batch")
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that only make sense together (or never together)."""
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
-    if args.sequence_parallel and tp == 1:
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False  # as Megatron: SP needs TP > 1
     full = args.recompute_granularity == "full" and args.recompute_num_layers > 0
     if args.selective_recom and full:
@@ -247,13 +281,21 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ArgumentError(f"--clip_grad_ema_decay must be in (0, 1), got {args.clip_grad_ema_decay}")
     if not (0.0 < args.ema_decay < 1.0):
         raise ArgumentError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+
+
+def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Cross-flag checks and derived sizes, done once before anything is built (fills in `args`)."""
+    _check_values(args)
+    _derive_batches(args, world_size)
+    _check_combinations(args)
     return args
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> TrainingArgs:
+    """The command line, validated and frozen; exit 2 with the flag named when it is wrong."""
+    namespace = build_parser().parse_args(argv)
     try:
-        return validate(args, world_size)
+        return TrainingArgs.from_namespace(validate(namespace, world_size))
     except ArgumentError as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,12 +12,79 @@ the round holding that ordinal and the already-trained entries of the round are 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from ..config import DataConfig, ModelConfig
 from .step import EncodedBatch, encode_batch, keyed_generator
+
+
+@dataclass(frozen=True)
+class LoaderShard:
+    """Which slice of the data this rank loads, and where a resumed run restarts in it.
+
+    Plain DP: the loader is sharded by DP rank (TP peers load the same micro-batches) and resumes at
+    `consumed_samples`. Encoder DP: sharded by world rank with a "global batch" of one micro-batch per rank,
+    resuming at the fetch round that holds the replica's next micro-batch ordinal.
+    """
+
+    dp_rank: int
+    dp_size: int
+    global_batch_size: int
+    consumed_samples: int
+    start_ordinal: int          # micro-batches this replica has trained on
+    encoder_dp_size: int = 1
+    encoder_dp_rank: int = 0
+
+    @classmethod
+    def plan(cls, *, rank: int, world_size: int, dp_rank: int, dp_size: int, tp_rank: int, tp_size: int,
+             encoder_dp: bool, micro_batch_size: int, global_batch_size: int,
+             consumed_samples: int) -> "LoaderShard":
+        ordinal = consumed_samples // (dp_size * micro_batch_size)
+        if encoder_dp and tp_size > 1:
+            return cls(dp_rank=rank, dp_size=world_size, global_batch_size=world_size * micro_batch_size,
+                       consumed_samples=(ordinal // tp_size) * world_size * micro_batch_size, start_ordinal=ordinal,
+                       encoder_dp_size=tp_size, encoder_dp_rank=tp_rank)
+        return cls(dp_rank=dp_rank, dp_size=dp_size, global_batch_size=global_batch_size,
+                   consumed_samples=consumed_samples, start_ordinal=ordinal)
+
+
+def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *, micro_batch_size: int,
+                       global_batch_size: int, consumed_samples: int, seed: int):
+    """(EncodedStream, DatasetStats) of this rank: online loader or feature cache, sharded by `LoaderShard`."""
+    from megatron.core import parallel_state as ps
+
+    from ..data import build_train_dataloader
+    from ..models.text import load_tokenizer
+
+    dp_cfg = data_cfg.dataset_param
+    need_text = not model_cfg.load_text_features
+    tokenizer = load_tokenizer(dp_cfg.tokenizer_config) if need_text and dp_cfg.tokenizer_config else None
+    tokenizer_2 = load_tokenizer(dp_cfg.tokenizer_config_2) if need_text and dp_cfg.tokenizer_config_2 else None
+    if model_cfg.load_video_features or model_cfg.load_text_features:  # feature cache (issue 8)
+        from ..features import build_cached_dataloader
+
+        build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
+    else:
+        build_loader = build_train_dataloader
+    dp_rank = ps.get_data_parallel_rank()
+    shard = LoaderShard.plan(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=dp_rank,
+        dp_size=ps.get_data_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(), encoder_dp=model_cfg.enable_encoder_dp,
+        micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples)
+    loader, stats = build_loader(
+        data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=shard.dp_rank, dp_size=shard.dp_size,
+        micro_batch_size=micro_batch_size, global_batch_size=shard.global_batch_size,
+        consumed_samples=shard.consumed_samples, seed=seed)
+    stream = EncodedStream(loader, encoders, seed=seed, start_ordinal=shard.start_ordinal, dp_rank=dp_rank,
+                           encoder_dp_size=shard.encoder_dp_size, encoder_dp_rank=shard.encoder_dp_rank,
+                           tp_group=ps.get_tensor_model_parallel_group())
+    return stream, stats
 
 
 class EncodedStream:

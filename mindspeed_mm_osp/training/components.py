@@ -17,8 +17,8 @@ import torch
 
 from .. import platform
 from ..config import ModelConfig
-from ..config.predictor import RecomputeConfig
 from ..config.dtypes import dtype_name, to_torch_dtype
+from .args import ModelArgs, ParallelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Precision:
     predictor: torch.dtype
 
 
-def resolve_precision(model_cfg: ModelConfig, args) -> Precision:
+def resolve_precision(model_cfg: ModelConfig, args: ModelArgs) -> Precision:
     if args.model_custom_precision:
         weight = to_torch_dtype(model_cfg.weight_dtype)
         vae = to_torch_dtype(model_cfg.ae.dtype) if model_cfg.ae is not None else weight
@@ -44,31 +44,6 @@ def resolve_precision(model_cfg: ModelConfig, args) -> Precision:
         raise ValueError("training the predictor in fp16 is not supported (no loss scaler); use weight_dtype "
                          "\"bf16\" in the model JSON or --bf16")
     return precision
-
-
-def recompute_config(args) -> RecomputeConfig:
-    full = args.recompute_granularity == "full" and args.recompute_num_layers > 0
-    return RecomputeConfig(granularity="full" if full else None, method="block",
-                           num_layers=args.recompute_num_layers if full else 0,
-                           selective_ffn_layers=args.recom_ffn_layers if args.selective_recom else 0)
-
-
-def build_predictor(model_cfg: ModelConfig, args, precision: Precision):
-    """SparseUMMDiT on this rank's device, with `predictor.from_pretrained` (merged weights) sliced for its TP rank."""
-    from ..models.predictor import SparseUMMDiT, has_final_block_text_params, load_merged_state_dict
-
-    cfg = model_cfg.predictor
-    state = None
-    if cfg.from_pretrained:
-        state = load_weights_file(cfg.from_pretrained)
-        cfg = dataclasses.replace(cfg, final_block_text_params=has_final_block_text_params(state, cfg))
-    model = SparseUMMDiT(cfg, sequence_parallel=args.sequence_parallel, recompute=recompute_config(args),
-                         params_dtype=precision.predictor)
-    model.to(platform.device())
-    if state is not None:
-        load_merged_state_dict(model, state)
-        logger.info("predictor weights loaded from %s", cfg.from_pretrained)
-    return model
 
 
 def load_weights_file(path: str | Path) -> dict:
@@ -103,31 +78,14 @@ class FrozenEncoders:
                                                  dtype=precision.text).to(device)
 
 
-def optimizer_settings(args, precision: Precision):
-    from ..optim.megatron import OptimizerSettings
-
-    return OptimizerSettings(
-        lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        ema_decay=args.ema_decay if args.optimizer_selection == "fused_ema_adamw" else 0.0,
-        bf16=precision.predictor == torch.bfloat16, use_distributed_optimizer=args.use_distributed_optimizer,
-        clip_grad=args.clip_grad, clip_grad_ema_decay=args.clip_grad_ema_decay or 0.0,
-        max_consecutive_skips=args.max_consecutive_skips, train_iters=args.train_iters,
-        lr_warmup_iters=args.lr_warmup_iters, lr_warmup_fraction=args.lr_warmup_fraction,
-        lr_warmup_init=args.lr_warmup_init if args.lr_warmup_iters or args.lr_warmup_fraction else args.lr,
-        lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
-    )
-
-
-def wrap_ddp(model, args):
+def wrap_ddp(model, parallel: ParallelArgs):
     """megatron-core DDP over the predictor (grads reduced in fp32; our TransformerConfig drives finalize)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     model.zero_grad(set_to_none=True)  # a stale .grad would be added into main_grad by the first hook
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-                                               use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
+                                               use_distributed_optimizer=parallel.use_distributed_optimizer)
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-__all__ = ["FrozenEncoders", "Precision", "build_predictor", "load_weights_file", "optimizer_settings",
-           "recompute_config", "resolve_precision", "wrap_ddp"]
+__all__ = ["FrozenEncoders", "Precision", "load_weights_file", "resolve_precision", "wrap_ddp"]

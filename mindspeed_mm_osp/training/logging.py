@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
+
+from .args import TrainingArgs
 
 logger = logging.getLogger("mindspeed_mm_osp.train")
 
@@ -38,6 +41,25 @@ class IterationStats:
     tflops_per_device: Optional[float] = None
     mfu: Optional[float] = None
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_step(cls, *, iteration: int, train_iters: int, consumed_samples: int, global_batch_size: int,
+                  learning_rate: float, loss: float, clip, elapsed_s: float, flops: float, data_parallel_size: int,
+                  world_size: int, peak_flops: Optional[float], skipped_iterations: int, nan_iterations: int,
+                  read_failures: Mapping[str, int]) -> "IterationStats":
+        """Derived metrics of one iteration. `clip` is its `optim.ClipStepResult`; `flops` the predictor's
+        training FLOPs of this replica's micro-batches, spread over the replica's (TP) devices."""
+        per_device = flops * data_parallel_size / world_size / elapsed_s if elapsed_s > 0 else 0.0
+        decision = clip.decision
+        return cls(
+            iteration=iteration, train_iters=train_iters, consumed_samples=consumed_samples,
+            elapsed_ms=1000 * elapsed_s, learning_rate=learning_rate, global_batch_size=global_batch_size,
+            loss=loss, grad_norm=clip.grad_norm,
+            clip_threshold=decision.threshold if decision and math.isfinite(decision.threshold) else None,
+            skipped_iterations=skipped_iterations, nan_iterations=nan_iterations,
+            samples_per_second=global_batch_size / elapsed_s if elapsed_s > 0 else 0.0,
+            tflops_per_device=per_device / 1e12, mfu=per_device / peak_flops if peak_flops else None,
+            extra={"read failures": sum(read_failures.values())} if read_failures else {})
 
 
 def format_line(s: IterationStats) -> str:
@@ -72,7 +94,7 @@ def format_line(s: IterationStats) -> str:
 class MetricWriters:
     """TensorBoard and W&B, each only when asked for, on the logging rank."""
 
-    def __init__(self, args, is_logging_rank: bool):
+    def __init__(self, args: TrainingArgs, is_logging_rank: bool):
         self.tb = None
         self.wandb = None
         if not is_logging_rank:
@@ -86,7 +108,7 @@ class MetricWriters:
             import wandb
 
             self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                                    dir=args.wandb_save_dir or args.save or ".", config=vars(args))
+                                    dir=args.wandb_save_dir or args.save or ".", config=args.to_dict())
 
     def write(self, s: IterationStats) -> None:
         scalars = {"loss": s.loss, "learning-rate": s.learning_rate, "samples-per-second": s.samples_per_second,

@@ -76,6 +76,21 @@ def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> Encod
                         text_mask=text_mask.to(device), pooled=pooled)
 
 
+def model_inputs(enc: EncodedBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Keyword inputs of the predictor for one noised micro-batch, in the predictor's dtype.
+
+    The one place a micro-batch becomes model inputs: extra conditioning (e.g. image-to-video frames carried
+    by `EncodedBatch`) is added here, not in the loop.
+    """
+    return {
+        "hidden_states": noisy_latents.to(dtype), "timestep": timesteps.to(noisy_latents.device),
+        "encoder_hidden_states": enc.text.to(dtype), "attention_mask": enc.latent_mask,
+        "encoder_attention_mask": enc.text_mask,
+        "pooled_projections": None if enc.pooled is None else enc.pooled.to(dtype),
+    }
+
+
 def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: EncodedBatch,
                        noise_generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Masked velocity MSE (fp32 scalar) of one micro-batch (reference §5.4-5.5)."""
@@ -84,8 +99,5 @@ def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: Encoded
     sigmas = scheduler.sample_sigmas(b, latent_hw=(h, w), generator=noise_generator)
     noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, sigmas)
-    pred = predictor(
-        x_t.to(dtype), scheduler.timesteps(sigmas).to(x0.device), enc.text.to(dtype),
-        attention_mask=enc.latent_mask, encoder_attention_mask=enc.text_mask,
-        pooled_projections=None if enc.pooled is None else enc.pooled.to(dtype))
+    pred = predictor(**model_inputs(enc, x_t, scheduler.timesteps(sigmas), dtype))
     return scheduler.loss(pred, scheduler.training_target(x0, noise), mask=enc.latent_mask, sigmas=sigmas)

@@ -1,33 +1,43 @@
-"""The pretraining loop (reference training.md §5), with its defects fixed.
+"""The pretraining loop (reference training.md §5) as a `Trainer` with named phases.
+
+`Trainer.fit` runs: `build` (process groups, configs, frozen encoders, predictor, DDP, optimizer) →
+`resume` (a checkpoint, when `--load`) → `build_data` (this rank's loader shard) → per iteration
+`train_step` → `log` → `should_stop` (saving on `--save-interval`) → `save`. All that changes while
+training lives in one `TrainState`.
 
 Per iteration: zero grad buffers → GA micro-batches (encode, noise, forward, backward) →
-`finalize_model_grads` (DP reduce, TP sum of `.sequence_parallel` params) → clip and
-step (`optim.clip_and_step`: one all-reduced norm; non-finite or extreme norms skip the
-update with weights, EMA, optimizer state and LR untouched) → LR step on success →
-log → periodic atomic save. Data exhaustion ends training without a phantom iteration;
-too many skips in a row save the last good state and stop with an error.
+`finalize_model_grads` (DP reduce, TP sum of `.sequence_parallel` params) → clip and step
+(`optim.clip_and_step`: one all-reduced norm; non-finite or extreme norms skip the update with
+weights, EMA, optimizer state and LR untouched) → LR step on success → log → periodic atomic
+save. Data exhaustion ends training without a phantom iteration; too many skips in a row save
+the last good state and stop with an error.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .. import platform
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import load_data_config, load_model_config
 from ..diffusion import FlowMatchingScheduler
+from ..models.predictor import build_predictor
+from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer
+from ..optim import clip_and_step
 from ..parallel import initialize_distributed
+from .args import TrainingArgs
 from .arguments import parse_fault_spec
-from .batches import EncodedStream
-from .components import (FrozenEncoders, build_predictor, optimizer_settings, resolve_precision, wrap_ddp)
+from .batches import build_train_stream
+from .components import FrozenEncoders, load_weights_file, resolve_precision, wrap_ddp
 from .flops import peak_flops_per_second, predictor_training_flops
 from .logging import IterationStats, MetricWriters, format_line, setup_logging
 from .step import flow_matching_loss
@@ -51,6 +61,29 @@ class TrainResult:
     stop_reason: str
 
 
+@dataclass
+class TrainState:
+    """What changes while training: the position a checkpoint restores, and this run's counters."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    last_saved: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    stop_reason: str = "train_iters reached"
+    losses: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_LOSSES))
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step: DP-mean loss, the clip/step decision, predictor FLOPs and wall time."""
+
+    loss: float
+    clip: ClipStepResult
+    flops: float
+    elapsed_s: float
+
+
 def _inject(ddp, kind: str) -> None:
     value = float("nan") if kind == "nan" else float("inf")
     for p in ddp.module.parameters():
@@ -67,175 +100,228 @@ def _dp_mean(value: torch.Tensor) -> float:
     return float(value) / ps.get_data_parallel_world_size()
 
 
-def pretrain(args: argparse.Namespace) -> TrainResult:
-    """Run training as configured by parsed, validated `args` (see `arguments.parse_args`)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
+class Trainer:
+    """Training of the SparseUMMDiT as configured by validated `args` (see `arguments.parse_args`)."""
 
-    from ..checkpoint import load_checkpoint, save_checkpoint
-    from ..data import build_train_dataloader
-    from ..models.text import load_tokenizer
-    from ..optim import AdaptiveGradClip, build_lr_scheduler, build_optimizer, clip_and_step
+    def __init__(self, args: TrainingArgs):
+        self.args = args
+        self.state = TrainState()
+        self.faults = parse_fault_spec(args.inject_nonfinite_grad)
 
-    initialize_distributed(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                           cp=args.context_parallel_size, seed=args.seed,
-                           timeout_minutes=args.distributed_timeout_minutes,
-                           data_parallel_random_init=args.data_parallel_random_init)
-    rank = dist.get_rank()
-    setup_logging(rank)
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    logger.info("world %d = TP %d x DP %d; sequence parallel %s; %s; accelerator %s", dist.get_world_size(), tp, dp,
-                args.sequence_parallel, "distributed optimizer" if args.use_distributed_optimizer else "optimizer",
-                platform.accelerator())
+    # -- build -------------------------------------------------------------------------------------------------
 
-    model_cfg = load_model_config(args.mm_model)
-    data_cfg = load_data_config(args.mm_data)
-    model_cfg.predictor.validate_parallel(tp, file=args.mm_model)
-    precision = resolve_precision(model_cfg, args)
+    def build(self) -> None:
+        """Process groups, configs, frozen encoders, the DDP-wrapped predictor, optimizer, schedule and clip."""
+        args = self.args
+        self._init_distributed()
+        self.model_cfg = load_model_config(args.mm_model)
+        self.data_cfg = load_data_config(args.mm_data)
+        self.model_cfg.predictor.validate_parallel(self.tp, file=args.mm_model)
+        self.precision = resolve_precision(self.model_cfg, args)
+        with torch.random.fork_rng(devices=[]):
+            # Building the encoders (random init before their weights load) must not move the RNG stream the
+            # predictor is initialised from: the same seed gives the same predictor with or without the feature cache.
+            self.encoders = FrozenEncoders(self.model_cfg, self.precision)
+        self.ddp = wrap_ddp(self.build_model(), args)
+        settings = OptimizerSettings.from_args(args, bf16=self.precision.predictor == torch.bfloat16)
+        self.optimizer = build_optimizer(self.ddp, settings)
+        self.scheduler = build_lr_scheduler(self.optimizer, settings)
+        self.clipper = AdaptiveGradClip(clip_grad=args.clip_grad, ema_decay=args.clip_grad_ema_decay or 0.0,
+                                        max_consecutive_skips=args.max_consecutive_skips)
+        self.diffusion = FlowMatchingScheduler(self.model_cfg.diffusion)
 
-    with torch.random.fork_rng(devices=[]):
-        # Building the encoders (random init before their weights load) must not move the RNG stream the
-        # predictor is initialised from: the same seed gives the same predictor with or without the feature cache.
-        encoders = FrozenEncoders(model_cfg, precision)
-    predictor = build_predictor(model_cfg, args, precision)
-    ddp = wrap_ddp(predictor, args)
-    settings = optimizer_settings(args, precision)
-    optimizer = build_optimizer(ddp, settings)
-    scheduler = build_lr_scheduler(optimizer, settings)
-    clipper = AdaptiveGradClip(clip_grad=args.clip_grad, ema_decay=args.clip_grad_ema_decay or 0.0,
-                               max_consecutive_skips=args.max_consecutive_skips)
-    diffusion = FlowMatchingScheduler(model_cfg.diffusion)
+    def _init_distributed(self) -> None:
+        from megatron.core import parallel_state as ps
 
-    iteration, consumed = 0, 0
-    if args.load:
-        loaded = load_checkpoint(args.load, ddp, optimizer, scheduler, clip=clipper, iteration=args.ckpt_step,
-                                 no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
-                                 finetune=args.finetune)
+        args = self.args
+        initialize_distributed(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                               cp=args.context_parallel_size, seed=args.seed,
+                               timeout_minutes=args.distributed_timeout_minutes,
+                               data_parallel_random_init=args.data_parallel_random_init)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        setup_logging(self.rank)
+        self.tp, self.dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
+        logger.info("world %d = TP %d x DP %d; sequence parallel %s; %s; accelerator %s", self.world_size, self.tp,
+                    self.dp, args.sequence_parallel,
+                    "distributed optimizer" if args.use_distributed_optimizer else "optimizer", platform.accelerator())
+
+    def build_model(self) -> nn.Module:
+        """The predictor on this rank's device, with `predictor.from_pretrained` (merged weights) when set.
+
+        Megatron's DDP and optimizer train exactly the parameters with `requires_grad`: a wrapper that freezes
+        the base weights and adds adapters (LoRA) is applied to the model returned here, before DDP sees it.
+        """
+        cfg = self.model_cfg.predictor
+        state = load_weights_file(cfg.from_pretrained) if cfg.from_pretrained else None
+        model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
+                                recompute=self.args.recompute_config(), train=True)
+        if state is not None:
+            logger.info("predictor weights loaded from %s", cfg.from_pretrained)
+        return model
+
+    # -- resume and data ---------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Model, optimizer, schedule, clip and RNG state from `--load` (nothing when it holds no checkpoint)."""
+        args = self.args
+        if not args.load:
+            return
+        loaded = load_checkpoint(args.load, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
+                                 iteration=args.ckpt_step, no_load_optim=args.no_load_optim,
+                                 no_load_rng=args.no_load_rng, finetune=args.finetune)
         if loaded is not None:
-            iteration, consumed = loaded.iteration, loaded.consumed_train_samples
-            logger.info("resumed from %s at iteration %d (%d samples consumed)", loaded.path, iteration, consumed)
+            self.state.iteration = self.state.last_saved = loaded.iteration
+            self.state.consumed_samples = loaded.consumed_train_samples
+            logger.info("resumed from %s at iteration %d (%d samples consumed)", loaded.path, loaded.iteration,
+                        loaded.consumed_train_samples)
 
-    # -- data: TP peers share a loader unless encoder DP splits encoding across them
-    dp_cfg = data_cfg.dataset_param
-    need_text = not model_cfg.load_text_features
-    tokenizer = load_tokenizer(dp_cfg.tokenizer_config) if need_text and dp_cfg.tokenizer_config else None
-    tokenizer_2 = load_tokenizer(dp_cfg.tokenizer_config_2) if need_text and dp_cfg.tokenizer_config_2 else None
-    if model_cfg.load_video_features or model_cfg.load_text_features:  # feature cache (issue 8)
-        from ..features import build_cached_dataloader
+    def build_data(self) -> None:
+        """This rank's encoded micro-batch stream, positioned after the samples already consumed."""
+        args = self.args
+        self.stream, self.data_stats = build_train_stream(
+            self.data_cfg, self.model_cfg, self.encoders, micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size, consumed_samples=self.state.consumed_samples, seed=args.seed)
 
-        build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
-    else:
-        build_loader = build_train_dataloader
-    mbs, gbs, ga = args.micro_batch_size, args.global_batch_size, args.num_microbatches
-    encoder_dp = model_cfg.enable_encoder_dp and tp > 1
-    ordinal = consumed // (dp * mbs)  # micro-batches this replica has trained on
-    if encoder_dp:
-        world = dist.get_world_size()
-        loader, stats = build_loader(
-            data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=rank, dp_size=world,
-            micro_batch_size=mbs, global_batch_size=world * mbs, consumed_samples=(ordinal // tp) * world * mbs,
-            seed=args.seed)
-    else:
-        loader, stats = build_loader(
-            data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=dp_rank, dp_size=dp,
-            micro_batch_size=mbs, global_batch_size=gbs, consumed_samples=consumed, seed=args.seed)
-    stream = EncodedStream(loader, encoders, seed=args.seed, start_ordinal=ordinal, dp_rank=dp_rank,
-                           encoder_dp_size=tp if encoder_dp else 1, encoder_dp_rank=tp_rank if encoder_dp else 0,
-                           tp_group=ps.get_tensor_model_parallel_group())
+    # -- one iteration -----------------------------------------------------------------------------------------
 
-    writers = MetricWriters(args, is_logging_rank=rank == 0)
-    faults = parse_fault_spec(args.inject_nonfinite_grad)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_second()
-    start_time = time.monotonic()
-    losses: collections.deque[float] = collections.deque(maxlen=RECENT_LOSSES)
-    skipped = nan_iterations = 0
-    stop_reason = "train_iters reached"
-    last_saved = iteration
+    def train_step(self) -> StepOutcome:
+        """Gradient accumulation over the micro-batches, grad reduce, clip and step. StopIteration: no data left."""
+        t0 = time.monotonic()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses, flops = self._accumulate_gradients()
+        self._finalize_gradients()
+        result = clip_and_step(self.optimizer, self.clipper)
+        if result.update_successful:
+            self.scheduler.step(1)
+        else:
+            self._count_skip(result)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.args.global_batch_size
+        loss = _dp_mean(torch.stack(losses).mean())
+        self.state.losses.append(loss)
+        return StepOutcome(loss=loss, clip=result, flops=flops, elapsed_s=time.monotonic() - t0)
 
-    def save(it: int) -> None:
-        nonlocal last_saved
-        if args.save and it != last_saved:
-            save_checkpoint(args.save, it, ddp, optimizer, scheduler, clip=clipper, consumed_train_samples=consumed,
-                            args=vars(args), save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
-            last_saved = it
+    def _accumulate_gradients(self) -> tuple[list[torch.Tensor], float]:
+        ga = self.args.num_microbatches
+        losses, flops = [], 0.0
+        for _ in range(ga):
+            enc = self.stream.next()
+            gen = self.stream.noise_generator(self.stream.ordinal - 1)
+            loss = flow_matching_loss(self.ddp, self.diffusion, enc, gen, self.precision.predictor)
+            (loss / ga).backward()
+            losses.append(loss.detach())
+            _, _, t, h, w = enc.latents.shape
+            flops += predictor_training_flops(self.model_cfg.predictor, enc.latents.shape[0], (t, h, w),
+                                              enc.text.shape[1])
+        return losses, flops
 
-    ddp.train()
-    try:
-        while iteration < args.train_iters:
-            t0 = time.monotonic()
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            mb_losses, flops = [], 0.0
-            try:
-                for _ in range(ga):
-                    enc = stream.next()
-                    gen = stream.noise_generator(stream.ordinal - 1)
-                    loss = flow_matching_loss(ddp, diffusion, enc, gen, precision.predictor)
-                    (loss / ga).backward()
-                    mb_losses.append(loss.detach())
-                    _, _, t, h, w = enc.latents.shape
-                    flops += predictor_training_flops(model_cfg.predictor, enc.latents.shape[0], (t, h, w),
-                                                      enc.text.shape[1])
-            except StopIteration:
-                stop_reason = "data exhausted"
-                logger.info("data exhausted after %d iterations (%d samples)", iteration, consumed)
-                break
-            finalize_model_grads([ddp])
-            if iteration + 1 in faults:
-                _inject(ddp, faults[iteration + 1])
-                if rank == 0:
-                    logger.warning("fault injection: %s gradient at iteration %d", faults[iteration + 1], iteration + 1)
-            result = clip_and_step(optimizer, clipper)
-            if result.update_successful:
-                scheduler.step(1)
-            else:
-                skipped += 1
-                if result.grad_norm is None or not math.isfinite(result.grad_norm):
-                    nan_iterations += 1
-                if rank == 0:
-                    logger.warning("iteration %d skipped: %s (grad norm %s)", iteration + 1,
-                                   result.decision.reason if result.decision else "non-finite gradients",
-                                   result.grad_norm)
-            iteration += 1
-            consumed += gbs
-            loss_value = _dp_mean(torch.stack(mb_losses).mean())
-            losses.append(loss_value)
-            elapsed = time.monotonic() - t0
-            if iteration % args.log_interval == 0:
-                per_device = flops * dp / dist.get_world_size() / elapsed if elapsed > 0 else 0.0
-                stats_line = IterationStats(
-                    iteration=iteration, train_iters=args.train_iters, consumed_samples=consumed,
-                    elapsed_ms=1000 * elapsed, learning_rate=optimizer.param_groups[0]["lr"],
-                    global_batch_size=gbs, loss=loss_value, grad_norm=result.grad_norm,
-                    clip_threshold=(result.decision.threshold if result.decision and
-                                    math.isfinite(result.decision.threshold) else None),
-                    skipped_iterations=skipped, nan_iterations=nan_iterations,
-                    samples_per_second=gbs / elapsed if elapsed > 0 else 0.0,
-                    tflops_per_device=per_device / 1e12, mfu=per_device / peak if peak else None,
-                    extra={"read failures": sum(stats.read_failures.values())} if stats.read_failures else {})
-                if rank == 0:
-                    logger.info(format_line(stats_line))
-                writers.write(stats_line)
-            if result.stop_training:
-                save(iteration)
-                raise TrainingStopped(
-                    f"{result.consecutive_skips} consecutive iterations skipped for non-finite or extreme gradients "
-                    f"(limit --max-consecutive-skips={args.max_consecutive_skips}); the last good state was saved at "
-                    f"iteration {iteration} in {args.save}. Inspect the data and the learning rate, then resume.")
-            if args.save_interval and iteration % args.save_interval == 0:
-                save(iteration)
-            if args.exit_interval and iteration % args.exit_interval == 0:
-                stop_reason = "exit interval"
-                break
-            if args.exit_duration_in_mins and (time.monotonic() - start_time) / 60 > args.exit_duration_in_mins:
-                stop_reason = "exit duration"
-                break
-        save(iteration)
-    finally:
-        writers.close()
-    if stats.read_failures and rank == 0:
-        logger.info("unreadable files skipped (retried on other samples): %s", dict(stats.read_failures))
-    logger.info("training finished: %s at iteration %d", stop_reason, iteration)
-    return TrainResult(iteration=iteration, consumed_train_samples=consumed, losses=list(losses),
-                       skipped_iterations=skipped, stop_reason=stop_reason)
+    def _finalize_gradients(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp])
+        fault = self.faults.get(self.state.iteration + 1)
+        if fault is not None:
+            _inject(self.ddp, fault)
+            if self.rank == 0:
+                logger.warning("fault injection: %s gradient at iteration %d", fault, self.state.iteration + 1)
+
+    def _count_skip(self, result: ClipStepResult) -> None:
+        self.state.skipped_iterations += 1
+        if result.grad_norm is None or not math.isfinite(result.grad_norm):
+            self.state.nan_iterations += 1
+        if self.rank == 0:
+            logger.warning("iteration %d skipped: %s (grad norm %s)", self.state.iteration + 1,
+                           result.decision.reason if result.decision else "non-finite gradients", result.grad_norm)
+
+    def log(self, step: StepOutcome) -> None:
+        """The Megatron iteration line (rank 0) and the metric writers, every `--log-interval` iterations."""
+        args, state = self.args, self.state
+        if state.iteration % args.log_interval != 0:
+            return
+        stats = IterationStats.from_step(
+            iteration=state.iteration, train_iters=args.train_iters, consumed_samples=state.consumed_samples,
+            global_batch_size=args.global_batch_size, learning_rate=self.optimizer.param_groups[0]["lr"],
+            loss=step.loss, clip=step.clip, elapsed_s=step.elapsed_s, flops=step.flops,
+            data_parallel_size=self.dp, world_size=self.world_size, peak_flops=self.peak_flops,
+            skipped_iterations=state.skipped_iterations, nan_iterations=state.nan_iterations,
+            read_failures=self.data_stats.read_failures)
+        if self.rank == 0:
+            logger.info(format_line(stats))
+        self.writers.write(stats)
+
+    # -- stop and save -----------------------------------------------------------------------------------------
+
+    def should_stop(self, step: StepOutcome) -> Optional[str]:
+        """Why to stop after this iteration (None: go on); saves on `--save-interval`.
+
+        Raises TrainingStopped, after saving the last good state, when too many steps in a row were skipped.
+        """
+        args, it = self.args, self.state.iteration
+        if step.clip.stop_training:
+            self.save()
+            raise TrainingStopped(
+                f"{step.clip.consecutive_skips} consecutive iterations skipped for non-finite or extreme gradients "
+                f"(limit --max-consecutive-skips={args.max_consecutive_skips}); the last good state was saved at "
+                f"iteration {it} in {args.save}. Inspect the data and the learning rate, then resume.")
+        if args.save_interval and it % args.save_interval == 0:
+            self.save()
+        if args.exit_interval and it % args.exit_interval == 0:
+            return "exit interval"
+        if args.exit_duration_in_mins and (time.monotonic() - self.start_time) / 60 > args.exit_duration_in_mins:
+            return "exit duration"
+        return None
+
+    def save(self) -> None:
+        """Checkpoint the current iteration to `--save` (collective; once per iteration)."""
+        args, state = self.args, self.state
+        if args.save and state.iteration != state.last_saved:
+            save_checkpoint(args.save, state.iteration, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
+                            consumed_train_samples=state.consumed_samples, args=args.to_dict(),
+                            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+            state.last_saved = state.iteration
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """All phases: build, resume, data, iterate until a stop rule, save."""
+        self.build()
+        self.resume()
+        self.build_data()
+        self._train_loop()
+        state, read_failures = self.state, self.data_stats.read_failures
+        if read_failures and self.rank == 0:
+            logger.info("unreadable files skipped (retried on other samples): %s", dict(read_failures))
+        logger.info("training finished: %s at iteration %d", state.stop_reason, state.iteration)
+        return TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_samples,
+                           losses=list(state.losses), skipped_iterations=state.skipped_iterations,
+                           stop_reason=state.stop_reason)
+
+    def _train_loop(self) -> None:
+        args, state = self.args, self.state
+        self.writers = MetricWriters(args, is_logging_rank=self.rank == 0)
+        self.peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_second()
+        self.start_time = time.monotonic()
+        self.ddp.train()
+        try:
+            while state.iteration < args.train_iters:
+                try:
+                    step = self.train_step()
+                except StopIteration:
+                    state.stop_reason = "data exhausted"
+                    logger.info("data exhausted after %d iterations (%d samples)", state.iteration,
+                                state.consumed_samples)
+                    break
+                self.log(step)
+                reason = self.should_stop(step)
+                if reason is not None:
+                    state.stop_reason = reason
+                    break
+            self.save()
+        finally:
+            self.writers.close()
+
+
+def pretrain(args: TrainingArgs) -> TrainResult:
+    """Run training as configured by parsed, validated `args` (see `arguments.parse_args`)."""
+    return Trainer(args).fit()

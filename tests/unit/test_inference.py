@@ -16,8 +16,8 @@ from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts, prepare_texts
 from mindspeed_mm_osp.inference.video_io import read_mp4
-from mindspeed_mm_osp.inference.weights import build_predictor, load_predictor_weights
-from mindspeed_mm_osp.models.predictor import SparseUMMDiT, local_state_dict
+from mindspeed_mm_osp.inference.weights import load_predictor_weights
+from mindspeed_mm_osp.models.predictor import SparseUMMDiT, build_predictor, local_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents

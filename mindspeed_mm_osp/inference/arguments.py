@@ -1,0 +1,118 @@
+"""`inference.py` flags: parsed once into a frozen `InferenceArgs`, merged into the inference JSON by `build_config`.
+
+Flags come in two kinds. Overrides of the JSON (prompt, seed, sampler settings, size, dtype, save path) are
+applied by `build_config`, and the merged `InferenceConfig` is validated again as a whole. Run options (TP size,
+weights, which stage to run, benchmark counts) stay in `InferenceArgs` and are read by `cli.run`. A new sampling
+option (e.g. `--cfg-parallel`, `--cache-threshold`, `--compile`) is a field here plus its flag in `build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
+from .presets import Duration, add_preset_arguments, size_from_args
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceArgs:
+    config: str
+    # overrides of the inference JSON (None: keep the JSON's value)
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
+    seed: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    guidance_rescale: Optional[float] = None
+    shift: Optional[float] = None
+    size: Optional[tuple[int, int, int]] = None
+    resolution: Optional[str] = None
+    aspect_ratio: Optional[str] = None
+    duration: Optional[Duration] = None
+    save_path: Optional[str] = None
+    weight_dtype: Optional[str] = None
+    # run options
+    tp: int = 1
+    predictor_weights: Optional[str] = None
+    save_latents: bool = False
+    decode_latents: Optional[str] = None
+    benchmark: bool = False
+    warmup: int = 1
+    repeat: int = 3
+    report: Optional[str] = None
+
+    @property
+    def size_preset(self) -> bool:
+        """Whether --resolution/--aspect-ratio/--duration pick the output size."""
+        return any(v is not None for v in (self.resolution, self.aspect_ratio, self.duration))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun).")
+    p.add_argument("--config", required=True, help="inference JSON (e.g. inference_t2v_model1_5.json)")
+    p.add_argument("--prompt", help="prompt text, or a file with one prompt per line")
+    p.add_argument("--negative-prompt", help="appended to the v1.5 negative prompt")
+    p.add_argument("--seed", type=int, help="noise seed of prompt i is seed + i")
+    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--shift", type=float, help="static sigma shift (turns dynamic shifting off)")
+    p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"))
+    add_preset_arguments(p)
+    p.add_argument("--save-path", help="output folder")
+    p.add_argument("--weight-dtype", choices=["fp32", "fp16", "bf16"], help="predictor and text encoder dtype")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
+    p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
+                                               "(default: predictor.from_pretrained)")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--save-latents", action="store_true", help="stop after denoising; write latents")
+    stage.add_argument("--decode-latents", metavar="DIR", help="decode latents written by --save-latents")
+    stage.add_argument("--benchmark", action="store_true", help="time every stage; write --report, no videos")
+    p.add_argument("--warmup", type=int, default=1, help="benchmark: untimed full runs first")
+    p.add_argument("--repeat", type=int, default=3, help="benchmark: timed full runs")
+    p.add_argument("--report", help="benchmark report path (default: <save-path>/benchmark.json)")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
+    """The command line, checked; exit 2 naming the flag when it is wrong."""
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.size is not None and any(v is not None for v in (ns.resolution, ns.aspect_ratio, ns.duration)):
+        p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
+    if ns.warmup < 0 or ns.repeat < 1:
+        p.error("--warmup must be >= 0 and --repeat >= 1")
+    if ns.size is not None:
+        ns.size = tuple(ns.size)
+    return InferenceArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(InferenceArgs)})
+
+
+def build_config(args: InferenceArgs) -> InferenceConfig:
+    """The JSON with the command-line overrides applied, validated again as a whole."""
+    data = to_dict(load_inference_config(args.config))
+    top = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+           "save_path": args.save_path, "weight_dtype": args.weight_dtype}
+    data.update({k: v for k, v in top.items() if v is not None})
+    diffusion = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                 "guidance_rescale": args.guidance_rescale, "shift": args.shift}
+    data["diffusion"].update({k: v for k, v in diffusion.items() if v is not None})
+    if args.shift is not None:
+        data["diffusion"]["use_dynamic_shifting"] = False
+    if args.size is not None:
+        data["pipeline_config"]["input_size"] = list(args.size)
+    file = f"{args.config} + command line"
+    cfg = from_dict(InferenceConfig, data, file=file)
+    if not args.size_preset:
+        return cfg
+    try:  # the preset's duration counts frames at the fps the videos are written at
+        size = size_from_args(args, tuple(cfg.pipeline_config.input_size), fps=cfg.output_fps)
+    except ValueError as e:
+        raise ConfigError(args.config, "--resolution/--aspect-ratio/--duration", str(e)) from e
+    data["pipeline_config"]["input_size"] = list(size)
+    return from_dict(InferenceConfig, data, file=file)
+
+
+__all__ = ["InferenceArgs", "build_config", "build_parser", "parse_args"]

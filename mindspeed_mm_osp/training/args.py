@@ -1,0 +1,147 @@
+"""The validated `pretrain.py` flags as frozen, typed dataclasses, one per concern.
+
+`arguments.parse_args` parses and cross-checks the Megatron command line once, then freezes it
+into a `TrainingArgs`. `TrainingArgs` inherits every per-concern group, so `args.lr` reads as
+on the command line, while a builder states the one concern it needs in its signature
+(`wrap_ddp(model, parallel: ParallelArgs)`, `OptimizerSettings.from_args(args: OptimizerArgs)`).
+
+A new feature with its own flags adds a group here (e.g. `LoraArgs` for `--lora-*`), adds it to
+`TrainingArgs`' bases, declares the flags in `arguments.build_parser` and checks them in
+`arguments.validate`; nothing else reads the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config.predictor import RecomputeConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """Which configs to build and in which dtypes."""
+
+    mm_data: str
+    mm_model: str
+    model_custom_precision: bool = True
+    bf16: bool = False
+    fp16: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelArgs:
+    """Process groups and the DDP wrapper (`data_parallel_size` is derived from the world size)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    distributed_timeout_minutes: float = 30.0
+    data_parallel_random_init: bool = False
+    data_parallel_size: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleArgs:
+    """Batch sizes and length of the run (`num_microbatches` is the derived gradient accumulation)."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    num_microbatches: int = 1
+    train_iters: int = 1
+    seed: int = 1234
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerArgs:
+    """Optimizer, LR schedule and gradient clipping (read by `optim.OptimizerSettings.from_args`)."""
+
+    optimizer_selection: str = "fused_ema_adamw"
+    ema_decay: float = 0.9999
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"
+    lr_decay_iters: Optional[int] = None
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    lr_warmup_init: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    clip_grad_ema_decay: Optional[float] = None
+    max_consecutive_skips: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeArgs:
+    """Activation recomputation flags, reduced to the predictor's `RecomputeConfig`."""
+
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: int = 0
+    selective_recom: bool = False
+    recom_ffn_layers: int = 0
+
+    def recompute_config(self) -> RecomputeConfig:
+        full = self.recompute_granularity == "full" and self.recompute_num_layers > 0
+        return RecomputeConfig(granularity="full" if full else None, method="block",
+                               num_layers=self.recompute_num_layers if full else 0,
+                               selective_ffn_layers=self.recom_ffn_layers if self.selective_recom else 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointArgs:
+    """Where to save and resume, and when to stop early."""
+
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    finetune: bool = False
+    ckpt_step: Optional[int] = None
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingArgs:
+    """Log lines, TensorBoard, W&B and the MFU denominator."""
+
+    log_interval: int = 1
+    log_throughput: bool = False
+    tensorboard_dir: Optional[str] = None
+    tensorboard_log_interval: int = 1
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    wandb_mode: str = "offline"
+    peak_tflops: Optional[float] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, RecomputeArgs, CheckpointArgs, LoggingArgs):
+    """Every flag the trainer reads, validated (see `arguments.validate`); no-op flags are dropped."""
+
+    inject_nonfinite_grad: Optional[str] = None  # fault injection of the reliability tests: "ITER:nan|inf,..."
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainingArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        """Plain values, for the checkpoint's `args` entry and the W&B run config."""
+        return dataclasses.asdict(self)
+
+
+__all__ = ["CheckpointArgs", "LoggingArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
+           "ScheduleArgs", "TrainingArgs"]
