@@ -149,7 +149,8 @@ class PlanRequest:
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:
     from ..config import load_data_config, load_model_config
-    from ..training.components import recompute_config, resolve_precision
+    from ..training.args import ModelArgs, RecomputeArgs
+    from ..training.components import resolve_precision
 
     model_cfg, data_cfg = load_model_config(args.mm_model), load_data_config(args.mm_data)
     pre = data_cfg.dataset_param.preprocess_parameters
@@ -161,12 +162,12 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         raise ValueError(f"--world-size={args.world_size} must be a multiple of TP x CP = {tp} x {cp}")
     model_cfg.predictor.validate_parallel(tp, file=args.mm_model)
     dp = args.world_size // (tp * cp)
-    precision = resolve_precision(model_cfg, args)
+    precision = resolve_precision(model_cfg, ModelArgs.from_namespace(args))
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     encoders, notes = encoder_plan(model_cfg, precision.vae, precision.text)
     return PlanRequest(
         predictor=model_cfg.predictor, work=work, par=Parallel(tp, cp, dp, args.sequence_parallel),
-        recompute=recompute_config(args), act_dtype=precision.predictor,
+        recompute=RecomputeArgs.from_namespace(args).recompute_config(), act_dtype=precision.predictor,
         opt=OptimizerPlan(distributed=args.use_distributed_optimizer, ema=args.optimizer_selection != "adam"),
         encoders=encoders, world=args.world_size, microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
         notes=tuple(notes))

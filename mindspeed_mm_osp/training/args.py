@@ -20,8 +20,16 @@ from typing import Optional
 from ..config.predictor import RecomputeConfig
 
 
+class _Flags:
+    """A group of flags, filled from an argparse namespace holding (at least) its fields."""
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace):
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelArgs:
+class ModelArgs(_Flags):
     """Which configs to build and in which dtypes."""
 
     mm_data: str
@@ -32,7 +40,7 @@ class ModelArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParallelArgs:
+class ParallelArgs(_Flags):
     """Process groups and the DDP wrapper (`data_parallel_size` is derived from the world size)."""
 
     tensor_model_parallel_size: int = 1
@@ -47,7 +55,7 @@ class ParallelArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScheduleArgs:
+class ScheduleArgs(_Flags):
     """Batch sizes and length of the run (`num_microbatches` is the derived gradient accumulation)."""
 
     micro_batch_size: int = 1
@@ -58,7 +66,7 @@ class ScheduleArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimizerArgs:
+class OptimizerArgs(_Flags):
     """Optimizer, LR schedule and gradient clipping (read by `optim.OptimizerSettings.from_args`)."""
 
     optimizer_selection: str = "fused_ema_adamw"
@@ -80,7 +88,7 @@ class OptimizerArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RecomputeArgs:
+class RecomputeArgs(_Flags):
     """Activation recomputation flags, reduced to the predictor's `RecomputeConfig`."""
 
     recompute_granularity: Optional[str] = None
@@ -97,7 +105,7 @@ class RecomputeArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointArgs:
+class CheckpointArgs(_Flags):
     """Where to save and resume, and when to stop early."""
 
     save: Optional[str] = None
@@ -114,7 +122,7 @@ class CheckpointArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoggingArgs:
+class LoggingArgs(_Flags):
     """Log lines, TensorBoard, W&B and the MFU denominator."""
 
     log_interval: int = 1
@@ -133,10 +141,6 @@ class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, Recompu
     """Every flag the trainer reads, validated (see `arguments.validate`); no-op flags are dropped."""
 
     inject_nonfinite_grad: Optional[str] = None  # fault injection of the reliability tests: "ITER:nan|inf,..."
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> "TrainingArgs":
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict:
         """Plain values, for the checkpoint's `args` entry and the W&B run config."""

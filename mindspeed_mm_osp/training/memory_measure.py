@@ -76,13 +76,14 @@ def measure_predictor_step(cfg, work, recompute, act_dtype: torch.dtype, sequenc
     from .. import platform
     from ..models.predictor import SparseUMMDiT
     from ..optim.megatron import OptimizerSettings, build_optimizer
+    from .args import ParallelArgs
     from .components import wrap_ddp
 
     torch.manual_seed(seed)
     device = platform.device()
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=act_dtype)
     model.to(device).train()
-    ddp = wrap_ddp(model, _DDPArgs(distributed_optimizer))
+    ddp = wrap_ddp(model, ParallelArgs(use_distributed_optimizer=distributed_optimizer))
     settings = OptimizerSettings(lr=1e-4, bf16=act_dtype == torch.bfloat16,
                                  use_distributed_optimizer=distributed_optimizer)
     optimizer = build_optimizer(ddp, settings)
@@ -126,14 +127,6 @@ def planner_error(cfg, work, recompute, act_dtype: torch.dtype, sequence_paralle
     if measured["peak"]:  # accelerator: allocated peak vs static + saved + workspace (inputs are tiny)
         predicted["peak"] = plan.static + plan.activations + plan.workspace
     return {k: (measured[k], predicted[k]) for k in predicted}
-
-
-class _DDPArgs:
-    """The two flags `components.wrap_ddp` reads."""
-
-    def __init__(self, distributed_optimizer: bool):
-        self.use_distributed_optimizer = distributed_optimizer
-        self.overlap_grad_reduce = False
 
 
 __all__ = ["SavedTensorBytes", "measure_predictor_step", "planner_error", "static_bytes_measured"]
