@@ -18,6 +18,7 @@ Differences from the reference, on purpose:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
@@ -70,6 +71,18 @@ def _skip_fusion(ctx: ParallelContext, dim: int, eps: float, zero_init: bool) ->
             linear.bias.zero_()
     norm = nn.Identity() if zero_init else LayerNorm(2 * dim, eps)
     return tag_sequence_parallel(nn.Sequential(norm, linear), ctx)
+
+
+@dataclass(frozen=True)
+class EmbeddedInputs:
+    """What `SparseUMMDiT.embed` hands to the blocks and the head: full streams (seq, batch, hidden), the
+    conditioning, the token layout and the (batch, t, h, w) token grid."""
+
+    x: torch.Tensor
+    c: torch.Tensor
+    temb: torch.Tensor
+    layout: TokenLayout
+    grid: tuple[int, int, int, int]
 
 
 class SparseUMMDiT(nn.Module):
@@ -136,7 +149,18 @@ class SparseUMMDiT(nn.Module):
         hidden_states (B, Cin, T, H, W); timestep (B,) = 1000 * sigma; encoder_hidden_states (B, S, Ccap) or
         (B, 1, S, Ccap); attention_mask (B, T, H, W) latent validity (1 = valid) or None; encoder_attention_mask
         (B, S) or (B, 1, S) (1 = real token) or None; pooled_projections (B, P) or (B, 1, P).
+
+        The phases are public so that a sampler can replace the block stack (`diffusion.StepCache`).
         """
+        inputs = self.embed(hidden_states, timestep, encoder_hidden_states, attention_mask, encoder_attention_mask,
+                            pooled_projections)
+        x, c = self.shard_streams(inputs)
+        return self.head(self.run_blocks(x, c, inputs), inputs)
+
+    def embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              attention_mask: Optional[torch.Tensor] = None, encoder_attention_mask: Optional[torch.Tensor] = None,
+              pooled_projections: Optional[torch.Tensor] = None) -> "EmbeddedInputs":
+        """Masks -> token validity, conditioning (fp32), patchify, caption projection: full (unsharded) streams."""
         if pooled_projections is None:
             raise ValueError("pooled_projections (CLIP text_embeds, (B, P) or (B, 1, P)) is required")
         cfg = self.predictor_config
@@ -145,7 +169,7 @@ class SparseUMMDiT(nn.Module):
         t, h, w = frames, height // p, width // p  # patch_size_t == 1 (validated)
         dtype = self.proj_out.weight.dtype
 
-        # 1. Masks -> per-token validity. A video token is valid if any latent pixel of its patch is.
+        # A video token is valid if any latent pixel of its patch is.
         if attention_mask is None:
             video_valid = torch.ones(b, t * h * w, dtype=torch.bool, device=hidden_states.device)
         else:
@@ -158,7 +182,7 @@ class SparseUMMDiT(nn.Module):
         else:
             text_valid = encoder_attention_mask.reshape(b, -1) > 0
 
-        # 2. Conditioning (fp32), patchify, caption projection; streams in (seq, batch, hidden).
+        # Streams in (seq, batch, hidden).
         temb = self.time_text_embed(timestep, pooled_projections.reshape(b, -1))
         x = self.patch_embed(hidden_states)
         c = self.caption_projection(encoder_hidden_states.to(dtype)).transpose(0, 1)
@@ -166,14 +190,19 @@ class SparseUMMDiT(nn.Module):
                                                           cfg.interpolation_scale_w), hidden_states.device)
         layout = TokenLayout(video_len=x.shape[0], text_len=c.shape[0], rope_cos=cos, rope_sin=sin,
                              video_valid=video_valid, text_valid=text_valid)
+        return EmbeddedInputs(x, c, temb, layout, (b, t, h, w))
 
-        # 3. Split the video over CP, then each CP shard (and the CP-replicated text) over TP under SP. The padding
-        #    to a multiple of CP x TP never reaches attention.
-        x = self._scatter(context_parallel.split_sequence(x, self.ctx.cp_size, context_parallel.context_parallel_rank(),
-                                                          self._sp_shards()))
-        c = self._scatter(c)
+    def shard_streams(self, inputs: "EmbeddedInputs") -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (video, text) streams: the video split over CP, then each CP shard (and the CP-replicated
+        text) over TP under SP. The padding to a multiple of CP x TP never reaches attention."""
+        x = context_parallel.split_sequence(inputs.x, self.ctx.cp_size, context_parallel.context_parallel_rank(),
+                                            self._sp_shards())
+        return self._scatter(x), self._scatter(inputs.c)
 
-        # 4. U-shaped stages: encoder stages push (x, c), decoder stages pop them (LIFO) and fuse [current, skip].
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, inputs: "EmbeddedInputs") -> torch.Tensor:
+        """U-shaped stages on this rank's streams: encoder stages push (x, c), decoder stages pop them (LIFO) and
+        fuse [current, skip]. Returns the video stream before the output head."""
+        cfg = self.predictor_config
         skips = []
         layer_idx = 0
         for s, stage in enumerate(self.transformer_blocks):
@@ -184,16 +213,19 @@ class SparseUMMDiT(nn.Module):
                 c = self.skip_norm_linear_enc[j](torch.cat([c, c_skip], dim=-1))
             for block in stage:
                 layer_idx += 1
-                x, c = self._run_block(block, layer_idx, x, c, temb, layout)
+                x, c = self._run_block(block, layer_idx, x, c, inputs.temb, inputs.layout)
             if s < self.num_skips and cfg.skip_connection:
                 skips.append((x, c))
+        return x
 
-        # 5. Output head: norm_final then norm_out (two LayerNorms, as the release), SP gather, project (on this CP
-        #    shard: only the loss, replicated on every CP rank, comes after the CP gather), unpatchify.
-        x = self.norm_out(self.norm_final(x), temb)
+    def head(self, x: torch.Tensor, inputs: "EmbeddedInputs") -> torch.Tensor:
+        """norm_final then norm_out (two LayerNorms, as the release), SP gather, project (on this CP shard: only
+        the loss, replicated on every CP rank, comes after the CP gather), unpatchify."""
+        b, t, h, w = inputs.grid
+        p, cout = self.predictor_config.patch_size, self.predictor_config.output_channels
+        x = self.norm_out(self.norm_final(x), inputs.temb)
         x = self.proj_out(self._gather(x))
-        x = context_parallel.gather_sequence(x)[:layout.video_len].transpose(0, 1)  # (B, L, p*p*Cout)
-        cout = cfg.output_channels
+        x = context_parallel.gather_sequence(x)[:inputs.layout.video_len].transpose(0, 1)  # (B, L, p*p*Cout)
         x = x.reshape(b, t, h, w, 1, p, p, cout).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, cout, t, h * p, w * p)
 
