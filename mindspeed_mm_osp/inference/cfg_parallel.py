@@ -1,0 +1,73 @@
+"""CFG-parallel sampling: the unconditional and the conditional branch on two rank groups.
+
+For inference the data-parallel dimension of megatron's layout is free, so CFG-parallel reuses it: megatron's
+DP groups (each rank with the same TP/CP coordinates) are cut into consecutive pairs; DP rank 2k runs the
+unconditional half of every step, DP rank 2k+1 the conditional half, each on its own TP (and CP) group, and the
+pair all-gathers the two predictions once per step. Both ranks then hold the same [uncond; cond] prediction the
+batched forward would have produced, so guidance, rescale and the Euler step run unchanged
+(`diffusion.sample`) and the latents are identical on both sides and to the batched path up to the
+per-batch-size float reassociation of the model (1e-5). Prompts are split over the DP/2 pairs (replicas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import ParallelConfigError
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CfgParallelGroup:
+    """This rank's CFG pair: `branch` 0 = unconditional, 1 = conditional; `replica` indexes the pairs."""
+
+    group: dist.ProcessGroup
+    branch: int
+    replica: int
+    num_replicas: int
+
+
+def init_cfg_parallel() -> CfgParallelGroup:
+    """Pairs of consecutive DP ranks (collective: every rank must call it once, after megatron's groups)."""
+    from megatron.core import parallel_state as ps
+
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if dp_size % 2:
+        tp = ps.get_tensor_model_parallel_world_size()
+        raise ParallelConfigError(f"--cfg-parallel needs an even data-parallel size (world size / TP = "
+                                  f"{dist.get_world_size()} / {tp} = {dp_size}); launch 2 x TP x n ranks")
+    mine = dist.get_process_group_ranks(ps.get_data_parallel_group())
+    every: list[list[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(every, mine)
+    pair_group = None
+    for dp_group in sorted({tuple(g) for g in every}):
+        for k in range(0, len(dp_group), 2):
+            pair = list(dp_group[k:k + 2])
+            group = dist.new_group(pair)  # every rank creates every group, in the same order
+            if dist.get_rank() in pair:
+                pair_group = group
+    return CfgParallelGroup(pair_group, dp_rank % 2, dp_rank // 2, dp_size // 2)
+
+
+def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:
+    """Wrap a `model_fn` that the sampler calls with the batched [uncond; cond] inputs: run only this rank's
+    half and return the pair's all-gathered [uncond; cond] prediction."""
+
+    def run_half(x: torch.Tensor, timestep: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % 2:
+            raise ValueError(f"CFG-parallel expects the batched [uncond; cond] input, got batch {x.shape[0]}")
+        half = slice(cfg.branch * (x.shape[0] // 2), (cfg.branch + 1) * (x.shape[0] // 2))
+        v = model_fn(x[half], timestep[half], **{k: t[half] for k, t in cond.items()}).contiguous()
+        parts = [torch.empty_like(v) for _ in range(2)]
+        dist.all_gather(parts, v, group=cfg.group)
+        return torch.cat(parts)
+
+    return run_half
+
+
+__all__ = ["CfgParallelGroup", "cfg_parallel_model_fn", "init_cfg_parallel"]

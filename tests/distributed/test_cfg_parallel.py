@@ -1,0 +1,75 @@
+"""CFG-parallel sampling (uncond / cond on two rank groups) equals batched CFG: world 2 (TP=1) and TP=2 x CFG=2
+(world 4), with and without the step cache (whose skip decisions the pair shares)."""
+
+import pytest
+import torch
+
+from mindspeed_mm_osp.config import DiffusionConfig, from_dict
+from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, sample
+from mindspeed_mm_osp.diffusion.step_cache import StepCache
+from mindspeed_mm_osp.inference.cfg_parallel import cfg_parallel_model_fn, init_cfg_parallel
+from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
+from mindspeed_mm_osp.parallel import ParallelConfigError
+from mindspeed_mm_osp.testing import run_distributed
+
+TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
+            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
+STEPS = 6
+
+
+def _weights() -> dict:
+    torch.manual_seed(0)
+    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return local_state_dict(model)
+
+
+def _cond(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    return {"encoder_hidden_states": torch.randn(2, 6, 24, generator=g), "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(2, 16, generator=g)}
+
+
+def _compare(rank, world_size, weights, tp, threshold):
+    model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=tp > 1).eval()
+    load_merged_state_dict(model, weights)
+    cfg = init_cfg_parallel()
+    noise = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(sigmas=FlowMatchingScheduler(DiffusionConfig(shift=3.0)).sampling_sigmas(STEPS),
+                  guidance_scale=4.5, guidance_rescale=0.7)
+
+    def model_fn(group=None):
+        return model if threshold is None else StepCache(model, threshold, STEPS, group=group)
+
+    batched_fn, split_inner = model_fn(), model_fn(cfg.group)
+    batched = sample(batched_fn, noise, _cond(1), _cond(2), **kwargs)
+    split = sample(cfg_parallel_model_fn(split_inner, cfg), noise, _cond(1), _cond(2), **kwargs)
+    skipped = (getattr(batched_fn, "skipped", None), getattr(split_inner, "skipped", None))
+    return batched, split, cfg.branch, cfg.num_replicas, skipped
+
+
+@pytest.mark.parametrize("world_size,tp,threshold", [(2, 1, None), (4, 2, None), (2, 1, 0.15)])
+def test_cfg_parallel_latents_equal_batched_cfg(world_size, tp, threshold):
+    results = run_distributed(_compare, world_size, _weights(), tp, threshold, tp=tp, timeout=300)
+    assert sorted(r[2] for r in results) == [0] * (world_size // 2) + [1] * (world_size // 2)
+    assert all(r[3] == 1 for r in results)
+    for batched, split, _, _, (skipped_batched, skipped_split) in results:
+        torch.testing.assert_close(split, batched, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split, results[0][1], rtol=0, atol=0)  # every rank holds the same latents
+        assert skipped_split == skipped_batched
+    if threshold is not None:
+        assert 0 < len(results[0][4][0]) < STEPS - 2
+
+
+def _odd(rank, world_size):
+    init_cfg_parallel()
+
+
+def test_odd_data_parallel_size_is_rejected():
+    with pytest.raises(Exception, match="even data-parallel size"):
+        run_distributed(_odd, 2, tp=2)
