@@ -1,6 +1,7 @@
 """LoRA adapter checkpoints: adapters only (plus training state) in the Megatron layout at TP=2+SP, refused for a
 base of another config or another LoRA config, and folded into the base by `convert_mm_to_ckpt.py --lora-merge`
-(merged output == unmerged adapters, 1e-5; `--target-tp 2` shards merge back to the same weights)."""
+(merged output == unmerged adapters, 1e-5; `--target-tp 2` shards merge back to the same weights), or applied
+unmerged at inference at another TP size."""
 
 import dataclasses
 
@@ -12,6 +13,7 @@ from mindspeed_mm_osp.checkpoint.layout import CheckpointError, model_file
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.lora import LoRAConfig
 from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.inference.weights import apply_adapters
 from mindspeed_mm_osp.models.lora import apply_lora, load_lora_state_dict, lora_metadata, lora_state_dict
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, shard_state_dict
 from mindspeed_mm_osp.testing import run_distributed
@@ -81,6 +83,16 @@ def test_adapter_checkpoint_and_lora_merge(tmp_path):
     assert "another LoRA config" in errors["lora"] and "alpha: checkpoint 8.0, this run 4.0" in errors["lora"]
     assert "holds LoRA adapters only" in errors["plain"]
     assert model_file(ckpt, 5, 0).stat().st_size < 0.25 * sum(v.numel() * 4 for v in base.values())
+
+    # inference: unmerged adapters from the TP=2 checkpoint on a TP=1 model, scaled by --lora-scale
+    for scale, expected in ((1.0, unmerged), (0.0, None)):
+        infer = SparseUMMDiT(cfg).eval()
+        load_merged_state_dict(infer, base)
+        with torch.no_grad():
+            base_out = infer(*inputs())
+            assert len(apply_adapters(infer, ckpt, scale)) == len(adapters) // 2 and not infer.training
+            torch.testing.assert_close(infer(*inputs()), base_out if expected is None else expected,
+                                       rtol=1e-5, atol=1e-5)
 
     base_file = tmp_path / "base.pt"
     torch.save(base, base_file)
