@@ -37,6 +37,8 @@ class InferenceArgs:
     # run options
     tp: int = 1
     predictor_weights: Optional[str] = None
+    lora: Optional[str] = None
+    lora_scale: float = 1.0
     save_latents: bool = False
     decode_latents: Optional[str] = None
     benchmark: bool = False
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
     p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
                                                "(default: predictor.from_pretrained)")
+    p.add_argument("--lora", metavar="DIR", help="LoRA adapter checkpoint (pretrain.py --lora-r ... --save DIR) "
+                                                 "applied unmerged on top of the predictor weights")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the adapters' contribution")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--save-latents", action="store_true", help="stop after denoising; write latents")
     stage.add_argument("--decode-latents", metavar="DIR", help="decode latents written by --save-latents")
@@ -83,6 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
     ns = p.parse_args(argv)
     if ns.size is not None and any(v is not None for v in (ns.resolution, ns.aspect_ratio, ns.duration)):
         p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
+    if ns.lora_scale != 1.0 and ns.lora is None:
+        p.error("--lora-scale needs --lora DIR")
     if ns.warmup < 0 or ns.repeat < 1:
         p.error("--warmup must be >= 0 and --repeat >= 1")
     if ns.size is not None:

@@ -90,6 +90,7 @@ def _record(cfg: InferenceConfig, args: InferenceArgs, index: int, prompt: str, 
         "fps": cfg.output_fps, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
         "tensor_model_parallel_size": ranks.tp_size, "config": str(args.config),
         "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
+        "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
     }
 
 
@@ -100,7 +101,7 @@ class Generator:
         from ..models.ae import VideoAutoencoder
         from ..config.dtypes import to_torch_dtype
         from ..models.predictor import build_predictor
-        from .weights import load_predictor_weights
+        from .weights import apply_adapters, load_predictor_weights
 
         weights = args.predictor_weights or cfg.predictor.from_pretrained
         if not weights:
@@ -111,6 +112,8 @@ class Generator:
         self.text = TextConditioner(cfg, dtype, device)
         self.model = build_predictor(cfg.predictor, load_predictor_weights(weights), dtype, device,
                                      sequence_parallel=ranks.tp_size > 1)
+        if args.lora:
+            apply_adapters(self.model, args.lora, args.lora_scale)
         self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae and ranks.writer else None
 
     def sample(self, indices: Sequence[int], prompts: Sequence[str], timer: StageTimer,

@@ -24,6 +24,9 @@ def load_predictor_weights(path: Path | str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         source = read_checkpoint(path)
+        if "lora" in source[3][0]:
+            raise CheckpointError(f"{path}: holds LoRA adapters only, not base weights; give the base weights here "
+                                  "and the adapters with --lora (inference) or --lora-load (training)")
         key = "ema_model" if all("ema_model" in state for state in source[3]) else "model"
         if key == "model":
             logger.warning("%s has no EMA weights; using the model weights", path)

@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
 from ..config.predictor import RecomputeConfig
 
 
@@ -137,7 +138,26 @@ class LoggingArgs(_Flags):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, RecomputeArgs, CheckpointArgs, LoggingArgs):
+class LoraArgs:
+    """LoRA fine-tuning (`--lora-r` turns it on): adapters on a frozen base. `--load` then names the base weights
+    (a weights file or a full-model checkpoint folder) and `--lora-load` the adapter checkpoint to resume."""
+
+    lora_r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    lora_load: Optional[str] = None
+
+    def lora_config(self) -> Optional[LoRAConfig]:
+        if self.lora_r is None:
+            return None
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, RecomputeArgs, CheckpointArgs, LoggingArgs,
+                   LoraArgs):
     """Every flag the trainer reads, validated (see `arguments.validate`); no-op flags are dropped."""
 
     inject_nonfinite_grad: Optional[str] = None  # fault injection of the reliability tests: "ITER:nan|inf,..."
@@ -147,5 +167,5 @@ class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, Recompu
         return dataclasses.asdict(self)
 
 
-__all__ = ["CheckpointArgs", "LoggingArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
+__all__ = ["CheckpointArgs", "LoggingArgs", "LoraArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
            "ScheduleArgs", "TrainingArgs"]

@@ -13,6 +13,8 @@ import math
 import sys
 from typing import Optional, Sequence
 
+from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
+
 from .args import TrainingArgs
 
 # flag -> why it has no effect for SparseUMMDiT (printed in --help and docs/training.md)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recompute_flags(p)
     _add_checkpoint_flags(p)
     _add_logging_flags(p)
+    _add_lora_flags(p)
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
@@ -194,6 +197,19 @@ def _add_logging_flags(p: argparse.ArgumentParser) -> None:
                     help="device peak TFLOP/s for MFU (default: bf16 dense peak of known devices, measured on CPU)")
 
 
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    lo = p.add_argument_group("LoRA fine-tuning (docs/lora.md)")
+    lo.add_argument("--lora-r", type=int, default=None,
+                    help="LoRA rank; turns LoRA on: the base is frozen and only adapters train, --load names the "
+                         "base weights (file or full-model checkpoint folder), checkpoints hold the adapters")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha / r (default alpha = r)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lo.add_argument("--lora-target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES), metavar="NAME",
+                    help="predictor linears to adapt, by name or dotted suffix "
+                         f"(default: {' '.join(DEFAULT_TARGET_MODULES)})")
+    lo.add_argument("--lora-load", default=None, help="adapter checkpoint folder to resume (fresh start without one)")
+
+
 def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
     """'3:nan,5:inf' -> {3: 'nan', 5: 'inf'} (fault-injection tests only)."""
     faults = {}
@@ -281,6 +297,23 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--clip_grad_ema_decay must be in (0, 1), got {args.clip_grad_ema_decay}")
     if not (0.0 < args.ema_decay < 1.0):
         raise ArgumentError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    _check_lora(args)
+
+
+def _check_lora(args: argparse.Namespace) -> None:
+    args.lora_target_modules = tuple(args.lora_target_modules)
+    if args.lora_r is None:
+        given = [f"--{n.replace('_', '-')}" for n in ("lora_alpha", "lora_load") if getattr(args, n) is not None]
+        if args.lora_dropout or args.lora_target_modules != DEFAULT_TARGET_MODULES:
+            given.append("--lora-dropout/--lora-target-modules")
+        if given:
+            raise ArgumentError(f"{', '.join(given)} need --lora-r (LoRA fine-tuning)")
+        return
+    try:
+        LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   target_modules=args.lora_target_modules)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:

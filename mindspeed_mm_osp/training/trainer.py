@@ -30,6 +30,8 @@ from .. import platform
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import load_data_config, load_model_config
 from ..diffusion import FlowMatchingScheduler
+from ..inference.weights import load_predictor_weights
+from ..models.lora import apply_lora, lora_metadata
 from ..models.predictor import build_predictor
 from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer
 from ..optim import clip_and_step
@@ -107,6 +109,7 @@ class Trainer:
         self.args = args
         self.state = TrainState()
         self.faults = parse_fault_spec(args.inject_nonfinite_grad)
+        self.lora: Optional[dict] = None  # `models.lora.lora_metadata` of a LoRA run (set by build_model)
 
     # -- build -------------------------------------------------------------------------------------------------
 
@@ -148,27 +151,40 @@ class Trainer:
     def build_model(self) -> nn.Module:
         """The predictor on this rank's device, with `predictor.from_pretrained` (merged weights) when set.
 
-        Megatron's DDP and optimizer train exactly the parameters with `requires_grad`: a wrapper that freezes
-        the base weights and adds adapters (LoRA) is applied to the model returned here, before DDP sees it.
+        With `--lora-r`: the base weights come from `--load` (or `predictor.from_pretrained`), are frozen, and
+        LoRA adapters are added (`models.lora.apply_lora`) before DDP sees the model, so megatron's DDP and
+        optimizer hold (and the EMA and checkpoints cover) the adapters only.
         """
-        cfg = self.model_cfg.predictor
-        state = load_weights_file(cfg.from_pretrained) if cfg.from_pretrained else None
+        cfg, lora = self.model_cfg.predictor, self.args.lora_config()
+        source = (self.args.load or cfg.from_pretrained) if lora else cfg.from_pretrained
+        if lora and not source:
+            raise ValueError("LoRA fine-tuning needs base weights: pass --load (released model_ema.pt, merged "
+                             "weights or a full-model checkpoint folder) or set predictor.from_pretrained")
+        state = (load_predictor_weights(source) if lora else load_weights_file(source)) if source else None
         model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
                                 recompute=self.args.recompute_config(), train=True)
         if state is not None:
-            logger.info("predictor weights loaded from %s", cfg.from_pretrained)
+            logger.info("predictor weights loaded from %s", source)
+        if lora:
+            layers = apply_lora(model, lora)
+            self.lora = lora_metadata(lora, model.predictor_config)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("LoRA r=%d alpha=%s on %d layers: %d trainable of %d parameters", lora.r, lora.alpha or lora.r,
+                        len(layers), trainable, sum(p.numel() for p in model.parameters()))
         return model
 
     # -- resume and data ---------------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        """Model, optimizer, schedule, clip and RNG state from `--load` (nothing when it holds no checkpoint)."""
+        """Model, optimizer, schedule, clip and RNG state from `--load` (nothing when it holds no checkpoint);
+        for LoRA, the adapters and their training state from `--lora-load` (`--load` is the base)."""
         args = self.args
-        if not args.load:
+        path = args.lora_load if self.lora else args.load
+        if not path:
             return
-        loaded = load_checkpoint(args.load, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
+        loaded = load_checkpoint(path, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                                  iteration=args.ckpt_step, no_load_optim=args.no_load_optim,
-                                 no_load_rng=args.no_load_rng, finetune=args.finetune)
+                                 no_load_rng=args.no_load_rng, finetune=args.finetune, lora=self.lora)
         if loaded is not None:
             self.state.iteration = self.state.last_saved = loaded.iteration
             self.state.consumed_samples = loaded.consumed_train_samples
@@ -278,7 +294,7 @@ class Trainer:
         if args.save and state.iteration != state.last_saved:
             save_checkpoint(args.save, state.iteration, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                             consumed_train_samples=state.consumed_samples, args=args.to_dict(),
-                            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng)
+                            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, lora=self.lora)
             state.last_saved = state.iteration
 
     # -- the run -----------------------------------------------------------------------------------------------

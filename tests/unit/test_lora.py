@@ -124,3 +124,29 @@ def test_mismatched_base_is_refused_naming_the_fields():
 def test_invalid_lora_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**kwargs)
+
+
+def _parse(*flags):
+    from mindspeed_mm_osp.training.arguments import parse_args
+
+    return parse_args(["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "1", *flags])
+
+
+def test_lora_flags():
+    args = _parse("--lora-r", "16", "--lora-alpha", "32", "--lora-target-modules", "to_q", "ff.net.2",
+                  "--load", "base.pt", "--lora-load", "ckpt")
+    assert args.lora_config() == LoRAConfig(r=16, alpha=32.0, target_modules=("to_q", "ff.net.2"))
+    assert (args.load, args.lora_load) == ("base.pt", "ckpt")
+    assert _parse().lora_config() is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--lora-alpha", "8"), "--lora-alpha need --lora-r"),
+    (("--lora-load", "x"), "--lora-load need --lora-r"),
+    (("--lora-r", "0"), "--lora-r=0 must be a positive integer"),
+    (("--lora-r", "4", "--lora-dropout", "1.5"), "--lora-dropout=1.5 must lie in"),
+])
+def test_bad_lora_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse(*flags)
+    assert message in capsys.readouterr().err
