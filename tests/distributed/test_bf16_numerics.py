@@ -2,7 +2,7 @@
 EMA (megatron's Float16Optimizer / DistributedOptimizer around FusedEmaAdamW), and 20 bf16 steps track the fp32
 loss curve from the same initial weights and data.
 
-Tolerances (stated in docs/training.md, "bf16"): output relative L2 error <= 3e-2 (bf16 has an 8-bit mantissa,
+Tolerances (stated in docs/training.md, "bf16"): output relative L2 error <= 1.5e-2 (measured 4.5e-3) (bf16 has an 8-bit mantissa,
 2^-8 = 3.9e-3 per rounding, accumulated over 3 blocks of fp32-island math); each of the 20 losses within 5% of
 the fp32 loss at the same step (or 1% of the initial loss, for the tail of a curve that falls 20x).
 """
@@ -17,7 +17,7 @@ from mindspeed_mm_osp.testing import run_distributed, single_rank
 
 CFG = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-OUTPUT_TOLERANCE = 3e-2
+OUTPUT_TOLERANCE = 1.5e-2
 LOSS_TOLERANCE = 0.05
 LOSS_FLOOR = 0.01
 STEPS = 20
