@@ -61,12 +61,12 @@ def _train(rank, world, dtype, distributed_optimizer):
 
     from mindspeed_mm_osp.optim import AdaptiveGradClip, OptimizerSettings, build_optimizer, clip_and_step
     from mindspeed_mm_osp.optim.fused_ema_adamw import EMA_KEY, FusedEmaAdamW
+    from mindspeed_mm_osp.training.args import ParallelArgs
     from mindspeed_mm_osp.training.components import wrap_ddp
-    from mindspeed_mm_osp.training.memory_measure import _DDPArgs
     from mindspeed_mm_osp.training.step import EncodedBatch, flow_matching_loss, keyed_generator
 
     model = _model(dtype)
-    ddp = wrap_ddp(model, _DDPArgs(distributed_optimizer))
+    ddp = wrap_ddp(model, ParallelArgs(use_distributed_optimizer=distributed_optimizer))
     optimizer = build_optimizer(ddp, OptimizerSettings(lr=1e-2, bf16=dtype == torch.bfloat16, ema_decay=0.9,
                                                        use_distributed_optimizer=distributed_optimizer))
     clip = AdaptiveGradClip(clip_grad=1.0, ema_decay=0.0)
