@@ -127,7 +127,7 @@ def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, init_megatron
     ctx = mp.get_context("fork")
     q = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, 1234, init_megatron, fn, args, q))
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, 1, 1234, init_megatron, fn, args, q))
              for r in range(world_size)]
     started = time.monotonic()
     for p in procs:
