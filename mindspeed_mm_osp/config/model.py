@@ -10,7 +10,7 @@ from .ae import AEConfig
 from .diffusion import DiffusionConfig
 from .dtypes import Dtype
 from .loader import from_dict, read_json, require
-from .predictor import PredictorConfig
+from .predictor import PredictorConfig, check_mask_channels
 from .text import TextEncoderConfig
 
 
@@ -38,6 +38,7 @@ class ModelConfig:
         if self.ae is not None:
             require(self.ae.latent_dim == self.predictor.in_channels, file, "predictor.in_channels",
                     f"must equal ae.latent_dim={self.ae.latent_dim}, got {self.predictor.in_channels}")
+        check_mask_channels(self.predictor, self.ae, file)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

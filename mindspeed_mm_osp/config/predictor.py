@@ -1,4 +1,4 @@
-"""`predictor` block of the model JSON: the SparseUMMDiT denoiser."""
+"""`predictor` block of the model JSON: the SparseUMMDiT denoiser (text-to-video, or its image-to-video variant)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class PredictorConfig:
     timestep_embed_dim: int
     caption_channels: int
     pooled_projection_dim: int
-    model_id: Literal["SparseUMMDiT"] = "SparseUMMDiT"
+    # "SparseUMMDiTInpaint": the image-to-video / continuation variant (Open-Sora Plan 1.3 inpainting layout, see
+    # `models.predictor.inpaint`): the input is [noisy latent, masked-video latent, latent mask] along channels.
+    model_id: Literal["SparseUMMDiT", "SparseUMMDiTInpaint"] = "SparseUMMDiT"
+    # Inpaint only: pixel frames per latent frame; the latent mask has this many channels (one per pixel frame).
+    vae_scale_factor_t: int = 8
     out_channels: Optional[int] = None
     double_ff: bool = True
     sparse1d: bool = True
@@ -49,6 +53,20 @@ class PredictorConfig:
         return self.num_heads * self.head_dim
 
     @property
+    def conditioned(self) -> bool:
+        """True for the image-to-video (inpainting) variant."""
+        return self.model_id == "SparseUMMDiTInpaint"
+
+    @property
+    def mask_channels(self) -> int:
+        return self.vae_scale_factor_t if self.conditioned else 0
+
+    @property
+    def patch_embed_channels(self) -> int:
+        """Input channels of `patch_embed`: in_channels (T2V) or 2*in_channels + vae_scale_factor_t (inpaint)."""
+        return 2 * self.in_channels + self.mask_channels if self.conditioned else self.in_channels
+
+    @property
     def output_channels(self) -> int:
         return self.out_channels if self.out_channels is not None else self.in_channels
 
@@ -74,6 +92,7 @@ class PredictorConfig:
                 "only patch_size_t=1 is coherent in Open-Sora Plan v1.5 (temporal patching is not implemented by the release)")
         require(self.patch_size >= 1, file, f"{p}patch_size", "must be >= 1")
         require(self.num_heads >= 1, file, f"{p}num_heads", "must be >= 1")
+        require(self.vae_scale_factor_t >= 1, file, f"{p}vae_scale_factor_t", "must be >= 1")
 
     def validate_parallel(self, tp: int, cp: int = 1, file=None, path: str = "predictor") -> None:
         """TP splits the heads; Ulysses CP splits each TP rank's heads again around attention."""
@@ -123,3 +142,12 @@ class RecomputeConfig:
     def ffn_only(self, layer_idx: int) -> bool:
         """Whether only the FFN half of block `layer_idx` (1-based, global) is recomputed."""
         return layer_idx <= self.selective_ffn_layers
+
+
+def check_mask_channels(predictor: PredictorConfig, ae, file) -> None:
+    """The inpaint variant folds each latent frame's pixel frames into mask channels: their count is the VAE's
+    temporal factor."""
+    if predictor.conditioned and ae is not None:
+        require(predictor.vae_scale_factor_t == ae.vae_scale_factor[0], file, "predictor.vae_scale_factor_t",
+                f"must equal ae.vae_scale_factor[0]={ae.vae_scale_factor[0]} (pixel frames per latent frame), "
+                f"got {predictor.vae_scale_factor_t}")

@@ -37,7 +37,7 @@ def predictor_forward_flops(cfg: PredictorConfig, batch: int, latent_thw: tuple[
         flops += k * 2 * 2 * per_group * per_group * d      # QK^T and AV
     skips = len(cfg.num_layers) // 2 if cfg.skip_connection else 0
     flops += skips * 2 * (video + text) * (2 * d) * d
-    flops += 2 * video * (cfg.in_channels * p * p * pt) * d           # patch embedding
+    flops += 2 * video * (cfg.patch_embed_channels * p * p * pt) * d  # patch embedding
     flops += 2 * video * d * (p * p * pt * cfg.output_channels)       # proj_out
     flops += 2 * text * cfg.caption_channels * d                       # caption projection
     flops += 2 * (2 * e * e + cfg.pooled_projection_dim * e + e * e) + 2 * e * 2 * d  # conditioning + norm_out

@@ -28,22 +28,25 @@ def tiny_config(**overrides) -> PredictorConfig:
     return from_dict(PredictorConfig, {**TINY, **overrides})
 
 
-def make_inputs(seed, frames, height, width, text):
+def make_inputs(seed, frames, height, width, text, channels=4):
     g = torch.Generator().manual_seed(seed)
     video_mask = torch.ones(2, frames, height, width)
     video_mask[1, -1] = 0
     text_mask = torch.ones(2, 1, text)
     text_mask[1, :, -3:] = 0
-    inputs = (torch.randn(2, 4, frames, height, width, generator=g), torch.tensor([0.0, 731.5]),
+    inputs = (torch.randn(2, channels, frames, height, width, generator=g), torch.tensor([0.0, 731.5]),
               torch.randn(2, 1, text, 24, generator=g), video_mask, text_mask, torch.randn(2, 1, 16, generator=g))
     return inputs, torch.randn(2, 4, frames, height, width, generator=g)  # loss weights
 
 
 # L=18, S=8 (config A); L=9, S=7: neither divisible by TP=2, so SP pads.
 CASES = [make_inputs(0, 3, 4, 6, 8), make_inputs(1, 3, 2, 6, 7)]
+# The image-to-video variant: [noisy | masked latent | 2 mask channels] = 10 input channels.
+I2V = {"model_id": "SparseUMMDiTInpaint", "vae_scale_factor_t": 2}
+I2V_CASES = [make_inputs(0, 3, 4, 6, 8, channels=10), make_inputs(1, 3, 2, 6, 7, channels=10)]
 
 
-def reference(cfg):
+def reference(cfg, cases=CASES):
     """TP=1 model without torch.distributed, randomised weights; per case: output and param grads."""
     torch.manual_seed(0)
     model = SparseUMMDiT(cfg).train()
@@ -52,7 +55,7 @@ def reference(cfg):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     results = []
-    for inputs, weight in CASES:
+    for inputs, weight in cases:
         model.zero_grad(set_to_none=True)
         out = model(*inputs)
         (out * weight).sum().backward()
@@ -61,7 +64,7 @@ def reference(cfg):
     return local_state_dict(model), results
 
 
-def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute):
+def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute, cases=CASES):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
@@ -70,7 +73,7 @@ def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute):
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                                            overlap_grad_reduce=False))
     results = []
-    for inputs, weight in CASES:
+    for inputs, weight in cases:
         ddp.zero_grad_buffer()
         out = ddp(*inputs)
         (out * weight).sum().backward()  # identical full loss on each TP rank (Megatron convention)
@@ -87,11 +90,13 @@ CONFIG_B = {"skip_connection_zero_init": False, "double_ff": False, "final_block
     (CONFIG_A, False, None), (CONFIG_A, True, None), (CONFIG_B, False, None), (CONFIG_B, True, None),
     (CONFIG_A, True, RecomputeConfig(granularity="full", num_layers=7)),
     (CONFIG_B, True, RecomputeConfig(selective_ffn_layers=14)),
-], ids=["A-tp", "A-tp-sp", "B-tp", "B-tp-sp", "A-tp-sp-full-recompute", "B-tp-sp-ffn-recompute"])
+    ({**CONFIG_A, **I2V}, True, None),
+], ids=["A-tp", "A-tp-sp", "B-tp", "B-tp-sp", "A-tp-sp-full-recompute", "B-tp-sp-ffn-recompute", "i2v-tp-sp"])
 def test_tp2_matches_tp1(overrides, sequence_parallel, recompute):
     cfg = tiny_config(**overrides)
-    full_sd, expected = reference(cfg)
-    ranks = run_distributed(_tp_rank, 2, cfg, full_sd, sequence_parallel, recompute, tp=2)
+    cases = I2V_CASES if cfg.conditioned else CASES
+    full_sd, expected = reference(cfg, cases)
+    ranks = run_distributed(_tp_rank, 2, cfg, full_sd, sequence_parallel, recompute, cases, tp=2)
     for case, (ref_out, ref_grads) in enumerate(expected):
         for rank_results, _ in ranks:
             torch.testing.assert_close(rank_results[case][0], ref_out, **TOL)  # full output on every rank

@@ -60,6 +60,9 @@ def release_model(tmp_path, mutate):
     (lambda d: d["diffusion"].update(weighting_scheme="logit-normal"), "diffusion.weighting_scheme", "did you mean 'logit_normal'"),
     (lambda d: d["predictor"].update(in_channels=16), "predictor.in_channels", "ae.latent_dim=32"),
     (lambda d: d.pop("predictor"), "predictor", "required"),
+    (lambda d: d["predictor"].update(model_id="SparseUMMDiT_I2V"), "predictor.model_id", "SparseUMMDiTInpaint"),
+    (lambda d: d["predictor"].update(model_id="SparseUMMDiTInpaint", vae_scale_factor_t=4),
+     "predictor.vae_scale_factor_t", "ae.vae_scale_factor[0]=8"),
 ])
 def test_model_validation_errors_name_file_key_and_fix(tmp_path, mutate, key, words):
     path = release_model(tmp_path, mutate)

@@ -138,6 +138,22 @@ def test_merged_file_loads_into_a_model(tmp_path, full):
     assert_same(local_state_dict(model), full)
 
 
+def test_i2v_checkpoint_merges_splits_and_loads(tmp_path, full):
+    """The inpaint variant's wider patch_embed (replicated) goes through the converter unchanged."""
+    cfg = from_dict(PredictorConfig, {**TINY, "model_id": "SparseUMMDiTInpaint", "vae_scale_factor_t": 2})
+    torch.manual_seed(0)
+    i2v = local_state_dict(SparseUMMDiT(cfg))
+    assert i2v["patch_embed.proj.weight"].shape[1] == 10
+    write_training_checkpoint(tmp_path / "ckpt", i2v, i2v, 2)
+    main(["--load_dir", str(tmp_path / "ckpt"), "--save_dir", str(tmp_path / "out"), "--format", "safetensors"])
+    main(["--load_dir", str(tmp_path / "out" / "model.safetensors"), "--save_dir", str(tmp_path / "tp4"),
+          "--target-tp", "4"])
+    assert_same(merge_checkpoint(tmp_path / "tp4").state_dict, i2v)
+    model = SparseUMMDiT(cfg)
+    load_merged_state_dict(model, load_weights(tmp_path / "out" / "model.safetensors"))
+    assert_same(local_state_dict(model), i2v)
+
+
 # ---------------------------------------------------------------------------------------------- failures
 
 

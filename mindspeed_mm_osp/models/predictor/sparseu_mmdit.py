@@ -39,6 +39,7 @@ from .modules import (
     rope_3d_tables,
     tag_sequence_parallel,
 )
+from .inpaint import widen_patch_embed
 from .tp_layout import shard_state_dict, strip_extra_state, unwrap_state_dict
 
 
@@ -105,7 +106,7 @@ class SparseUMMDiT(nn.Module):
         dim, eps = config.hidden_size, config.norm_eps
         sparse_n = config.sparse_n if config.sparse1d else (1,) * len(config.num_layers)
 
-        self.patch_embed = PatchEmbed2D(config.in_channels, dim, config.patch_size)
+        self.patch_embed = PatchEmbed2D(config.patch_embed_channels, dim, config.patch_size)
         self.time_text_embed = TimestepTextEmbedding(config.timestep_embed_dim, config.pooled_projection_dim)
         self.caption_projection = nn.Linear(config.caption_channels, dim)
 
@@ -146,9 +147,11 @@ class SparseUMMDiT(nn.Module):
                 pooled_projections: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Velocity prediction (B, Cout, T, H, W), full on every TP rank.
 
-        hidden_states (B, Cin, T, H, W); timestep (B,) = 1000 * sigma; encoder_hidden_states (B, S, Ccap) or
-        (B, 1, S, Ccap); attention_mask (B, T, H, W) latent validity (1 = valid) or None; encoder_attention_mask
-        (B, S) or (B, 1, S) (1 = real token) or None; pooled_projections (B, P) or (B, 1, P).
+        hidden_states (B, Cin, T, H, W) with Cin = `patch_embed_channels` (the inpaint variant takes
+        `inpaint.inpaint_input(noisy, masked_latents, latent_mask)`); timestep (B,) = 1000 * sigma;
+        encoder_hidden_states (B, S, Ccap) or (B, 1, S, Ccap); attention_mask (B, T, H, W) latent validity
+        (1 = valid) or None; encoder_attention_mask (B, S) or (B, 1, S) (1 = real token) or None;
+        pooled_projections (B, P) or (B, 1, P).
 
         The phases are public so that a sampler can replace the block stack (`diffusion.StepCache`).
         """
@@ -164,6 +167,11 @@ class SparseUMMDiT(nn.Module):
         if pooled_projections is None:
             raise ValueError("pooled_projections (CLIP text_embeds, (B, P) or (B, 1, P)) is required")
         cfg = self.predictor_config
+        if hidden_states.shape[1] != cfg.patch_embed_channels:
+            raise ValueError(f"{cfg.model_id} expects {cfg.patch_embed_channels} input channels, got "
+                             f"{hidden_states.shape[1]}" + (" (noisy, masked-video latent and mask concatenated: "
+                                                            "see models.predictor.inpaint.inpaint_input)"
+                                                            if cfg.conditioned else ""))
         p = cfg.patch_size
         b, _, frames, height, width = hidden_states.shape
         t, h, w = frames, height // p, width // p  # patch_size_t == 1 (validated)
@@ -282,11 +290,12 @@ def has_final_block_text_params(state_dict: Mapping[str, object], config: Predic
 def load_merged_state_dict(model: SparseUMMDiT, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load a merged (TP=1 view, e.g. the released `model_ema.pt`) state dict into `model` at its TP rank.
 
-    Unwraps `ema_state_dict`/`model`/`state_dict`, drops `*._extra_state`, slices split keys for this rank, then
-    loads strictly. Missing/unexpected keys and shape mismatches raise a ValueError naming them.
+    T2V weights load into the inpaint variant with `patch_embed` widened (new input channels zero, see
+    `inpaint.widen_patch_embed`). Unwraps `ema_state_dict`/`model`/`state_dict`, drops `*._extra_state`, slices
+    split keys for this rank, then loads strictly. Missing/unexpected keys and shape mismatches raise a ValueError naming them.
     """
     ctx = model.ctx
-    full = strip_extra_state(unwrap_state_dict(state_dict))
+    full = widen_patch_embed(strip_extra_state(unwrap_state_dict(state_dict)), model.predictor_config)
     local = shard_state_dict(full, ctx.tp_rank, ctx.tp_size)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing = sorted(set(expected) - set(local))
