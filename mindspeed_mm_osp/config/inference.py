@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -29,6 +30,32 @@ class PipelineConfig:
                 f"height and width must be multiples of 16 (VAE stride 8 x patch 2), got {height}x{width}")
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
+
+
+@dataclass(frozen=True)
+class AccelerationConfig:
+    """`acceleration` block (docs/inference_acceleration.md); every option off by default (the exact sampler).
+
+    cfg_parallel: uncond/cond branches on two rank groups (needs an even world size / TP);
+    cache_threshold: TeaCache-style step cache, skip the blocks while the accumulated relative change of the
+    first block's modulated input stays under it (null = off; 0 = through the cache path, never skips);
+    compile / compile_mode: torch.compile each predictor block;
+    parallel_vae_decode: spread the VAE decode's latent frames over the replica's ranks.
+    """
+
+    cfg_parallel: bool = False
+    cache_threshold: Optional[float] = None
+    compile: bool = False
+    compile_mode: CompileMode = "default"
+    parallel_vae_decode: bool = False
+
+    def validate(self, file, path: str) -> None:
+        require(self.cache_threshold is None or self.cache_threshold >= 0, file, f"{path}.cache_threshold",
+                f"must be >= 0 or null (off), got {self.cache_threshold}")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     ae: AEConfig
@@ -39,6 +66,7 @@ class InferenceConfig:
     tokenizer_2: Optional[TokenizerConfig] = None
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
+    acceleration: AccelerationConfig = field(default_factory=AccelerationConfig)
     micro_batch_size: int = 1
     frame_interval: int = 1
     model_max_length: int = 512

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
+from ..config.inference import COMPILE_MODES
 from .presets import Duration, add_preset_arguments, size_from_args
 
 
@@ -34,6 +35,12 @@ class InferenceArgs:
     duration: Optional[Duration] = None
     save_path: Optional[str] = None
     weight_dtype: Optional[str] = None
+    # overrides of the JSON's `acceleration` block (docs/inference_acceleration.md)
+    cfg_parallel: Optional[bool] = None
+    cache_threshold: Optional[float] = None
+    compile: Optional[bool] = None
+    compile_mode: Optional[str] = None
+    parallel_vae_decode: Optional[bool] = None
     # run options
     tp: int = 1
     predictor_weights: Optional[str] = None
@@ -66,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_arguments(p)
     p.add_argument("--save-path", help="output folder")
     p.add_argument("--weight-dtype", choices=["fp32", "fp16", "bf16"], help="predictor and text encoder dtype")
+    accel = p.add_argument_group("acceleration (override the JSON's `acceleration` block; all off by default)")
+    accel.add_argument("--cfg-parallel", action="store_const", const=True,
+                       help="uncond and cond branches on two rank groups (world size = 2 x TP x n)")
+    accel.add_argument("--cache-threshold", type=float, metavar="T",
+                       help="TeaCache-style step cache: skip the blocks while the accumulated relative change of "
+                            "the modulated input stays under T (0 never skips)")
+    accel.add_argument("--compile", action="store_const", const=True, help="torch.compile each predictor block")
+    accel.add_argument("--compile-mode", choices=COMPILE_MODES)
+    accel.add_argument("--parallel-vae-decode", action="store_const", const=True,
+                       help="spread the VAE decode over the ranks of each replica (exact; pays off above 30 latent "
+                            "frames)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
     p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
                                                "(default: predictor.from_pretrained)")
@@ -108,6 +126,10 @@ def build_config(args: InferenceArgs) -> InferenceConfig:
     data["diffusion"].update({k: v for k, v in diffusion.items() if v is not None})
     if args.shift is not None:
         data["diffusion"]["use_dynamic_shifting"] = False
+    acceleration = {"cfg_parallel": args.cfg_parallel, "cache_threshold": args.cache_threshold,
+                    "compile": args.compile, "compile_mode": args.compile_mode,
+                    "parallel_vae_decode": args.parallel_vae_decode}
+    data["acceleration"].update({k: v for k, v in acceleration.items() if v is not None})
     if args.size is not None:
         data["pipeline_config"]["input_size"] = list(args.size)
     file = f"{args.config} + command line"

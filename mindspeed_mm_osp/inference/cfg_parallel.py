@@ -32,6 +32,19 @@ class CfgParallelGroup:
     num_replicas: int
 
 
+def group_by(key) -> dist.ProcessGroup:
+    """The process group of the ranks whose `key` equals this rank's (collective: every rank calls it with a
+    key; groups are created for every distinct key, in sorted order, as torch.distributed requires)."""
+    keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    mine = None
+    for k in sorted(set(keys)):
+        group = dist.new_group([r for r, other in enumerate(keys) if other == k])
+        if k == key:
+            mine = group
+    return mine
+
+
 def init_cfg_parallel() -> CfgParallelGroup:
     """Pairs of consecutive DP ranks (collective: every rank must call it once, after megatron's groups)."""
     from megatron.core import parallel_state as ps
@@ -41,17 +54,8 @@ def init_cfg_parallel() -> CfgParallelGroup:
         tp = ps.get_tensor_model_parallel_world_size()
         raise ParallelConfigError(f"--cfg-parallel needs an even data-parallel size (world size / TP = "
                                   f"{dist.get_world_size()} / {tp} = {dp_size}); launch 2 x TP x n ranks")
-    mine = dist.get_process_group_ranks(ps.get_data_parallel_group())
-    every: list[list[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(every, mine)
-    pair_group = None
-    for dp_group in sorted({tuple(g) for g in every}):
-        for k in range(0, len(dp_group), 2):
-            pair = list(dp_group[k:k + 2])
-            group = dist.new_group(pair)  # every rank creates every group, in the same order
-            if dist.get_rank() in pair:
-                pair_group = group
-    return CfgParallelGroup(pair_group, dp_rank % 2, dp_rank // 2, dp_size // 2)
+    dp_group = tuple(dist.get_process_group_ranks(ps.get_data_parallel_group()))
+    return CfgParallelGroup(group_by((dp_group, dp_rank // 2)), dp_rank % 2, dp_rank // 2, dp_size // 2)
 
 
 def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:
@@ -70,4 +74,4 @@ def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:
     return run_half
 
 
-__all__ = ["CfgParallelGroup", "cfg_parallel_model_fn", "init_cfg_parallel"]
+__all__ = ["CfgParallelGroup", "cfg_parallel_model_fn", "group_by", "init_cfg_parallel"]

@@ -6,14 +6,18 @@
     inference.py --config ... --decode-latents lat/ --save-path vid/  # stage 2: VAE only
     inference.py --config ... --benchmark --warmup 1 --repeat 3 --report bench.json
 
-Prompts (`--prompt` file, one per line, or a literal) are split over data-parallel replicas (prompt i goes to
-replica i mod DP); all TP ranks of a replica run the same pipeline on identical inputs and only TP rank 0 decodes
-and writes, so every file has one writer. Output per prompt i: `{i:06d}.mp4` + `{i:06d}.json` (settings), or
+Prompts (`--prompt` file, one per line, or a literal) are split over replicas (prompt i goes to replica
+i mod replicas); a replica is one TP group (all TP ranks run the same pipeline on identical inputs), or with
+`--cfg-parallel` a pair of TP groups running the unconditional and conditional branch. Only TP rank 0 of a
+replica (of its unconditional branch) writes, so every file has one writer; it also decodes, together with the
+replica's other ranks under `--parallel-vae-decode`. Accelerations: docs/inference_acceleration.md.
+Output per prompt i: `{i:06d}.mp4` + `{i:06d}.json` (settings), or
 `{i:06d}.safetensors` with `--save-latents`. Every file is written atomically and none is ever deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -25,9 +29,12 @@ from typing import Optional, Sequence
 import torch
 
 from .. import platform
-from ..config import ConfigError, InferenceConfig
+from ..config import AccelerationConfig, ConfigError, InferenceConfig, to_dict
+from ..diffusion.step_cache import StepCache
 from .arguments import InferenceArgs, build_config, parse_args
 from .benchmark import StageTimer, peak_memory
+from .cfg_parallel import CfgParallelGroup, group_by, init_cfg_parallel
+from .compile import compile_blocks
 from .pipeline import (
     TextConditioner,
     decode,
@@ -46,24 +53,45 @@ logger = logging.getLogger("mindspeed_mm_osp.inference")
 
 @dataclass(frozen=True)
 class Ranks:
+    """Where this rank sits. A *replica* runs the whole pipeline for its share of the prompts: one TP group, or
+    with CFG-parallel the two TP groups of a CFG pair (`cfg`). `decode_group` (parallel VAE decode) holds every
+    rank of the replica; without it only the writer decodes."""
+
     tp_rank: int = 0
     tp_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
     rank: int = 0
+    cfg: Optional[CfgParallelGroup] = None
+    decode_group: Optional[torch.distributed.ProcessGroup] = None
+
+    @property
+    def replica(self) -> int:
+        return self.dp_rank if self.cfg is None else self.cfg.replica
+
+    @property
+    def num_replicas(self) -> int:
+        return self.dp_size if self.cfg is None else self.cfg.num_replicas
 
     @property
     def writer(self) -> bool:
-        return self.tp_rank == 0
+        """TP rank 0 of the (unconditional branch of the) replica: the one rank that writes its files."""
+        return self.tp_rank == 0 and (self.cfg is None or self.cfg.branch == 0)
+
+    @property
+    def decodes(self) -> bool:
+        return self.writer or self.decode_group is not None
 
 
-def init_parallel(tp: int, seed: int) -> tuple[Ranks, bool]:
+def init_parallel(tp: int, seed: int, acceleration: AccelerationConfig) -> tuple[Ranks, bool]:
     """(ranks, whether we initialised torch.distributed). Single process without TP needs no process group."""
     import torch.distributed as dist
 
     from ..parallel import ParallelConfigError, initialize_distributed
 
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1 and tp == 1:
+        if acceleration.cfg_parallel:
+            raise ParallelConfigError("--cfg-parallel needs 2 x TP ranks (e.g. torchrun --nproc_per_node 2)")
         return Ranks(), False
     owned = not dist.is_initialized()
     initialize_distributed(tp=tp, seed=seed)
@@ -73,8 +101,16 @@ def init_parallel(tp: int, seed: int) -> tuple[Ranks, bool]:
         raise ParallelConfigError(f"torch.distributed is already set up with TP="
                                   f"{ps.get_tensor_model_parallel_world_size()}, but "
                                   f"--tensor-model-parallel-size {tp} was asked")
-    return Ranks(ps.get_tensor_model_parallel_rank(), tp, ps.get_data_parallel_rank(),
-                 ps.get_data_parallel_world_size(), dist.get_rank()), owned
+    ranks = Ranks(ps.get_tensor_model_parallel_rank(), tp, ps.get_data_parallel_rank(),
+                  ps.get_data_parallel_world_size(), dist.get_rank(),
+                  init_cfg_parallel() if acceleration.cfg_parallel else None)
+    if acceleration.parallel_vae_decode:
+        group = group_by(ranks.replica)
+        if (dist.get_rank(group) == 0) != ranks.writer:
+            raise ParallelConfigError("parallel VAE decode: the replica's first rank is not its writer (unexpected "
+                                      "megatron rank order)")
+        ranks = dataclasses.replace(ranks, decode_group=group)
+    return ranks, owned
 
 
 def _record(cfg: InferenceConfig, args: InferenceArgs, index: int, prompt: str, positive: str,
@@ -91,11 +127,13 @@ def _record(cfg: InferenceConfig, args: InferenceArgs, index: int, prompt: str, 
         "tensor_model_parallel_size": ranks.tp_size, "config": str(args.config),
         "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
         "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
+        "acceleration": to_dict(cfg.acceleration),
     }
 
 
 class Generator:
-    """Text encoders + predictor (and the VAE on writer ranks unless latents are saved)."""
+    """Text encoders + predictor (and the VAE on decoding ranks unless latents are saved), with the configured
+    accelerations: compiled blocks, step cache, CFG-parallel."""
 
     def __init__(self, cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks, build_vae: bool):
         from ..models.ae import VideoAutoencoder
@@ -114,7 +152,10 @@ class Generator:
                                      sequence_parallel=ranks.tp_size > 1)
         if args.lora:
             apply_adapters(self.model, args.lora, args.lora_scale)
-        self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae and ranks.writer else None
+        if cfg.acceleration.compile:  # after the adapters, so that the compiled blocks include them
+            compile_blocks(self.model, cfg.acceleration.compile_mode)
+        self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae and ranks.decodes else None
+        self.last_cache: Optional[StepCache] = None  # the step cache of the last `sample` call
 
     def sample(self, indices: Sequence[int], prompts: Sequence[str], timer: StageTimer,
                progress: bool) -> tuple[torch.Tensor, list[dict]]:
@@ -145,7 +186,12 @@ class Generator:
 
         platform.synchronize()
         last[0] = time.perf_counter()
-        latents = denoise(self.model, noise, cond, uncond, cfg, callback=on_step).cpu()
+        threshold = cfg.acceleration.cache_threshold
+        group = self.ranks.cfg.group if self.ranks.cfg is not None else None
+        self.last_cache = None if threshold is None else StepCache(self.model, threshold,
+                                                                  cfg.diffusion.num_inference_steps, group)
+        latents = denoise(self.model, noise, cond, uncond, cfg, callback=on_step, step_cache=self.last_cache,
+                          cfg_parallel=self.ranks.cfg).cpu()
         bar.close()
         records = [_record(cfg, self.args, i, p, pos, neg, self.ranks)
                    for i, p, pos, neg in zip(indices, prompts, positive, negative)]
@@ -160,37 +206,41 @@ def generate(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> list[Pa
     prompts = load_prompts(cfg.prompt)
     gen = Generator(cfg, args, ranks, build_vae=not args.save_latents)
     save_dir, fps = Path(cfg.save_path), cfg.output_fps
-    mine = [i for i in range(len(prompts)) if i % ranks.dp_size == ranks.dp_rank]
+    mine = [i for i in range(len(prompts)) if i % ranks.num_replicas == ranks.replica]
     written = []
     for batch in _chunks(mine, cfg.micro_batch_size):
         latents, records = gen.sample(batch, [prompts[i] for i in batch], StageTimer(), progress=ranks.rank == 0)
-        if not ranks.writer:
-            continue
         for b, (index, record) in enumerate(zip(batch, records)):
-            if args.save_latents:
+            if args.save_latents and ranks.writer:
                 written.append(save_latents(save_dir / f"{index:06d}.safetensors", latents[b], record))
-            else:
-                written.append(write_video(save_dir, f"{index:06d}", decode(gen.vae, latents[b:b + 1])[0], fps,
-                                           record))
-            logger.info("wrote %s", written[-1])
+            elif not args.save_latents and ranks.decodes:
+                video = decode(gen.vae, latents[b:b + 1], ranks.decode_group)
+                if ranks.writer:
+                    written.append(write_video(save_dir, f"{index:06d}", video[0], fps, record))
+            if ranks.writer:
+                logger.info("wrote %s", written[-1])
     return written
 
 
 def decode_saved(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> list[Path]:
-    """Stage 2: VAE only. Files are split over DP replicas; TP rank 0 of each decodes and writes."""
+    """Stage 2: VAE only. Files are split over replicas; the writer of each decodes (with the replica's other
+    ranks under --parallel-vae-decode) and writes."""
     from ..models.ae import VideoAutoencoder
 
     files = sorted(Path(args.decode_latents).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors latents in {args.decode_latents}")
-    mine = files[ranks.dp_rank::ranks.dp_size] if ranks.writer else []
+    mine = files[ranks.replica::ranks.num_replicas] if ranks.decodes else []
     written = []
     if mine:
         vae = VideoAutoencoder(cfg.ae).to(platform.device())
         save_dir = Path(cfg.save_path)
         for path in mine:
             saved = load_latents(path)
-            video = decode(vae, saved.latents[None])[0]
+            video = decode(vae, saved.latents[None], ranks.decode_group)
+            if not ranks.writer:
+                continue
+            video = video[0]
             record = {**saved.record, "decoded_from": str(path), "vae_dtype": cfg.ae.dtype}
             fps = saved.record.get("fps", cfg.output_fps)
             written.append(write_video(save_dir, path.stem, video, fps, record))
@@ -214,7 +264,7 @@ def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Option
             latents, _ = gen.sample(indices, [prompts[i] for i in indices], timer, progress=ranks.rank == 0)
             if gen.vae is not None:
                 with timer.time("vae_decode"):
-                    decode(gen.vae, latents)
+                    decode(gen.vae, latents, ranks.decode_group)
     if ranks.rank != 0:
         return None
     report = {
@@ -226,7 +276,11 @@ def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Option
         "num_inference_steps": cfg.diffusion.num_inference_steps,
         "guidance": cfg.diffusion.guidance_scale > 1.0, "warmup": args.warmup, "repeat": args.repeat,
         "torch_threads": torch.get_num_threads(), "stages": timer.summary(), "peak_memory": peak_memory(),
+        "acceleration": to_dict(cfg.acceleration),
     }
+    if gen.last_cache is not None:
+        report["step_cache"] = {"threshold": gen.last_cache.threshold, "skipped_steps": gen.last_cache.skipped,
+                                "skipped_fraction": gen.last_cache.skipped_fraction}
     path = Path(args.report) if args.report else Path(cfg.save_path) / "benchmark.json"
     write_json_atomic(path, report)
     for stage, s in report["stages"].items():
@@ -238,7 +292,7 @@ def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Option
 def run(args: InferenceArgs) -> None:
     """Merge the config, set up TP/DP, run the asked stage (generate, decode saved latents, or benchmark)."""
     cfg = build_config(args)
-    ranks, owned = init_parallel(args.tp, cfg.seed)
+    ranks, owned = init_parallel(args.tp, cfg.seed, cfg.acceleration)
     if args.size_preset and ranks.rank == 0:
         frames, height, width = cfg.pipeline_config.input_size
         print(f"size preset -> frames {frames}, height {height}, width {width}")

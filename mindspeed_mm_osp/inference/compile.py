@@ -14,14 +14,13 @@ The default mode is the one measured fastest in `bench/bench_inference_accel.py`
 from __future__ import annotations
 
 import logging
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..config.inference import COMPILE_MODES
 
-CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+logger = logging.getLogger(__name__)
 
 
 class CompiledForward:
@@ -62,4 +61,4 @@ def compile_blocks(model: torch.nn.Module, mode: str = "default",
     return wrappers
 
 
-__all__ = ["COMPILE_MODES", "CompileMode", "CompiledForward", "compile_blocks"]
+__all__ = ["COMPILE_MODES", "CompiledForward", "compile_blocks"]

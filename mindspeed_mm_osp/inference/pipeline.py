@@ -26,6 +26,8 @@ import torch
 
 from ..config import InferenceConfig
 from ..diffusion import FlowMatchingScheduler, sample
+from ..diffusion.step_cache import StepCache
+from .cfg_parallel import CfgParallelGroup, cfg_parallel_model_fn
 
 LATENTS_KEY = "latents"
 
@@ -97,18 +99,28 @@ def sampling_sigmas(cfg: InferenceConfig) -> torch.Tensor:
 @torch.no_grad()
 def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.Tensor],
             uncond: Optional[dict[str, torch.Tensor]], cfg: InferenceConfig,
-            callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """Clean latents (fp32, on the model's device) from `noise`; one forward per step for [uncond; cond]."""
+            callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
+            step_cache: Optional[StepCache] = None, cfg_parallel: Optional[CfgParallelGroup] = None) -> torch.Tensor:
+    """Clean latents (fp32, on the model's device) from `noise`; one forward per step for [uncond; cond].
+
+    `step_cache` (built on `model`) replaces the plain forward; `cfg_parallel` runs only this rank's half of
+    the [uncond; cond] batch and gathers the other half from its CFG peer.
+    """
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
+    predictor = model if step_cache is None else step_cache
+    guided = cfg.diffusion.guidance_scale > 1.0
+    if cfg_parallel is not None and not (guided and uncond is not None):
+        raise ValueError("--cfg-parallel needs classifier-free guidance (guidance_scale > 1 and negative prompts)")
 
     def to_model(c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in c.items()}
 
     def model_fn(x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
-        return model(x.to(dtype), timestep, **kwargs).float()
+        return predictor(x.to(dtype), timestep, **kwargs).float()
 
-    guided = cfg.diffusion.guidance_scale > 1.0
+    if cfg_parallel is not None:
+        model_fn = cfg_parallel_model_fn(model_fn, cfg_parallel)
     return sample(model_fn, noise.to(device=device, dtype=torch.float32), to_model(cond),
                   to_model(uncond) if guided and uncond is not None else None,
                   sigmas=sampling_sigmas(cfg), guidance_scale=cfg.diffusion.guidance_scale,
@@ -116,10 +128,15 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.T
 
 
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, t, h, w) latents -> (B, 3, T, H, W) videos in [-1, 1] (fp32, CPU)."""
+def decode(vae: torch.nn.Module, latents: torch.Tensor,
+           group: Optional["torch.distributed.ProcessGroup"] = None) -> Optional[torch.Tensor]:
+    """(B, C, t, h, w) latents -> (B, 3, T, H, W) videos in [-1, 1] (fp32, CPU).
+
+    With `group` the decode is spread over its ranks (all must call) and the video returned on its rank 0 only.
+    """
     param = next(vae.parameters())
-    return vae.decode(latents.to(param.device)).float().clamp(-1, 1).cpu()
+    video = vae.decode(latents.to(param.device), group)
+    return None if video is None else video.float().clamp(-1, 1).cpu()
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -103,3 +103,32 @@ def test_tp2_and_dp2_inference_equal_tp1(config, tmp_path):
         "000000.json", "000000.mp4", "000001.json", "000001.mp4"]
     frames, fps = read_mp4(tmp_path / "vid" / "000001.mp4")
     assert frames.shape == (SIZE[0], SIZE[1], SIZE[2], 3) and fps == 8
+
+
+def test_cfg_parallel_step_cache_and_parallel_decode_through_the_cli(config, tmp_path):
+    """`--cfg-parallel` (2 ranks) with the step cache at threshold 0 gives the single-process latents; the
+    record keeps the settings; `--parallel-vae-decode` over a TP=2 replica writes each video once, equal to one
+    rank's (exactness of split decodes: tests/unit/test_vae_parallel_decode.py)."""
+    base = ["--config", str(config), "--save-latents"]
+    cli.main([*base, "--save-path", str(tmp_path / "ref")])
+    run_distributed(_infer, 2, [*base, "--cfg-parallel", "--cache-threshold", "0", "--save-path",
+                                str(tmp_path / "cfg")], tp=1, timeout=300)
+    for stem in ("000000", "000001"):
+        ref = load_latents(tmp_path / "ref" / f"{stem}.safetensors")
+        got = load_latents(tmp_path / "cfg" / f"{stem}.safetensors")
+        torch.testing.assert_close(got.latents, ref.latents, rtol=1e-5, atol=1e-5)
+        assert got.record["acceleration"]["cfg_parallel"] and got.record["acceleration"]["cache_threshold"] == 0
+
+    decode = ["--config", str(config), "--decode-latents", str(tmp_path / "ref")]
+    cli.main([*decode, "--save-path", str(tmp_path / "vid1")])
+    run_distributed(_infer, 2, [*decode, "--parallel-vae-decode", "--tensor-model-parallel-size", "2",
+                                "--save-path", str(tmp_path / "vid2")], tp=2, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "vid2").iterdir()) == sorted(p.name for p in (tmp_path / "vid1").iterdir())
+    for stem in ("000000", "000001"):
+        assert torch.equal(torch.as_tensor(read_mp4(tmp_path / "vid2" / f"{stem}.mp4")[0]),
+                           torch.as_tensor(read_mp4(tmp_path / "vid1" / f"{stem}.mp4")[0]))
+    # Generation with both branches of the CFG pair decoding together: one writer, every video present.
+    run_distributed(_infer, 2, ["--config", str(config), "--cfg-parallel", "--parallel-vae-decode", "--save-path",
+                                str(tmp_path / "vid3")], tp=1, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "vid3").iterdir()) == sorted(p.name for p in (tmp_path / "vid1").iterdir())
+    assert read_mp4(tmp_path / "vid3" / "000001.mp4")[0].shape == (SIZE[0], SIZE[1], SIZE[2], 3)

@@ -66,9 +66,9 @@ def test_videos_sidecars_and_two_stage_equal_one_stage(config, tmp_path, monkeyp
     decoded = []  # what reaches the VAE, observed (not replaced) in both stages
     real_decode = cli.decode
 
-    def observed_decode(vae, latents):
+    def observed_decode(vae, latents, group=None):
         decoded.append(latents.clone())
-        return real_decode(vae, latents)
+        return real_decode(vae, latents, group)
 
     monkeypatch.setattr(cli, "decode", observed_decode)
 
@@ -189,3 +189,26 @@ def test_generates_at_the_smallest_preset(config, tmp_path):
         "--num-inference-steps", "2", "--save-path", str(out))
     frames, _ = read_mp4(out / "000000.mp4")
     assert frames.shape == (1, 144, 144, 3)
+
+
+def test_benchmark_reports_the_step_cache_and_json_acceleration(config, tmp_path):
+    """`--cache-threshold` reaches the sampler (a huge one skips every step but the first and the last) and the
+    report; the JSON's `acceleration` block is the default when no flag is given; --cfg-parallel on one process
+    stops with a message."""
+    data = json.loads(config.read_text())
+    data["diffusion"]["num_inference_steps"] = 4
+    (tmp_path / "inference.json").write_text(json.dumps(data))
+    report = tmp_path / "bench.json"
+    cli.main(["--config", str(tmp_path / "inference.json"), "--benchmark", "--warmup", "0", "--repeat", "1",
+              "--cache-threshold", "1e9", "--report", str(report), "--prompt", "a cat"])
+    got = json.loads(report.read_text())
+    assert got["step_cache"] == {"threshold": 1e9, "skipped_steps": [1, 2], "skipped_fraction": 0.5}
+    assert got["acceleration"] == {"cfg_parallel": False, "cache_threshold": 1e9, "compile": False,
+                                   "compile_mode": "default", "parallel_vae_decode": False}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--config", str(config), "--cfg-parallel", "--save-path", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    data["acceleration"] = {"cache_threshold": -1}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        cli.main(["--config", str(tmp_path / "bad.json"), "--save-latents"])

@@ -15,6 +15,7 @@ from torch import nn
 from ...config.ae import AEConfig
 from ...config.dtypes import to_torch_dtype
 from .checkpoint import load_wfvae_checkpoint
+from .parallel_decode import decode_parallel
 from .wfvae import SPATIAL_FACTOR, TEMPORAL_FACTOR, WFVAE, sample_posterior, split_posterior
 
 class VideoAutoencoder(nn.Module):
@@ -90,9 +91,17 @@ class VideoAutoencoder(nn.Module):
         return self.sample_latents(*self.encode_posterior(video), generator=generator)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, Z, t, h, w) -> video (B, 3, 8t-7, 8h, 8w), nominally [-1, 1], unclamped."""
+    def decode(self, latents: torch.Tensor,
+               group: Optional["torch.distributed.ProcessGroup"] = None) -> Optional[torch.Tensor]:
+        """Normalised latents (B, Z, t, h, w) -> video (B, 3, 8t-7, 8h, 8w), nominally [-1, 1], unclamped.
+
+        With `group`, every rank of it decodes a span of the latent frames (`parallel_decode`) and the video is
+        returned on the group's rank 0 only (None elsewhere); the result equals the single-rank decode.
+        """
         if latents.ndim != 5 or latents.shape[1] != self.latent_dim:
             raise ValueError(f"expected latents (B, {self.latent_dim}, t, h, w), got shape {tuple(latents.shape)}")
         z = self.denormalize(latents.to(self.dtype))
-        return self.vae.decode(z, self._chunk(self.config.tile_latent_frames))
+        chunk = self._chunk(self.config.tile_latent_frames)
+        if group is None:
+            return self.vae.decode(z, chunk)
+        return decode_parallel(self.vae, z, chunk, group)
