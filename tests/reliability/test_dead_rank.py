@@ -66,7 +66,7 @@ def test_surviving_rank_exits_instead_of_hanging(micro_assets, tmp_path, mode):
         f"(timeout {timeout:.0f}s); last line: {message[:220]}")
 
 
-def _group_timeouts(rank, world_size, minutes: float) -> dict:
+def _group_timeouts(rank, world_size, minutes: float, cp: int) -> dict:
     import datetime
 
     import torch
@@ -75,16 +75,20 @@ def _group_timeouts(rank, world_size, minutes: float) -> dict:
 
     from mindspeed_mm_osp.parallel import initialize_distributed
 
-    initialize_distributed(tp=1, timeout_minutes=minutes)
+    initialize_distributed(tp=1, cp=cp, timeout_minutes=minutes)
     groups = {"world": dist.group.WORLD, "data_parallel": ps.get_data_parallel_group(),
-              "tensor_parallel": ps.get_tensor_model_parallel_group(), "model_parallel": ps.get_model_parallel_group()}
+              "tensor_parallel": ps.get_tensor_model_parallel_group(), "model_parallel": ps.get_model_parallel_group(),
+              "context_parallel": ps.get_context_parallel_group(),
+              "data_context_parallel": ps.get_data_parallel_group(with_context_parallel=True)}
     want = datetime.timedelta(minutes=minutes)
     return {name: g._get_backend(torch.device("cpu")).options._timeout == want for name, g in groups.items()}
 
 
-def test_every_process_group_gets_the_configured_timeout():
-    """The minimal form of the bug above (gloo groups; the run's collectives go through megatron's groups)."""
+@pytest.mark.parametrize("cp", [1, 2])
+def test_every_process_group_gets_the_configured_timeout(cp):
+    """The minimal form of the bug above (gloo groups; the run's collectives go through megatron's groups),
+    with DP=2 and with CP=2 (the Ulysses all-to-alls run in the context-parallel group)."""
     from mindspeed_mm_osp.testing import run_distributed
 
-    per_rank = run_distributed(_group_timeouts, 2, 0.05, init_megatron=False)
+    per_rank = run_distributed(_group_timeouts, 2, 0.05, cp, init_megatron=False)
     assert all(all(ok.values()) for ok in per_rank), per_rank
