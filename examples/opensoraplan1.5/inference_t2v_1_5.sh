@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Open-Sora Plan v1.5 text-to-video sampling on one node (any number of devices).
-# TP shards the predictor; the remaining factor (devices / TP) splits the prompts (data parallel).
+# TP shards the predictor, CP splits each video's tokens; the remaining factor (devices / (TP x CP)) splits the
+# prompts (data parallel).
 #   TP=4 NPUS_PER_NODE=8 bash examples/opensoraplan1.5/inference_t2v_1_5.sh
 #   CONFIG=examples/tiny/inference.json TP=2 NPUS_PER_NODE=2 bash examples/opensoraplan1.5/inference_t2v_1_5.sh
 # Extra arguments are passed to inference.py (e.g. --prompt "a cat" --seed 7 --save-latents).
@@ -15,8 +16,9 @@ if [ -z "${NPUS_PER_NODE:-}" ]; then
   NPUS_PER_NODE=$($PYTHON -c "from mindspeed_mm_osp.platform.device import device_count; print(device_count())")
 fi
 TP=${TP:-4}
-if [ $((NPUS_PER_NODE % TP)) -ne 0 ]; then
-  echo "TP=$TP must divide NPUS_PER_NODE=$NPUS_PER_NODE" >&2
+CP=${CP:-1}   # Ulysses context parallelism: CP ranks share one video's token sequence
+if [ $((NPUS_PER_NODE % (TP * CP))) -ne 0 ]; then
+  echo "TP=$TP x CP=$CP must divide NPUS_PER_NODE=$NPUS_PER_NODE" >&2
   exit 2
 fi
 
@@ -37,5 +39,6 @@ $TORCHRUN --nproc_per_node "$NPUS_PER_NODE" --nnodes 1 --master_addr "$MASTER_AD
     "$REPO_ROOT/inference.py" \
     --config "$CONFIG" \
     --tensor-model-parallel-size "$TP" \
+    --context-parallel-size "$CP" \
     --seed "$SEED" \
     "$@"

@@ -34,7 +34,7 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 
 TP=${TP:-8}
 PP=1
-CP=1
+CP=${CP:-1}   # Ulysses context parallelism (--context-parallel-algo ulysses_cp_algo); TP x CP divides the world
 MBS=${MBS:-1}
 GRAD_ACC_STEP=${GRAD_ACC_STEP:-1}
 GBS=$((WORLD_SIZE * GRAD_ACC_STEP * MBS / CP / TP))

@@ -1,7 +1,7 @@
 """`inference.py` flags: parsed once into a frozen `InferenceArgs`, merged into the inference JSON by `build_config`.
 
 Flags come in two kinds. Overrides of the JSON (prompt, seed, sampler settings, size, dtype, save path) are
-applied by `build_config`, and the merged `InferenceConfig` is validated again as a whole. Run options (TP size,
+applied by `build_config`, and the merged `InferenceConfig` is validated again as a whole. Run options (TP/CP sizes,
 weights, which stage to run, benchmark counts) stay in `InferenceArgs` and are read by `cli.run`. A new sampling
 option (e.g. `--cfg-parallel`, `--cache-threshold`, `--compile`) is a field here plus its flag in `build_parser`.
 """
@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
 from ..config.inference import COMPILE_MODES
+from ..parallel import ParallelConfigError
+from ..parallel.context_parallel import check_context_parallel
 from .presets import Duration, add_preset_arguments, size_from_args
 
 
@@ -43,6 +45,8 @@ class InferenceArgs:
     parallel_vae_decode: Optional[bool] = None
     # run options
     tp: int = 1
+    cp: int = 1
+    context_parallel_algo: str = "ulysses_cp_algo"
     predictor_weights: Optional[str] = None
     lora: Optional[str] = None
     lora_scale: float = 1.0
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="spread the VAE decode over the ranks of each replica (exact; pays off above 30 latent "
                             "frames)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
+    p.add_argument("--context-parallel-size", type=int, default=1, dest="cp",
+                   help="ranks that share one video's token sequence (Ulysses all-to-all around attention)")
+    p.add_argument("--context-parallel-algo", default="ulysses_cp_algo", help="only ulysses_cp_algo is implemented")
     p.add_argument("--predictor-weights", help="merged/released weights file or a training checkpoint folder "
                                                "(default: predictor.from_pretrained)")
     p.add_argument("--lora", metavar="DIR", help="LoRA adapter checkpoint (pretrain.py --lora-r ... --save DIR) "
@@ -110,6 +117,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         p.error("--lora-scale needs --lora DIR")
     if ns.warmup < 0 or ns.repeat < 1:
         p.error("--warmup must be >= 0 and --repeat >= 1")
+    try:
+        check_context_parallel(ns.cp, ns.context_parallel_algo)
+    except ParallelConfigError as e:
+        p.error(str(e))
     if ns.size is not None:
         ns.size = tuple(ns.size)
     return InferenceArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(InferenceArgs)})

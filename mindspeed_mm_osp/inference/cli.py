@@ -2,15 +2,17 @@
 
     inference.py --config examples/tiny/inference.json --prompt "a cat" --save-path out/
     torchrun --nproc_per_node 2 inference.py --config ... --tensor-model-parallel-size 2
+    torchrun --nproc_per_node 4 inference.py --config ... --tensor-model-parallel-size 2 --context-parallel-size 2
     inference.py --config ... --save-latents --save-path lat/      # stage 1: text encoders + predictor only
     inference.py --config ... --decode-latents lat/ --save-path vid/  # stage 2: VAE only
     inference.py --config ... --benchmark --warmup 1 --repeat 3 --report bench.json
 
 Prompts (`--prompt` file, one per line, or a literal) are split over replicas (prompt i goes to replica
-i mod replicas); a replica is one TP group (all TP ranks run the same pipeline on identical inputs), or with
-`--cfg-parallel` a pair of TP groups running the unconditional and conditional branch. Only TP rank 0 of a
-replica (of its unconditional branch) writes, so every file has one writer; it also decodes, together with the
-replica's other ranks under `--parallel-vae-decode`. Accelerations: docs/inference_acceleration.md.
+i mod replicas); a replica is one TP x CP group (all its ranks run the same pipeline on identical inputs; CP ranks
+each hold a part of the video sequence inside the predictor), or with `--cfg-parallel` a pair of them running the
+unconditional and conditional branch. Only TP rank 0 / CP rank 0 of a replica (of its unconditional branch)
+writes, so every file has one writer; it also decodes, together with the replica's other ranks under
+`--parallel-vae-decode`. Accelerations: docs/inference_acceleration.md.
 Output per prompt i: `{i:06d}.mp4` + `{i:06d}.json` (settings), or
 `{i:06d}.safetensors` with `--save-latents`. Every file is written atomically and none is ever deleted.
 """
@@ -64,6 +66,8 @@ class Ranks:
     rank: int = 0
     cfg: Optional[CfgParallelGroup] = None
     decode_group: Optional[torch.distributed.ProcessGroup] = None
+    cp_rank: int = 0
+    cp_size: int = 1
 
     @property
     def replica(self) -> int:
@@ -75,35 +79,36 @@ class Ranks:
 
     @property
     def writer(self) -> bool:
-        """TP rank 0 of the (unconditional branch of the) replica: the one rank that writes its files."""
-        return self.tp_rank == 0 and (self.cfg is None or self.cfg.branch == 0)
+        """TP rank 0 / CP rank 0 of the (unconditional branch of the) replica: the one rank that writes its files."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and (self.cfg is None or self.cfg.branch == 0)
 
     @property
     def decodes(self) -> bool:
         return self.writer or self.decode_group is not None
 
 
-def init_parallel(tp: int, seed: int, acceleration: AccelerationConfig) -> tuple[Ranks, bool]:
-    """(ranks, whether we initialised torch.distributed). Single process without TP needs no process group."""
+def init_parallel(tp: int, seed: int, acceleration: AccelerationConfig, cp: int = 1) -> tuple[Ranks, bool]:
+    """(ranks, whether we initialised torch.distributed). Single process without TP/CP needs no process group."""
     import torch.distributed as dist
 
     from ..parallel import ParallelConfigError, initialize_distributed
 
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1 and tp == 1:
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1 and tp == cp == 1:
         if acceleration.cfg_parallel:
             raise ParallelConfigError("--cfg-parallel needs 2 x TP ranks (e.g. torchrun --nproc_per_node 2)")
         return Ranks(), False
     owned = not dist.is_initialized()
-    initialize_distributed(tp=tp, seed=seed)
+    initialize_distributed(tp=tp, cp=cp, seed=seed)
     from megatron.core import parallel_state as ps
 
-    if ps.get_tensor_model_parallel_world_size() != tp:
-        raise ParallelConfigError(f"torch.distributed is already set up with TP="
-                                  f"{ps.get_tensor_model_parallel_world_size()}, but "
-                                  f"--tensor-model-parallel-size {tp} was asked")
+    have = (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size())
+    if have != (tp, cp):
+        raise ParallelConfigError(f"torch.distributed is already set up with TP={have[0]} CP={have[1]}, but "
+                                  f"--tensor-model-parallel-size {tp} --context-parallel-size {cp} was asked")
     ranks = Ranks(ps.get_tensor_model_parallel_rank(), tp, ps.get_data_parallel_rank(),
                   ps.get_data_parallel_world_size(), dist.get_rank(),
-                  init_cfg_parallel() if acceleration.cfg_parallel else None)
+                  init_cfg_parallel() if acceleration.cfg_parallel else None,
+                  cp_rank=ps.get_context_parallel_rank(), cp_size=cp)
     if acceleration.parallel_vae_decode:
         group = group_by(ranks.replica)
         if (dist.get_rank(group) == 0) != ranks.writer:
@@ -124,7 +129,8 @@ def _record(cfg: InferenceConfig, args: InferenceArgs, index: int, prompt: str, 
         "use_linear_quadratic_schedule": d.use_linear_quadratic_schedule,
         "size": list(pc.input_size), "latent_shape": list(latent_shape(cfg)),
         "fps": cfg.output_fps, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
-        "tensor_model_parallel_size": ranks.tp_size, "config": str(args.config),
+        "tensor_model_parallel_size": ranks.tp_size, "context_parallel_size": ranks.cp_size,
+        "config": str(args.config),
         "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
         "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
         "acceleration": to_dict(cfg.acceleration),
@@ -270,7 +276,7 @@ def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Option
     report = {
         "device": str(platform.device()), "device_name": platform.device_name(),
         "accelerator": platform.accelerator(), "weight_dtype": str(to_torch_dtype(cfg.weight_dtype)),
-        "vae_dtype": cfg.ae.dtype, "tensor_model_parallel_size": ranks.tp_size,
+        "vae_dtype": cfg.ae.dtype, "tensor_model_parallel_size": ranks.tp_size, "context_parallel_size": ranks.cp_size,
         "data_parallel_size": ranks.dp_size, "batch_size": len(indices),
         "input_size": list(cfg.pipeline_config.input_size), "latent_shape": list(latent_shape(cfg)),
         "num_inference_steps": cfg.diffusion.num_inference_steps,
@@ -292,7 +298,7 @@ def benchmark(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> Option
 def run(args: InferenceArgs) -> None:
     """Merge the config, set up TP/DP, run the asked stage (generate, decode saved latents, or benchmark)."""
     cfg = build_config(args)
-    ranks, owned = init_parallel(args.tp, cfg.seed, cfg.acceleration)
+    ranks, owned = init_parallel(args.tp, cfg.seed, cfg.acceleration, args.cp)
     if args.size_preset and ranks.rank == 0:
         frames, height, width = cfg.pipeline_config.input_size
         print(f"size preset -> frames {frames}, height {height}, width {width}")

@@ -23,6 +23,19 @@ import torch
 CP_ALGOS = ("ulysses_cp_algo",)
 
 
+def check_context_parallel(size: int, algo: str) -> None:
+    """The `--context-parallel-size/-algo` pair, checked once at startup (training and inference)."""
+    from .init import ParallelConfigError
+
+    if size < 1:
+        raise ParallelConfigError(f"--context-parallel-size must be >= 1, got {size}")
+    if algo not in CP_ALGOS:
+        raise ParallelConfigError(
+            f"--context-parallel-algo {algo} is not implemented; use {' or '.join(CP_ALGOS)} (Ulysses all-to-all). "
+            "MindSpeed's megatron_cp_algo (ring attention), hybrid_cp_algo and the adaptive variants are not "
+            "available here")
+
+
 def _group():
     from megatron.core import parallel_state
 
@@ -125,6 +138,6 @@ def gather_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "CP_ALGOS", "context_parallel_rank", "context_parallel_size", "gather_heads", "gather_sequence",
+    "CP_ALGOS", "check_context_parallel", "context_parallel_rank", "context_parallel_size", "gather_heads", "gather_sequence",
     "heads_to_sequence", "local_heads", "loss_scale_for_grads", "sequence_to_heads", "split_sequence",
 ]

@@ -47,6 +47,7 @@ class ParallelArgs(_Flags):
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    context_parallel_algo: str = "ulysses_cp_algo"
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False

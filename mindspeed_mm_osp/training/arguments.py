@@ -14,7 +14,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
-
+from ..parallel import ParallelConfigError
+from ..parallel.context_parallel import check_context_parallel
 from .args import TrainingArgs
 
 # flag -> why it has no effect for SparseUMMDiT (printed in --help and docs/training.md)
@@ -109,7 +110,10 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--context-parallel-size", type=int, default=1,
+                     help="ranks that share one sample's video sequence (Ulysses all-to-all around attention)")
+    par.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
+                     help="context-parallel algorithm; only ulysses_cp_algo is implemented")
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument("--distributed-backend", default=None)
@@ -247,17 +251,19 @@ def _check_values(args: argparse.Namespace) -> None:
         parse_fault_spec(args.inject_nonfinite_grad)
     except ValueError as e:
         raise ArgumentError(f"--inject-nonfinite-grad: {e}") from e
-    if args.context_parallel_size != 1:  # the predictor has CP; data, loss scaling and checkpoints follow
-        raise ArgumentError(f"--context-parallel-size={args.context_parallel_size} is not supported by the trainer "
-                            "yet; use 1 and --sequence-parallel for long sequences")
+    try:
+        check_context_parallel(args.context_parallel_size, args.context_parallel_algo)
+    except ParallelConfigError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def _derive_batches(args: argparse.Namespace, world_size: int) -> None:
     """Data-parallel size, global batch, gradient accumulation and train_iters from the world size."""
-    tp = args.tensor_model_parallel_size
-    if world_size % tp != 0:
-        raise ArgumentError(f"--tensor-model-parallel-size={tp} must divide the world size {world_size}")
-    dp = world_size // tp
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if world_size % (tp * cp) != 0:
+        sizes = f"--tensor-model-parallel-size={tp}" + (f" x --context-parallel-size={cp}" if cp > 1 else "")
+        raise ArgumentError(f"{sizes} must divide the world size {world_size}")
+    dp = world_size // (tp * cp)  # CP peers train the same micro-batch, like TP peers
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp) != 0:

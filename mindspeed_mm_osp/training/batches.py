@@ -1,8 +1,9 @@
 """Encoded micro-batches for one model replica, with optional encoder data parallelism.
 
-Without `enable_encoder_dp` every TP peer reads the same micro-batch (the loader is
-sharded by DP rank) and encodes it redundantly. With it (and TP > 1) the loader is
-sharded by world rank, each TP peer encodes a *different* micro-batch, and the encoded
+Without `enable_encoder_dp` every TP and CP peer reads the same micro-batch (the loader
+is sharded by DP rank, which excludes CP) and encodes it redundantly. With it (and TP > 1)
+the loader is sharded by TP x DP rank, each TP peer encodes a *different* micro-batch
+(its CP peers the same one), and the encoded
 tensors are all-gathered inside the TP group: one fetch round feeds TP consecutive
 micro-batches of the replica (reference §5.4), cutting encoder work by TP.
 
@@ -27,8 +28,9 @@ from .step import EncodedBatch, encode_batch, keyed_generator
 class LoaderShard:
     """Which slice of the data this rank loads, and where a resumed run restarts in it.
 
-    Plain DP: the loader is sharded by DP rank (TP peers load the same micro-batches) and resumes at
-    `consumed_samples`. Encoder DP: sharded by world rank with a "global batch" of one micro-batch per rank,
+    Plain DP: the loader is sharded by DP rank (TP and CP peers load the same micro-batches) and resumes at
+    `consumed_samples`. Encoder DP: sharded by `rank` of `world_size` (TP x DP, the world without CP) with a
+    "global batch" of one micro-batch per such rank,
     resuming at the fetch round that holds the replica's next micro-batch ordinal.
     """
 
@@ -71,11 +73,12 @@ def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *
         build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
     else:
         build_loader = build_train_dataloader
-    dp_rank = ps.get_data_parallel_rank()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()  # DP excludes CP
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    # Encoder DP shards over the TP x DP ranks; CP peers load and encode what their TP peer position does.
     shard = LoaderShard.plan(
-        rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=dp_rank,
-        dp_size=ps.get_data_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_size=ps.get_tensor_model_parallel_world_size(), encoder_dp=model_cfg.enable_encoder_dp,
+        rank=dp_rank * tp_size + tp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
+        dp_size=dp_size, tp_rank=tp_rank, tp_size=tp_size, encoder_dp=model_cfg.enable_encoder_dp,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples)
     loader, stats = build_loader(
         data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=shard.dp_rank, dp_size=shard.dp_size,
@@ -124,5 +127,5 @@ class EncodedStream:
         return self._cache.pop(0)
 
     def noise_generator(self, ordinal: int) -> torch.Generator:
-        """Sigma/noise generator of a replica micro-batch: same on TP peers, distinct across DP ranks."""
+        """Sigma/noise generator of a replica micro-batch: same on TP and CP peers, distinct across DP ranks."""
         return keyed_generator(self.seed, "noise", ordinal, self.dp_rank)

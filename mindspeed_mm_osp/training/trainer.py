@@ -36,6 +36,7 @@ from ..models.predictor import build_predictor
 from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer
 from ..optim import clip_and_step
 from ..parallel import initialize_distributed
+from ..parallel.context_parallel import loss_scale_for_grads
 from .args import TrainingArgs
 from .arguments import parse_fault_spec
 from .batches import build_train_stream
@@ -119,7 +120,7 @@ class Trainer:
         self._init_distributed()
         self.model_cfg = load_model_config(args.mm_model)
         self.data_cfg = load_data_config(args.mm_data)
-        self.model_cfg.predictor.validate_parallel(self.tp, file=args.mm_model)
+        self.model_cfg.predictor.validate_parallel(self.tp, self.cp, file=args.mm_model)
         self.precision = resolve_precision(self.model_cfg, args)
         with torch.random.fork_rng(devices=[]):
             # Building the encoders (random init before their weights load) must not move the RNG stream the
@@ -144,8 +145,9 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         setup_logging(self.rank)
         self.tp, self.dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
-        logger.info("world %d = TP %d x DP %d; sequence parallel %s; %s; accelerator %s", self.world_size, self.tp,
-                    self.dp, args.sequence_parallel,
+        self.cp = ps.get_context_parallel_world_size()
+        logger.info("world %d = TP %d x CP %d x DP %d; sequence parallel %s; %s; accelerator %s", self.world_size,
+                    self.tp, self.cp, self.dp, args.sequence_parallel,
                     "distributed optimizer" if args.use_distributed_optimizer else "optimizer", platform.accelerator())
 
     def build_model(self) -> nn.Module:
@@ -220,12 +222,14 @@ class Trainer:
 
     def _accumulate_gradients(self) -> tuple[list[torch.Tensor], float]:
         ga = self.args.num_microbatches
+        # DDP averages over DP x CP; CP ranks' grads are shares of one micro-batch's (context_parallel.py)
+        scale = loss_scale_for_grads() / ga
         losses, flops = [], 0.0
         for _ in range(ga):
             enc = self.stream.next()
             gen = self.stream.noise_generator(self.stream.ordinal - 1)
             loss = flow_matching_loss(self.ddp, self.diffusion, enc, gen, self.precision.predictor)
-            (loss / ga).backward()
+            (loss * scale).backward()
             losses.append(loss.detach())
             _, _, t, h, w = enc.latents.shape
             flops += predictor_training_flops(self.model_cfg.predictor, enc.latents.shape[0], (t, h, w),

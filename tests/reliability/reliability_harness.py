@@ -118,7 +118,7 @@ class Ranks:
                 p.join()
 
 
-def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, init_megatron: bool = False) -> Ranks:
+def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, cp: int = 1, init_megatron: bool = False) -> Ranks:
     """Fork `world_size` ranks running `fn(rank, world_size, *args)`.
 
     `init_megatron=False` leaves process-group creation to `pretrain`, so that its
@@ -127,7 +127,7 @@ def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, init_megatron
     ctx = mp.get_context("fork")
     q = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, 1, 1234, init_megatron, fn, args, q))
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, cp, 1234, init_megatron, fn, args, q))
              for r in range(world_size)]
     started = time.monotonic()
     for p in procs:

@@ -42,11 +42,14 @@ def _run_with_faulty_rank(rank, world_size, argv, mode: str, marker: str) -> dic
     return out
 
 
-@pytest.mark.parametrize("mode", ["dies", "hangs"])
-def test_surviving_rank_exits_instead_of_hanging(micro_assets, tmp_path, mode):
+@pytest.mark.parametrize("mode, layout", [("dies", []), ("hangs", []), ("dies", ["--context-parallel-size", "2"]),
+                                          ("hangs", ["--context-parallel-size", "2"])],
+                         ids=["dies-dp2", "hangs-dp2", "dies-cp2", "hangs-cp2"])
+def test_surviving_rank_exits_instead_of_hanging(micro_assets, tmp_path, mode, layout):
+    """With CP=2 the survivor waits for its dead or hung peer inside the predictor's all-to-all."""
     marker = tmp_path / "fault_time"
     timeout = TIMEOUT_MINUTES[mode] * 60
-    argv = train_argv(micro_assets, "--distributed-timeout-minutes", str(TIMEOUT_MINUTES[mode]), iters=4)
+    argv = train_argv(micro_assets, "--distributed-timeout-minutes", str(TIMEOUT_MINUTES[mode]), *layout, iters=4)
     ranks = start_ranks(_run_with_faulty_rank, 2, argv, mode, str(marker))
     try:
         results = ranks.results(timeout=timeout + 20, wait_for={0})
@@ -62,7 +65,7 @@ def test_surviving_rank_exits_instead_of_hanging(micro_assets, tmp_path, mode):
     # gloo's own words: "Connection closed/reset by peer ... remote worker crashing" or "Timed out waiting ..."
     assert "remote worker" in message or "Timed out" in message, message
     assert waited < timeout + 10
-    log(f"dead rank ({mode}): rank 0 exited with status {out['code']} {waited:.1f}s after rank 1's fault "
+    log(f"dead rank ({mode}, {' '.join(layout) or 'DP=2'}): rank 0 exited with status {out['code']} {waited:.1f}s after rank 1's fault "
         f"(timeout {timeout:.0f}s); last line: {message[:220]}")
 
 

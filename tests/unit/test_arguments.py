@@ -64,6 +64,11 @@ def test_no_abbreviations():
     (["--save-interval", "0", "--save", "x"], 1, "must be > 0"),
     (["--save-interval", "5"], 1, "needs --save"),
     (["--clip_grad_ema_decay", "1.5"], 1, "must be in (0, 1)"),
+    (["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"], 6,
+     "--tensor-model-parallel-size=2 x --context-parallel-size=2 must divide the world size 6"),
+    (["--context-parallel-size", "0"], 1, "--context-parallel-size must be >= 1"),
+    (["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo"], 2,
+     "--context-parallel-algo megatron_cp_algo is not implemented; use ulysses_cp_algo"),
 ])
 def test_invalid_combinations(capsys, extra, world, message):
     with pytest.raises(SystemExit):
@@ -75,3 +80,10 @@ def test_sequence_parallel_needs_tp():
     assert parse_args(BASE + ["--sequence-parallel"], world_size=2).sequence_parallel is False
     assert parse_args(BASE + ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
                       world_size=2).sequence_parallel is True
+
+
+def test_data_parallel_size_excludes_context_parallel():
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
+                              "--micro-batch-size", "2"], world_size=8)
+    assert args.data_parallel_size == 2 and args.global_batch_size == 4 and args.num_microbatches == 1
+    assert args.context_parallel_algo == "ulysses_cp_algo"
