@@ -4,7 +4,7 @@ Per point: saved-activation bytes (`saved_tensors_hooks`, storages deduplicated)
 grads / optimizer-state bytes after one real step (megatron DDP + FusedEmaAdamW), measured vs
 `training.memory_plan.plan_memory`; on an accelerator also the allocated peak of a steady step vs
 static + activations + workspace. Grid: tiny (width 64) and width-256 predictors, TP 1 and 2 (with and
-without SP), recompute none / selective FFN / full, two sequence lengths, fp32 and bf16.
+without SP), Ulysses CP 2, recompute none / selective FFN / full, two sequence lengths, fp32 and bf16.
 
     python bench/bench_planner.py            # full grid, ~1 min on 2 CPU cores
     python bench/bench_planner.py --json OUT # also write the rows as JSON
@@ -48,18 +48,20 @@ def main() -> None:
     args = parser.parse_args()
     on_cuda = platform.accelerator() == "cuda"  # no CUDA call in this parent: its children fork
     points = grid(on_cuda)
-    layouts = ((1, False), (2, False), (2, True)) if not on_cuda or platform.device_count() >= 2 else ((1, False),)
+    layouts = ((1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False))  # (TP, CP, SP)
+    if on_cuda and platform.device_count() < 2:
+        layouts = layouts[:1]
     rows, worst = [], 0.0
     print(f"device={platform.accelerator()}; error = predicted / measured - 1 (peak: static + activations + "
           "workspace vs allocated peak of a steady step, accelerators only)")
     print(f"{'point':38s} {'category':12s} {'measured':>12s} {'predicted':>12s} {'error':>8s}")
-    for tp, sp in layouts:
-        results = run_distributed(_grid, tp, points, sp, False, tp=tp, timeout=600)[0]
+    for tp, cp, sp in layouts:
+        results = run_distributed(_grid, tp * cp, points, sp, False, tp=tp, cp=cp, timeout=600)[0]
         for point, cats in results.items():
             for cat, (m, p) in cats.items():
                 err = p / m - 1
                 worst = max(worst, abs(err))
-                label = f"tp{tp}{'+sp' if sp else ''}/{point}"
+                label = f"tp{tp}{'+sp' if sp else ''}{f'/cp{cp}' if cp > 1 else ''}/{point}"
                 rows.append(dict(point=label, category=cat, measured=m, predicted=p, error=err))
                 print(f"{label:38s} {cat:12s} {m:12d} {p:12d} {err:+8.1%}")
     print(f"points: {len(rows)}; worst |error| = {worst:.1%} on {platform.device_name()}")

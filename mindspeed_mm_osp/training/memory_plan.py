@@ -161,31 +161,37 @@ class _Saved:
 
 @dataclass(frozen=True)
 class _Shapes:
-    """Per-rank token counts of one block (B folded in) and widths."""
+    """Per-rank token counts of one block (batch folded in later) and widths.
+
+    Ulysses CP (`parallel/context_parallel.py`): the video residual stream is split over CP (then over TP under
+    SP); each attention sees the full video sequence with heads / (TP x CP); text is replicated over CP."""
 
     b: int
-    video: int          # video tokens per CP rank (attention sees them all)
+    cp: int
+    video: int          # video tokens attention sees (full sequence)
     text: int
-    res_video: int      # residual-stream tokens per rank (/TP under SP)
-    res_text: int
-    pad_video: int      # column-linear output length (padded to a multiple of TP under SP)
+    res_video: int      # residual-stream tokens per rank (/CP, and /TP under SP)
+    res_text: int       # (/TP under SP)
+    pad_video: int      # column-linear output length per CP rank (padded to a multiple of TP under SP)
     pad_text: int
+    attn_video: int     # video length after the all-to-all, with the CP padding
     d: int              # hidden size
-    d_local: int        # hidden size / TP (heads of this rank)
-    heads_local: int
+    d_local: int        # linear output width: hidden / TP
+    d_attn: int         # attention width: hidden / (TP x CP)
+    heads_attn: int
     embed: int
 
 
 def _shapes(cfg: PredictorConfig, work: Workload, par: Parallel) -> _Shapes:
     p = cfg.patch_size
-    video = math.ceil(work.latent_frames * (work.latent_height // p) * (work.latent_width // p) / par.cp)
-    text = math.ceil(work.text_len / par.cp)
+    video = work.latent_frames * (work.latent_height // p) * (work.latent_width // p)
     shard = par.tp if par.sp else 1
-    res_v, res_t = math.ceil(video / shard), math.ceil(text / shard)
-    return _Shapes(b=work.micro_batch, video=video, text=text, res_video=res_v, res_text=res_t,
-                   pad_video=res_v * shard, pad_text=res_t * shard, d=cfg.hidden_size,
-                   d_local=cfg.hidden_size // par.tp, heads_local=cfg.num_heads // par.tp,
-                   embed=cfg.timestep_embed_dim)
+    res_v, res_t = math.ceil(video / (par.cp * shard)), math.ceil(work.text_len / shard)
+    return _Shapes(b=work.micro_batch, cp=par.cp, video=video, text=work.text_len, res_video=res_v,
+                   res_text=res_t, pad_video=res_v * shard, pad_text=res_t * shard,
+                   attn_video=res_v * shard * par.cp if par.cp > 1 else res_v * shard, d=cfg.hidden_size,
+                   d_local=cfg.hidden_size // par.tp, d_attn=cfg.hidden_size // (par.tp * par.cp),
+                   heads_attn=cfg.num_heads // (par.tp * par.cp), embed=cfg.timestep_embed_dim)
 
 
 def _ada_norm(s: _Saved, sh: _Shapes, tag: str, streams: list[tuple[str, int]], param_bytes: int) -> None:
@@ -205,15 +211,16 @@ def _ada_norm(s: _Saved, sh: _Shapes, tag: str, streams: list[tuple[str, int]], 
         s.save(f"{tag}.{stream}.out", n * d, a)
 
 
-def _qk_norm(s: _Saved, sh: _Shapes, name: str, tokens: int, pad: int) -> None:
-    """HeadRMSNorm: fp32 input (pow and mul keep it), rsqrt, normalised output in the activation dtype (kept by
-    `* weight`). RoPE after it keeps nothing per block: its muls by the constant cos/sin tables keep only them."""
-    a, n_out = s.a, sh.b * tokens * sh.d_local
+def _qk_norm(s: _Saved, sh: _Shapes, name: str, tokens: int, raw_numel: int) -> None:
+    """HeadRMSNorm: fp32 input (pow and mul keep it; in fp32 that is the storage the heads were cut from,
+    `raw_numel` elements), rsqrt, normalised output in the activation dtype (kept by `* weight`). RoPE after it
+    keeps nothing per block: its muls by the constant cos/sin tables keep only them."""
+    a, n_out = s.a, sh.b * tokens * sh.d_attn
     if a == FP32:
-        s.save(f"{name}.raw", sh.b * pad * sh.d_local, a)    # column output is the fp32 input itself
+        s.save(f"{name}.raw", sh.b * raw_numel, a)
     else:
         s.save(f"{name}.f32", n_out, FP32)
-    s.save(f"{name}.rsqrt", sh.b * tokens * sh.heads_local, FP32)
+    s.save(f"{name}.rsqrt", sh.b * tokens * sh.heads_attn, FP32)
     s.save(f"{name}.normed", n_out, a)
 
 
@@ -222,19 +229,22 @@ def _attention(s: _Saved, sh: _Shapes, tag: str, k: int, group: bool, text_out: 
     video padded to a multiple of k^2), logsumexp and mask; the output projections' inputs."""
     a, b = s.a, sh.b
     for proj in ("q", "k"):
-        _qk_norm(s, sh, f"{tag}.{proj}x", sh.video, sh.pad_video)
-        _qk_norm(s, sh, f"{tag}.{proj}c", sh.text, sh.pad_text)
+        # video heads come from the column output (CP=1) or the all-to-all's output (CP>1); text heads are a
+        # slice of the column output's heads
+        _qk_norm(s, sh, f"{tag}.{proj}x", sh.video, sh.attn_video * sh.d_attn)
+        _qk_norm(s, sh, f"{tag}.{proj}c", sh.text, sh.pad_text * sh.d_local)
     video_k = -(-sh.video // (k * k)) * k * k if k > 1 else sh.video
     rows = b * (video_k + k * sh.text)
     for t in ("q", "k", "v", "out"):
-        s.save(f"{tag}.sdpa.{t}", rows * sh.d_local, a)
-    s.save(f"{tag}.sdpa.lse", rows * sh.heads_local, FP32)
+        s.save(f"{tag}.sdpa.{t}", rows * sh.d_attn, a)
+    s.save(f"{tag}.sdpa.lse", rows * sh.heads_attn, FP32)
     s.save(f"{tag}.sdpa.mask", b * k * (video_k // k + sh.text), a)
-    # The output projections read views of the kernel output unless a regroup or SP padding copied it.
-    sp_pad = sh.pad_video != sh.video
-    if group or sp_pad:
+    # The output projections read views of the kernel output unless a regroup, padding or CP exchange copied it.
+    if sh.cp > 1 or sh.pad_video * sh.cp != sh.video:
         s.save(f"{tag}.to_out.in", b * sh.pad_video * sh.d_local, a)
-    if text_out and (k > 1 or sh.pad_text != sh.text):
+    elif group:
+        s.save(f"{tag}.to_out.in", b * video_k * sh.d_local, a)
+    if text_out and (k > 1 or sh.cp > 1 or sh.pad_text != sh.text):
         s.save(f"{tag}.to_add_out.in", b * sh.pad_text * sh.d_local, a)
 
 

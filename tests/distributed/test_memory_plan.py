@@ -57,3 +57,10 @@ def test_planner_distributed_optimizer_shards_over_dp():
     points = _points(["tiny"], ["none"], ["short"], [torch.bfloat16])
     for rank_results in run_distributed(_grid, 2, points, False, True, tp=1):
         _assert_within(rank_results)
+
+
+def test_planner_within_15_percent_context_parallel():
+    points = (_points(["tiny"], ["none", "full"], ["short", "long"], [torch.float32])
+              | _points(["w256"], ["selective"], ["long"], [torch.bfloat16]))
+    for rank_results in run_distributed(_grid, 2, points, False, False, tp=1, cp=2):
+        _assert_within(rank_results)
