@@ -2,6 +2,7 @@
 
     python -m mindspeed_mm_osp.tools.plan --mm-model model.json --mm-data data.json [pretrain.py flags] \\
         [--world-size 8] [--frames 121 --height 576 --width 1024] [--device-memory-gib 80]
+    python pretrain.py --plan [the same flags]     # the same, exits before training
 
 Takes the same JSON configs and Megatron flags as `pretrain.py` (TP, SP, CP, micro-batch, recompute, precision,
 distributed optimizer); frames/resolution/text length default to the data JSON. Prints weights, main grads,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = training_parser()
     p.prog = "python -m mindspeed_mm_osp.tools.plan"
     g = p.add_argument_group("planner")
-    g.add_argument("--world-size", type=int, default=8, help="devices in the job (default 8: one node)")
+    g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 8)),
+                   help="devices in the job (default: $WORLD_SIZE, else 8: one node)")
     g.add_argument("--frames", type=int, default=None, help="video frames (default: data JSON num_frames)")
     g.add_argument("--height", type=int, default=None, help="default: data JSON max_height")
     g.add_argument("--width", type=int, default=None, help="default: data JSON max_width")

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_flags(p)
     _add_logging_flags(p)
     _add_lora_flags(p)
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-device memory and FLOPs plan of this run and exit before training "
+                        "(python -m mindspeed_mm_osp.tools.plan; its extra flags --world-size, --frames, --height, "
+                        "--width, --text-len, --device-memory-gib, --json are accepted with --plan)")
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)

@@ -16,6 +16,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ..parallel import ParallelConfigError, destroy_distributed
     from .trainer import TrainingStopped, pretrain
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--plan" in argv:  # the planner reads the same flags (plus its own) and exits before anything is built
+        from ..tools.plan import main as plan_main
+
+        return plan_main(argv)
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         pretrain(args)

@@ -65,3 +65,13 @@ def test_context_and_tensor_parallel_divide_the_sequence():
     assert tp2.weights < 0.6 * base.weights and cp2.weights == base.weights
     dist = plan_memory(CFG, WORK, Parallel(dp=4), RecomputeConfig(), torch.bfloat16, OptimizerPlan(distributed=True))
     assert dist.optimizer * 4 == pytest.approx(base.optimizer, rel=1e-6)
+
+
+def test_pretrain_plan_prints_the_plan_and_exits_before_training(configs, capsys, monkeypatch):
+    from mindspeed_mm_osp.training import cli, trainer
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda *a, **k: pytest.fail("training was started"))
+    cli.main(configs + ["--plan", "--train-iters", "1", "--world-size", "1", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"] == sum(report["plan"][k] for k in ("weights", "grads", "optimizer", "activations",
+                                                               "encoders", "workspace"))
