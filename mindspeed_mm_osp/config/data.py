@@ -103,6 +103,35 @@ class PreprocessParameters:
         require(self.max_read_retries >= 0, file, f"{path}.max_read_retries", "must be >= 0")
 
 
+MASK_TYPES = ("t2iv", "i2v", "transition", "continuation", "clear", "random_temporal")
+IMAGE_MASK_TYPES = ("t2iv", "clear")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Per-sample conditioning masks for image-to-video training (names, keys and defaults of Open-Sora Plan 1.3's
+    mask config). A sample's mask type is drawn with these relative weights; video clips use the video table,
+    single images the image one (only t2iv and clear apply to one frame). Continuation keeps the first k frames and
+    random_temporal k random ones, k uniform in [floor(T*min_clear_ratio), ceil(T*max_clear_ratio)]."""
+
+    mask_type_ratio_dict_video: dict = field(default_factory=lambda: {
+        "t2iv": 1.0, "i2v": 8.0, "transition": 8.0, "continuation": 2.0, "clear": 0.0, "random_temporal": 1.0})
+    mask_type_ratio_dict_image: dict = field(default_factory=lambda: {"t2iv": 1.0})
+    min_clear_ratio: float = 0.0
+    max_clear_ratio: float = 1.0
+
+    def validate(self, file, path: str) -> None:
+        for key, names in (("mask_type_ratio_dict_video", MASK_TYPES), ("mask_type_ratio_dict_image", IMAGE_MASK_TYPES)):
+            table = getattr(self, key)
+            for name, weight in table.items():
+                require(name in names, file, f"{path}.{key}.{name}", f"unknown mask type; use one of {list(names)}")
+                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                        and weight >= 0, file, f"{path}.{key}.{name}", f"weight must be a number >= 0, got {weight!r}")
+            require(sum(table.values()) > 0, file, f"{path}.{key}", "needs at least one weight > 0")
+        require(0.0 <= self.min_clear_ratio <= self.max_clear_ratio <= 1.0, file, f"{path}.min_clear_ratio",
+                f"need 0 <= min_clear_ratio <= max_clear_ratio <= 1, got {self.min_clear_ratio}, {self.max_clear_ratio}")
+
+
 @dataclass(frozen=True)
 class DatasetParam:
     basic_parameters: BasicParameters
@@ -120,6 +149,8 @@ class DatasetParam:
     # Every kept video also contributes one random frame of itself as an image sample
     # (REF accepts the key but ignores it).
     use_img_from_vid: bool = False
+    # Image-to-video training (a `SparseUMMDiTInpaint` predictor): every sample also carries a frame mask.
+    mask_config: Optional[MaskConfig] = None
 
     # The reference's data.json says `enable_text_preprocess`, its constructor reads
     # `enable_text_preprocessing` (spec B12): accept both spellings.

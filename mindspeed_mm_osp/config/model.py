@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .ae import AEConfig
+from .data import DataConfig
 from .diffusion import DiffusionConfig
 from .dtypes import Dtype
 from .loader import from_dict, read_json, require
@@ -43,3 +44,19 @@ class ModelConfig:
 
 def load_model_config(path: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, read_json(path), file=str(path))
+
+
+def validate_conditioning(model: ModelConfig, data: DataConfig, *, model_file, data_file) -> None:
+    """Image-to-video training needs a frame mask per sample (the data JSON's `mask_config`) and online clips: the
+    masked clip is encoded with the clip, which the feature cache (clip posteriors only) cannot do."""
+    conditioned, masks = model.predictor.conditioned, data.dataset_param.mask_config is not None
+    require(not conditioned or masks, data_file, "dataset_param.mask_config",
+            f"the predictor is {model.predictor.model_id} (image-to-video): add a mask_config block (mask types and "
+            "weights, see docs/i2v.md)")
+    require(conditioned or not masks, data_file, "dataset_param.mask_config",
+            f"given, but the predictor ({model.predictor.model_id}) takes no condition: set predictor.model_id "
+            "\"SparseUMMDiTInpaint\" in the model JSON or remove mask_config")
+    for key in ("load_video_features", "load_text_features"):
+        require(not (conditioned and getattr(model, key)), model_file, key,
+                "image-to-video training reads clips online (the masked clip is VAE-encoded with the clip; the "
+                "feature cache stores clip posteriors only): set it to false")

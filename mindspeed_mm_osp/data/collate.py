@@ -5,6 +5,7 @@ Videos are zero-padded at the end of T/H/W to what the VAE and the patch embeddi
 `latent_mask` (B, T', H', W') is 1 on each sample's valid latent box
 `(ceil((T−1)/a_t) + 1, ceil(H/a), ceil(W/a))` — on the VAE grid, not the patch grid. With the
 shape-grouped sampler the batch has one shape (checked) and, for valid configs, no padding.
+Image-to-video items also carry `frame_mask` (T,), stacked to (B, Tp).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class GroupLengthCollate:
         mask = torch.zeros(len(items), (tp - 1) // at + 1, hp // a, wp // a, dtype=video.dtype)
         mask[:, :math.ceil((t - 1) / at) + 1, :math.ceil(h / a), :math.ceil(w / a)] = 1
         batch = {"video": video, "latent_mask": mask}
+        if "frame_mask" in items[0]:  # image-to-video: padded frames are "generated" (and outside latent_mask)
+            batch["frame_mask"] = torch.stack([F.pad(it["frame_mask"], (0, tp - t), value=1.0) for it in items])
         for key in ("input_ids", "attention_mask", "input_ids_2", "attention_mask_2"):
             if key in items[0]:
                 batch[key] = torch.stack([it[key] for it in items])

@@ -24,6 +24,7 @@ import torch
 
 from ..config.data import DatasetParam
 from .index import KIND_IMAGE, SampleIndex
+from .masks import MaskDrawer
 from .readers import ReadError, VideoReader, read_image
 from .transforms import Compose, build_pipeline, default_pipeline
 
@@ -78,7 +79,8 @@ class CaptionProcessor:
 
 class T2VDataset(torch.utils.data.Dataset):
     """`dataset[SampleKey]` → dict(video [3,T,H,W] float, input_ids/attention_mask [1,L],
-    input_ids_2/attention_mask_2 [1,77], read_failures {reason: n})."""
+    input_ids_2/attention_mask_2 [1,77], read_failures {reason: n}), and with `mask_config` (image-to-video
+    training) frame_mask [T] (1 = generate, 0 = given; `data.masks`)."""
 
     def __init__(self, index: SampleIndex, dataset_param: DatasetParam, *, tokenizer, tokenizer_2,
                  video_reader: VideoReader, seed: int):
@@ -93,6 +95,7 @@ class T2VDataset(torch.utils.data.Dataset):
         self.video_transform: Compose = build_pipeline(tp.video) if tp.video else default_pipeline(pp)
         self.image_transform: Compose = build_pipeline(tp.image) if tp.image else default_pipeline(pp)
         self.members = index.members()
+        self.masks = MaskDrawer(dataset_param.mask_config) if dataset_param.mask_config is not None else None
         self._failures: Counter = Counter()
 
     def __len__(self) -> int:
@@ -136,6 +139,8 @@ class T2VDataset(torch.utils.data.Dataset):
                 position = int(untried[int(rng.integers(len(untried)))])
                 tried.add(position)
         item = {"video": video, **self.text(self.text.choose(self.index.captions[position], rng))}
+        if self.masks is not None:  # drawn last: the frames and caption draws are those of text-to-video training
+            item["frame_mask"] = self.masks(video.shape[1], rng)[1]
         # Failures since the last item leave with it (worker processes cannot share counters).
         item["read_failures"], self._failures = dict(self._failures), Counter()
         return item

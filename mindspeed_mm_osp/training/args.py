@@ -38,6 +38,7 @@ class ModelArgs(_Flags):
     model_custom_precision: bool = True
     bf16: bool = False
     fp16: bool = False
+    i2v_loss_region: str = "all"  # "all" | "generated" (image-to-video: which latent frames the loss covers)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -108,6 +108,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     mm.add_argument("--model_custom_precision", "--model-custom-precision", action=argparse.BooleanOptionalAction,
                     default=True, help="per-component dtypes from the model JSON (VAE ae.dtype, text encoders and "
                                        "predictor weight_dtype); --no-model_custom_precision casts all to --bf16/--fp16")
+    mm.add_argument("--i2v-loss-region", choices=["all", "generated"], default="all",
+                    help="image-to-video training (SparseUMMDiTInpaint): the loss covers every latent frame (all, "
+                         "as Open-Sora Plan 1.3) or only those with a generated frame (docs/i2v.md)")
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from .. import platform
 from ..diffusion import FlowMatchingScheduler
+from ..models.predictor.inpaint import compress_mask, generated_latent_frames, inpaint_input, masked_video
+
+LossRegion = Literal["all", "generated"]
 
 
 def keyed_generator(*key) -> torch.Generator:
@@ -33,15 +36,26 @@ class EncodedBatch:
     text: torch.Tensor               # (B, S, C_cap)
     text_mask: torch.Tensor          # (B, S)
     pooled: Optional[torch.Tensor]   # (B, P)
+    # image-to-video: latent of the masked clip (B, Z, t, h, w) and the latent mask (B, s, t, h, w), 1 = generate
+    condition_latents: Optional[torch.Tensor] = None
+    condition_mask: Optional[torch.Tensor] = None
 
     def tensors(self) -> list[torch.Tensor]:
-        pooled = self.pooled if self.pooled is not None else torch.zeros(0, device=self.latents.device)
-        return [self.latents, self.latent_mask, self.text, self.text_mask, pooled]
+        empty = torch.zeros(0, device=self.latents.device)
+        optional = (self.pooled, self.condition_latents, self.condition_mask)
+        return [self.latents, self.latent_mask, self.text, self.text_mask, *(empty if t is None else t for t in optional)]
 
     @classmethod
     def from_tensors(cls, tensors: list[torch.Tensor]) -> "EncodedBatch":
-        latents, latent_mask, text, text_mask, pooled = tensors
-        return cls(latents, latent_mask, text, text_mask, pooled if pooled.numel() else None)
+        *required, pooled, condition_latents, condition_mask = tensors
+        return cls(*required, *(t if t.numel() else None for t in (pooled, condition_latents, condition_mask)))
+
+    def loss_mask(self, region: LossRegion) -> torch.Tensor:
+        """(B, t, h, w) latents the loss covers: every valid one, or (region "generated", image-to-video) only the
+        latent frames with at least one generated pixel frame."""
+        if region == "all" or self.condition_mask is None:
+            return self.latent_mask
+        return self.latent_mask * generated_latent_frames(self.condition_mask)
 
 
 def _squeeze_prompt(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +67,11 @@ def _squeeze_prompt(x: torch.Tensor) -> torch.Tensor:
 def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> EncodedBatch:
     """Collated batch (video + token ids, or cached features) -> EncodedBatch on this device."""
     device = platform.device()
-    if "video" in batch:
+    condition_latents = condition_mask = None
+    if "frame_mask" in batch:
+        latents, condition_latents, condition_mask = _encode_with_condition(
+            encoders.vae, batch["video"].to(device), batch["frame_mask"].to(device), vae_generator)
+    elif "video" in batch:
         latents = encoders.vae.encode(batch["video"].to(device), generator=vae_generator).float()
     else:  # feature cache: posterior parameters stored, sampled here exactly as online encoding does
         from ..models.ae import sample_posterior
@@ -73,7 +91,20 @@ def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> Encod
             _squeeze_prompt(batch["input_ids"]), _squeeze_prompt(batch["attention_mask"]),
             None if ids_2 is None else _squeeze_prompt(ids_2), None if mask_2 is None else _squeeze_prompt(mask_2))
     return EncodedBatch(latents=latents, latent_mask=batch["latent_mask"].to(device).float(), text=text,
-                        text_mask=text_mask.to(device), pooled=pooled)
+                        text_mask=text_mask.to(device), pooled=pooled, condition_latents=condition_latents,
+                        condition_mask=condition_mask)
+
+
+def _encode_with_condition(vae, video: torch.Tensor, frame_mask: torch.Tensor, generator: torch.Generator):
+    """(clip latents, masked-clip latents, latent mask): the clip and its masked copy go through ONE (chunked) VAE
+    call; the clip's posterior is sampled first, so its latents are those text-to-video training draws."""
+    b = video.shape[0]
+    mean, logvar = vae.encode_posterior(torch.cat([video, masked_video(video, frame_mask)]))
+    latents = vae.sample_latents(mean[:b], logvar[:b], generator).float()
+    condition = vae.sample_latents(mean[b:], logvar[b:], generator).float()
+    _, _, _, h, w = latents.shape
+    mask = compress_mask(frame_mask.float(), vae.config.vae_scale_factor[0], h, w)
+    return latents, condition, mask
 
 
 def model_inputs(enc: EncodedBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
@@ -83,6 +114,8 @@ def model_inputs(enc: EncodedBatch, noisy_latents: torch.Tensor, timesteps: torc
     The one place a micro-batch becomes model inputs: extra conditioning (e.g. image-to-video frames carried
     by `EncodedBatch`) is added here, not in the loop.
     """
+    if enc.condition_latents is not None:
+        noisy_latents = inpaint_input(noisy_latents, enc.condition_latents, enc.condition_mask)
     return {
         "hidden_states": noisy_latents.to(dtype), "timestep": timesteps.to(noisy_latents.device),
         "encoder_hidden_states": enc.text.to(dtype), "attention_mask": enc.latent_mask,
@@ -92,12 +125,14 @@ def model_inputs(enc: EncodedBatch, noisy_latents: torch.Tensor, timesteps: torc
 
 
 def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: EncodedBatch,
-                       noise_generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Masked velocity MSE (fp32 scalar) of one micro-batch (reference §5.4-5.5)."""
+                       noise_generator: torch.Generator, dtype: torch.dtype,
+                       loss_region: LossRegion = "all") -> torch.Tensor:
+    """Masked velocity MSE (fp32 scalar) of one micro-batch (reference §5.4-5.5); `loss_region` see
+    `EncodedBatch.loss_mask`."""
     x0 = enc.latents
     b, _, _, h, w = x0.shape
     sigmas = scheduler.sample_sigmas(b, latent_hw=(h, w), generator=noise_generator)
     noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32).to(x0.device)
     x_t = scheduler.add_noise(x0, noise, sigmas)
     pred = predictor(**model_inputs(enc, x_t, scheduler.timesteps(sigmas), dtype))
-    return scheduler.loss(pred, scheduler.training_target(x0, noise), mask=enc.latent_mask, sigmas=sigmas)
+    return scheduler.loss(pred, scheduler.training_target(x0, noise), mask=enc.loss_mask(loss_region), sigmas=sigmas)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import platform
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import load_data_config, load_model_config
+from ..config import load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
 from ..inference.weights import load_predictor_weights
 from ..models.lora import apply_lora, lora_metadata
@@ -121,6 +121,7 @@ class Trainer:
         self.model_cfg = load_model_config(args.mm_model)
         self.data_cfg = load_data_config(args.mm_data)
         self.model_cfg.predictor.validate_parallel(self.tp, self.cp, file=args.mm_model)
+        validate_conditioning(self.model_cfg, self.data_cfg, model_file=args.mm_model, data_file=args.mm_data)
         self.precision = resolve_precision(self.model_cfg, args)
         with torch.random.fork_rng(devices=[]):
             # Building the encoders (random init before their weights load) must not move the RNG stream the
@@ -228,7 +229,8 @@ class Trainer:
         for _ in range(ga):
             enc = self.stream.next()
             gen = self.stream.noise_generator(self.stream.ordinal - 1)
-            loss = flow_matching_loss(self.ddp, self.diffusion, enc, gen, self.precision.predictor)
+            loss = flow_matching_loss(self.ddp, self.diffusion, enc, gen, self.precision.predictor,
+                                      self.args.i2v_loss_region)
             (loss * scale).backward()
             losses.append(loss.detach())
             _, _, t, h, w = enc.latents.shape

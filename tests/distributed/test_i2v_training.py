@@ -1,0 +1,82 @@
+"""Image-to-video training from text-to-video weights, on the tiny models and real videos."""
+
+import json
+
+import pytest
+import torch
+
+from mindspeed_mm_osp.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+MASKS = {"mask_type_ratio_dict_video": {"i2v": 2, "transition": 1, "continuation": 1}}
+
+
+def _train(rank, world_size, argv):
+    from mindspeed_mm_osp.training.arguments import parse_args
+    from mindspeed_mm_osp.training.trainer import pretrain
+
+    return pretrain(parse_args(argv, world_size=world_size)).losses
+
+
+def _argv(model_json, data_json, *extra, iters):
+    return ["--mm-data", str(data_json), "--mm-model", str(model_json), "--micro-batch-size", "1",
+            "--train-iters", str(iters), "--lr", "2e-4", "--clip-grad", "1.0", "--seed", "1234", "--log-interval",
+            "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def i2v_setup(tiny_assets, tmp_path_factory):
+    """The demo's T2V training for 4 iterations, merged; model and data JSONs of T2V and I2V runs from it."""
+    from mindspeed_mm_osp.checkpoint.convert import merge_checkpoint, save_merged
+
+    root = tmp_path_factory.mktemp("i2v")
+    run_distributed(_train, 1, _argv(tiny_assets["model_json"], tiny_assets["data_json"], "--save",
+                                     str(root / "t2v"), iters=4), timeout=240)
+    weights = save_merged(merge_checkpoint(root / "t2v"), root / "merged", "safetensors")[0]
+    model = json.loads(tiny_assets["model_json"].read_text())
+    model["predictor"]["from_pretrained"] = str(weights)
+    (root / "t2v.json").write_text(json.dumps(model))
+    model["predictor"].update(model_id="SparseUMMDiTInpaint", vae_scale_factor_t=8)
+    (root / "i2v.json").write_text(json.dumps(model))
+    data = json.loads(tiny_assets["data_json"].read_text())
+    data["dataset_param"]["mask_config"] = MASKS
+    (root / "data_i2v.json").write_text(json.dumps(data))
+    return {"t2v": root / "t2v.json", "i2v": root / "i2v.json", "data": tiny_assets["data_json"],
+            "data_i2v": root / "data_i2v.json"}
+
+
+def test_first_step_from_t2v_weights_is_the_t2v_step(i2v_setup):
+    """Zero-initialised condition channels: the I2V model's first losses equal the T2V model's on the same clips,
+    noise and sigmas (the clip's latents are drawn first, as in T2V training)."""
+    s = i2v_setup
+    t2v = run_distributed(_train, 1, _argv(s["t2v"], s["data"], iters=2), timeout=240)[0]
+    i2v = run_distributed(_train, 1, _argv(s["i2v"], s["data_i2v"], iters=2), timeout=240)[0]
+    assert t2v[0] == pytest.approx(i2v[0], rel=1e-5, abs=1e-6)
+
+
+def test_i2v_training_lowers_the_loss_on_the_generated_region(i2v_setup):
+    s = i2v_setup
+    losses = run_distributed(_train, 1, _argv(s["i2v"], s["data_i2v"], "--i2v-loss-region", "generated",
+                                              "--lr-warmup-iters", "2", iters=24), timeout=300)[0]
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < 0.85 * first, (first, last)
+
+
+def test_i2v_training_refuses_a_data_json_without_masks_and_the_feature_cache(i2v_setup, tmp_path):
+    from mindspeed_mm_osp.config import ConfigError, load_data_config, load_model_config, validate_conditioning
+
+    s = i2v_setup
+    i2v, t2v = load_model_config(s["i2v"]), load_model_config(s["t2v"])
+    masks, plain = load_data_config(s["data_i2v"]), load_data_config(s["data"])
+    validate_conditioning(i2v, masks, model_file="i2v.json", data_file="data.json")
+    with pytest.raises(ConfigError, match="data.json: dataset_param.mask_config: .*add a mask_config block"):
+        validate_conditioning(i2v, plain, model_file="i2v.json", data_file="data.json")
+    with pytest.raises(ConfigError, match="data.json: dataset_param.mask_config: given, but .*SparseUMMDiT"):
+        validate_conditioning(t2v, masks, model_file="t2v.json", data_file="data.json")
+    model = json.loads(s["i2v"].read_text())
+    model["load_video_features"] = True
+    (tmp_path / "cached.json").write_text(json.dumps(model))
+    with pytest.raises(ConfigError, match="cached.json: load_video_features: .*reads clips online"):
+        validate_conditioning(load_model_config(tmp_path / "cached.json"), masks, model_file=tmp_path / "cached.json",
+                              data_file="data.json")
