@@ -162,7 +162,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     if args.world_size % (tp * cp):
         raise ValueError(f"--world-size={args.world_size} must be a multiple of TP x CP = {tp} x {cp}")
-    model_cfg.predictor.validate_parallel(tp, file=args.mm_model)
+    model_cfg.predictor.validate_parallel(tp, cp, file=args.mm_model)
     dp = args.world_size // (tp * cp)
     precision = resolve_precision(model_cfg, ModelArgs.from_namespace(args))
     global_batch = args.global_batch_size or args.micro_batch_size * dp
