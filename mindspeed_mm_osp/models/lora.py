@@ -208,7 +208,24 @@ def apply_lora(model: nn.Module, config: LoRAConfig, scale: float = 1.0) -> list
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), name, config, tp_rank, tp_size, scale))
+    recompute = getattr(model, "recompute", None)
+    if recompute is not None and (recompute.num_layers or recompute.selective_ffn_layers):
+        _streams_require_grad(model)
     return names
+
+
+def _streams_require_grad(model: nn.Module) -> None:
+    """Megatron's (reentrant) recompute backpropagates into a checkpointed block only when one of its inputs
+    requires grad. With a frozen base nothing upstream of the first adapter does, so the adapters of recomputed
+    blocks would silently get no gradient (tested): make the predictor's three input streams require grad."""
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True)  # a leaf: a frozen module applied to inputs without grad
+        return output
+
+    for name in ("patch_embed", "caption_projection", "time_text_embed"):
+        model.get_submodule(name).register_forward_hook(hook)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -7,7 +7,7 @@ import torch
 
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
 from mindspeed_mm_osp.models.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from mindspeed_mm_osp.models.predictor import (
     SparseUMMDiT,
@@ -64,10 +64,10 @@ def reference():
     return cfg, base, init, adapters, results
 
 
-def _rank(rank, world_size, cfg, base, adapters, sequence_parallel):
+def _rank(rank, world_size, cfg, base, adapters, sequence_parallel, recompute):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel).train()
+    model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
     load_merged_state_dict(model, base)
     apply_lora(model, LORA)
     init = lora_state_dict(model)
@@ -92,10 +92,13 @@ def _rank(rank, world_size, cfg, base, adapters, sequence_parallel):
     return init, results, merge_gap
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
-def test_lora_tp2_matches_tp1(sequence_parallel):
+@pytest.mark.parametrize("sequence_parallel,recompute", [
+    (False, None), (True, None), (True, RecomputeConfig(selective_ffn_layers=4)),
+    (True, RecomputeConfig(granularity="full", num_layers=4))], ids=["tp", "tp-sp", "tp-sp-ffn-recompute",
+                                                                    "tp-sp-full-recompute"])
+def test_lora_tp2_matches_tp1(sequence_parallel, recompute):
     cfg, base, ref_init, adapters, expected = reference()
-    ranks = run_distributed(_rank, 2, cfg, base, adapters, sequence_parallel, tp=2)
+    ranks = run_distributed(_rank, 2, cfg, base, adapters, sequence_parallel, recompute, tp=2)
     init = merge_state_dicts([r[0] for r in ranks])
     assert init.keys() == ref_init.keys() and all(torch.equal(init[k], ref_init[k]) for k in init)
     for c, (ref_out, ref_grads) in enumerate(expected):
