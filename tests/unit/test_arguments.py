@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "10"]
 
 
-def launcher_argv(tmp_path) -> list[str]:
-    """Run the real release launcher with a stand-in torchrun that records its arguments."""
+def launcher_argv(tmp_path, script: str = "examples/opensoraplan1.5/pretrain_opensoraplan1_5.sh") -> list[str]:
+    """Run a real release launcher with a stand-in torchrun that records its arguments."""
     fake = tmp_path / "bin"
     fake.mkdir()
     record = tmp_path / "argv.txt"
@@ -21,8 +21,7 @@ def launcher_argv(tmp_path) -> list[str]:
     (fake / "torchrun").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPUS_PER_NODE": "8", "NNODES": "2",
            "NODE_RANK": "1", "PROJECT_DIR": str(tmp_path / "proj")}
-    subprocess.run(["bash", "examples/opensoraplan1.5/pretrain_opensoraplan1_5.sh"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, capture_output=True)
     args = record.read_text().split("\n")[:-1]
     script = args.index("pretrain.py")
     assert args[:script] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr",

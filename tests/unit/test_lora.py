@@ -150,3 +150,15 @@ def test_bad_lora_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         _parse(*flags)
     assert message in capsys.readouterr().err
+
+
+def test_lora_launcher_flags_parse(tmp_path):
+    from test_arguments import launcher_argv
+
+    from mindspeed_mm_osp.training.arguments import parse_args
+
+    argv = launcher_argv(tmp_path, "examples/opensoraplan1.5/finetune_lora_opensoraplan1_5.sh")
+    args = parse_args(argv, world_size=16)
+    assert args.lora_config() == LoRAConfig(r=64, alpha=64.0)  # the default targets, spelled out in the script
+    assert args.load.endswith("model_ema.pt") and args.lora_load == args.save == str(tmp_path / "proj")
+    assert args.tensor_model_parallel_size == 4 and args.sequence_parallel and args.bf16
