@@ -5,7 +5,7 @@
 #   bash scripts/device_check.sh [--dry-run] [--out DIR]     (DIR defaults to $OUT, else ./device_report)
 #
 # --dry-run prints every step with its command and time budget and runs nothing (works on CPU).
-# Steps (budget in seconds, each enforced by `timeout`; 445 s in all):
+# Steps (budget in seconds, each enforced by `timeout`; 450 s in all):
 #   1 env        nvidia-smi, python, free disk
 #   2 install    .venv-cuda: torch==2.13.0, the registry's default Linux build (CUDA 13.0: cuda-toolkit 13.0.3,
 #                cuDNN 9.20, NCCL 2.29.7, triton 3.7.1; needs an NVIDIA driver for CUDA 13), and the package with
@@ -36,12 +36,12 @@ export OMP_NUM_THREADS=4 PYTHONPATH="$PWD" OSP_DEVICE=cuda PYTORCH_NVML_BASED_CU
 # name | budget (s) | command
 STEPS=(
   "env|10|nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv && python3 --version && df -h ."
-  "install|180|python3 -m venv $VENV && PIP_FIND_LINKS= PIP_CONSTRAINT= $PY -m pip install -q torch==2.13.0 && PIP_FIND_LINKS= $PY -m pip install -q -c constraints.txt -e '.[test]' && $PY -c 'import torch; from mindspeed_mm_osp import platform; print(torch.__version__, \"CUDA\", torch.version.cuda, platform.device_name())'"
+  "install|170|python3 -m venv $VENV && PIP_FIND_LINKS= PIP_CONSTRAINT= $PY -m pip install -q torch==2.13.0 && PIP_FIND_LINKS= $PY -m pip install -q -c constraints.txt -e '.[test]' && $PY -c 'import torch; from mindspeed_mm_osp import platform; print(torch.__version__, \"CUDA\", torch.version.cuda, platform.device_name())'"
   "gpu-tests|75|$PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider --junitxml=$OUT_DIR/gpu_tests.xml"
-  "planner|45|$PY bench/bench_planner.py --json $OUT_DIR/planner.json"
-  "mfu|80|$PY bench/bench_training_throughput.py --release-slice --dtype bf16 --json $OUT_DIR/mfu_57x288x512.json && $PY bench/bench_training_throughput.py --release-slice --dtype bf16 --latent 16 72 128 --json $OUT_DIR/mfu_121x576x1024.json"
-  "skiparse|25|$PY bench/bench_skiparse.py --dtype bfloat16 --video-tokens 36864 --text-tokens 512"
-  "optimizer|25|$PY bench/bench_ema_optimizer.py"
+  "planner|40|$PY bench/bench_planner.py --json $OUT_DIR/planner.json"
+  "mfu|110|$PY bench/bench_training_throughput.py --release-slice --dtype bf16 --json $OUT_DIR/mfu_57x288x512.json && $PY bench/bench_training_throughput.py --release-slice --dtype bf16 --latent 16 72 128 --json $OUT_DIR/mfu_121x576x1024.json"
+  "skiparse|20|$PY bench/bench_skiparse.py --dtype bfloat16 --video-tokens 36864 --text-tokens 512"
+  "optimizer|20|$PY bench/bench_ema_optimizer.py"
 )
 
 if [ "$DRY" = 1 ]; then

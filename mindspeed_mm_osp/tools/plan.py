@@ -170,7 +170,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     return PlanRequest(
         predictor=model_cfg.predictor, work=work, par=Parallel(tp, cp, dp, args.sequence_parallel),
         recompute=RecomputeArgs.from_namespace(args).recompute_config(), act_dtype=precision.predictor,
-        opt=OptimizerPlan(distributed=args.use_distributed_optimizer, ema=args.optimizer_selection != "adam"),
+        opt=OptimizerPlan(distributed=args.use_distributed_optimizer),
         encoders=encoders, world=args.world_size, microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
         notes=tuple(notes))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -61,7 +61,8 @@ class Parallel:
 @dataclass(frozen=True)
 class OptimizerPlan:
     """Megatron's optimizer wrappers: fp32 master copy for bf16 params, Adam moments, our EMA; sharded over
-    DP x CP by the distributed optimizer."""
+    DP x CP by the distributed optimizer. `FusedEmaAdamW` (every `--optimizer-selection`) allocates the EMA even
+    at decay 0; `ema=False` plans a plain AdamW."""
 
     distributed: bool = False
     ema: bool = True
@@ -86,9 +87,8 @@ class MemoryPlan:
     encoders: int
     workspace: int
     params_local: int
-    model_flops: float       # per micro-batch, per model replica (3x forward, recompute not counted)
+    model_flops: float       # per micro-batch and device (3x forward, recompute not counted)
     hardware_flops: float    # with the recomputed forward
-    breakdown: dict = field(default_factory=dict)
 
     @property
     def static(self) -> int:
