@@ -40,15 +40,17 @@ def _batch_with_uncond(cond: Mapping[str, torch.Tensor], uncond: Mapping[str, to
 def sample(model_fn: ModelFn, latents: torch.Tensor, cond: Mapping[str, torch.Tensor],
            uncond: Optional[Mapping[str, torch.Tensor]] = None, *, sigmas: torch.Tensor,
            guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-           callback: Optional[StepCallback] = None) -> torch.Tensor:
+           callback: Optional[StepCallback] = None,
+           constrain: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Integrate from sigma = sigmas[0] (noise) to sigmas[-1]: x += (s_{i+1} - s_i) * v.
 
     cond / uncond: keyword tensors for `model_fn` with batch first (e.g.
     encoder_hidden_states, encoder_attention_mask, pooled_projections). Guidance is on iff
     `uncond` is given and `guidance_scale > 1`; then both halves go through ONE forward, the
     negative/unconditional first ([uncond; cond]), and the timestep is 1000*sigma_i (fp32)
-    for every row. A NaN prediction raises. `callback(step, num_steps, latents)` runs after
-    every step.
+    for every row. A NaN prediction raises. `constrain(latents, sigma_next)` (e.g. keeping
+    given frames on their path) is applied after every update, then `callback(step,
+    num_steps, latents)` runs.
     """
     guided = uncond is not None and guidance_scale > 1.0
     model_cond = _batch_with_uncond(cond, uncond) if guided else dict(cond)
@@ -64,6 +66,8 @@ def sample(model_fn: ModelFn, latents: torch.Tensor, cond: Mapping[str, torch.Te
             v_uncond, v_cond = v.chunk(2)
             v = apply_guidance(v_uncond, v_cond, guidance_scale, guidance_rescale)
         latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(latents.dtype)
+        if constrain is not None:
+            latents = constrain(latents, sigmas[i + 1])
         if callback is not None:
             callback(i, num_steps, latents)
     return latents

@@ -17,6 +17,7 @@ from ..config import ConfigError, InferenceConfig, from_dict, load_inference_con
 from ..config.inference import COMPILE_MODES
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
+from .conditioning import ConditionRequest
 from .presets import Duration, add_preset_arguments, size_from_args
 
 
@@ -56,6 +57,16 @@ class InferenceArgs:
     warmup: int = 1
     repeat: int = 3
     report: Optional[str] = None
+    # image-to-video / continuation (an inpaint predictor; `conditioning`)
+    image: Optional[str] = None
+    last_image: Optional[str] = None
+    video: Optional[str] = None
+    condition_frames: Optional[int] = None
+    reimpose_condition: bool = True
+
+    def condition_request(self) -> ConditionRequest:
+        return ConditionRequest(image=self.image, last_image=self.last_image, video=self.video,
+                                condition_frames=self.condition_frames, reimpose=self.reimpose_condition)
 
     @property
     def size_preset(self) -> bool:
@@ -104,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="benchmark: untimed full runs first")
     p.add_argument("--repeat", type=int, default=3, help="benchmark: timed full runs")
     p.add_argument("--report", help="benchmark report path (default: <save-path>/benchmark.json)")
+    i2v = p.add_argument_group("image-to-video (predictor.model_id SparseUMMDiTInpaint; docs/i2v.md)")
+    i2v.add_argument("--image", metavar="PATH", help="first frame of the video")
+    i2v.add_argument("--last-image", metavar="PATH", help="last frame (with --image: a transition)")
+    i2v.add_argument("--video", metavar="PATH", help="continue this clip: its first --condition-frames frames")
+    i2v.add_argument("--condition-frames", type=int, metavar="K", help="with --video: how many frames are given")
+    i2v.add_argument("--reimpose-condition", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep the fully given latent frames on their noising path at every step (default); "
+                          "--no-reimpose-condition feeds them through the input channels only, as Open-Sora Plan 1.3")
     return p
 
 
@@ -117,6 +136,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         p.error("--lora-scale needs --lora DIR")
     if ns.warmup < 0 or ns.repeat < 1:
         p.error("--warmup must be >= 0 and --repeat >= 1")
+    if (ns.video is None) != (ns.condition_frames is None):
+        p.error("--video and --condition-frames K go together")
+    if ns.video is not None and (ns.image is not None or ns.last_image is not None):
+        p.error("--video (continuation) cannot be combined with --image/--last-image")
+    if ns.condition_frames is not None and ns.condition_frames < 1:
+        p.error("--condition-frames must be >= 1")
     try:
         check_context_parallel(ns.cp, ns.context_parallel_algo)
     except ParallelConfigError as e:

@@ -35,6 +35,7 @@ from ..config import AccelerationConfig, ConfigError, InferenceConfig, to_dict
 from ..diffusion.step_cache import StepCache
 from .arguments import InferenceArgs, build_config, parse_args
 from .benchmark import StageTimer, peak_memory
+from .conditioning import InpaintCondition, condition_pixels, condition_report
 from .cfg_parallel import CfgParallelGroup, group_by, init_cfg_parallel
 from .compile import compile_blocks
 from .pipeline import (
@@ -151,6 +152,11 @@ class Generator:
         if not weights:
             raise ConfigError(args.config, "predictor.from_pretrained",
                               "no predictor weights: set it or pass --predictor-weights")
+        self.request = args.condition_request()
+        conditioned = cfg.predictor.conditioned
+        if self.request.any and not conditioned:
+            raise ConfigError(args.config, "predictor.model_id", f"--image/--last-image/--video need the image-to-video "
+                              f"predictor \"SparseUMMDiTInpaint\", got {cfg.predictor.model_id!r}")
         self.cfg, self.args, self.ranks = cfg, args, ranks
         device, dtype = platform.device(), to_torch_dtype(cfg.weight_dtype)
         self.text = TextConditioner(cfg, dtype, device)
@@ -160,7 +166,11 @@ class Generator:
             apply_adapters(self.model, args.lora, args.lora_scale)
         if cfg.acceleration.compile:  # after the adapters, so that the compiled blocks include them
             compile_blocks(self.model, cfg.acceleration.compile_mode)
-        self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae and ranks.decodes else None
+        # every rank encodes the condition (posterior mean: the same on TP peers), writers also decode
+        build_vae = conditioned or (build_vae and ranks.decodes)
+        self.vae = VideoAutoencoder(cfg.ae).to(device) if build_vae else None
+        # without given frames the inpaint model samples text-to-video (every frame generated, as t2iv training)
+        self.condition = condition_pixels(self.request, *cfg.pipeline_config.input_size) if conditioned else None
         self.last_cache: Optional[StepCache] = None  # the step cache of the last `sample` call
 
     def sample(self, indices: Sequence[int], prompts: Sequence[str], timer: StageTimer,
@@ -196,12 +206,26 @@ class Generator:
         group = self.ranks.cfg.group if self.ranks.cfg is not None else None
         self.last_cache = None if threshold is None else StepCache(self.model, threshold,
                                                                   cfg.diffusion.num_inference_steps, group)
+        condition = None if self.condition is None else InpaintCondition.encode(
+            self.vae, *self.condition, noise, self.request.reimpose)
         latents = denoise(self.model, noise, cond, uncond, cfg, callback=on_step, step_cache=self.last_cache,
-                          cfg_parallel=self.ranks.cfg).cpu()
+                          cfg_parallel=self.ranks.cfg, condition=condition).cpu()
         bar.close()
         records = [_record(cfg, self.args, i, p, pos, neg, self.ranks)
                    for i, p, pos, neg in zip(indices, prompts, positive, negative)]
         return latents, records
+
+
+    def condition_report(self, video: torch.Tensor) -> dict:
+        """Image-to-video: the given frames' PSNR in the output and after the VAE round trip, printed too."""
+        if self.condition is None or not self.request.any:
+            return {}
+        report = condition_report(video, *self.condition, self.vae)
+        print(f"condition frames {report['condition_frames']}: PSNR output vs input "
+              f"{report['psnr_output_db']:.2f} dB, VAE round trip {report['psnr_vae_round_trip_db']:.2f} dB")
+        request = self.request
+        return {"condition": {"image": request.image, "last_image": request.last_image, "video": request.video,
+                              "reimpose": request.reimpose, **report}}
 
 
 def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
@@ -222,6 +246,7 @@ def generate(cfg: InferenceConfig, args: InferenceArgs, ranks: Ranks) -> list[Pa
             elif not args.save_latents and ranks.decodes:
                 video = decode(gen.vae, latents[b:b + 1], ranks.decode_group)
                 if ranks.writer:
+                    record.update(gen.condition_report(video[0]))
                     written.append(write_video(save_dir, f"{index:06d}", video[0], fps, record))
             if ranks.writer:
                 logger.info("wrote %s", written[-1])

@@ -28,6 +28,7 @@ from ..config import InferenceConfig
 from ..diffusion import FlowMatchingScheduler, sample
 from ..diffusion.step_cache import StepCache
 from .cfg_parallel import CfgParallelGroup, cfg_parallel_model_fn
+from .conditioning import InpaintCondition
 
 LATENTS_KEY = "latents"
 
@@ -100,11 +101,13 @@ def sampling_sigmas(cfg: InferenceConfig) -> torch.Tensor:
 def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.Tensor],
             uncond: Optional[dict[str, torch.Tensor]], cfg: InferenceConfig,
             callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
-            step_cache: Optional[StepCache] = None, cfg_parallel: Optional[CfgParallelGroup] = None) -> torch.Tensor:
+            step_cache: Optional[StepCache] = None, cfg_parallel: Optional[CfgParallelGroup] = None,
+            condition: Optional[InpaintCondition] = None) -> torch.Tensor:
     """Clean latents (fp32, on the model's device) from `noise`; one forward per step for [uncond; cond].
 
     `step_cache` (built on `model`) replaces the plain forward; `cfg_parallel` runs only this rank's half of
-    the [uncond; cond] batch and gathers the other half from its CFG peer.
+    the [uncond; cond] batch and gathers the other half from its CFG peer; `condition` (image-to-video, see
+    `conditioning`) is concatenated to the model input and may keep the given latent frames on their path.
     """
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
@@ -117,6 +120,8 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.T
         return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in c.items()}
 
     def model_fn(x: torch.Tensor, timestep: torch.Tensor, **kwargs) -> torch.Tensor:
+        if condition is not None:
+            x = condition.model_input(x)
         return predictor(x.to(dtype), timestep, **kwargs).float()
 
     if cfg_parallel is not None:
@@ -124,7 +129,8 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.T
     return sample(model_fn, noise.to(device=device, dtype=torch.float32), to_model(cond),
                   to_model(uncond) if guided and uncond is not None else None,
                   sigmas=sampling_sigmas(cfg), guidance_scale=cfg.diffusion.guidance_scale,
-                  guidance_rescale=cfg.diffusion.guidance_rescale, callback=callback)
+                  guidance_rescale=cfg.diffusion.guidance_rescale, callback=callback,
+                  constrain=None if condition is None else condition.constrain)
 
 
 @torch.no_grad()
