@@ -81,8 +81,9 @@ def measure_predictor_step(cfg, work, recompute, act_dtype: torch.dtype, sequenc
 
     torch.manual_seed(seed)
     device = platform.device()
-    model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=act_dtype)
-    model.to(device).train()
+    with device:  # initialised where it runs
+        model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute, params_dtype=act_dtype)
+    model.train()
     ddp = wrap_ddp(model, ParallelArgs(use_distributed_optimizer=distributed_optimizer))
     settings = OptimizerSettings(lr=1e-4, bf16=act_dtype == torch.bfloat16,
                                  use_distributed_optimizer=distributed_optimizer)
