@@ -320,7 +320,8 @@ def check_base_weights(metadata: Mapping, base: Mapping[str, torch.Tensor], sour
                     if not k.endswith("_extra_state")}
     got = {k: tuple(v.shape) for k, v in base.items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    shapes = [f"{k}: base {got[k]}, adapters' base {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    shapes = [f"{k}: base {got[k]}, adapters' base {expected[k]}" for k in expected
+              if k in got and got[k] != expected[k]]
     if missing or unexpected or shapes:
         raise ValueError(f"{source}: the base weights are not the model the adapters were trained on "
                          f"(hidden_size {cfg.hidden_size}, num_layers {list(cfg.num_layers)}): shape mismatches "
@@ -354,5 +355,5 @@ def _differences(a: Mapping, b: Mapping, labels: tuple[str, str], ignore: tuple[
                      if plain(a.get(f)) != plain(b.get(f)))
 
 
-__all__ = ["LoRALinear", "apply_lora", "check_base", "check_base_weights", "check_resumable", "load_lora_state_dict", "lora_metadata",
-           "lora_modules", "lora_state_dict", "merge_lora", "recorded_config", "resolve_targets"]
+__all__ = ["LoRALinear", "apply_lora", "check_base", "check_base_weights", "check_resumable", "load_lora_state_dict",
+           "lora_metadata", "lora_modules", "lora_state_dict", "merge_lora", "recorded_config", "resolve_targets"]
