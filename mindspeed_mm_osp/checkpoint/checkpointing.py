@@ -39,15 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import platform
-from ..optim.fused_ema_adamw import EMA_KEY
-from ..optim.megatron import (
-    _subs,
-    gather_model_space,
-    load_optimizer_param_groups,
-    optimizer_param_groups,
-    scatter_model_space,
-    unwrap,
-)
+from ..models.wrappers import unwrap
+from ..optim import load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
 from .io import atomic_save, atomic_write_text
 from .layout import (
     CheckpointError,
@@ -161,15 +154,9 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
 
     ema_model = opt_state = None
     if optimizer is not None:
-        entries = gather_model_space(unwrap(model), optimizer)  # collective
-        ema_model = {name: entry.pop(EMA_KEY) for name, entry in entries.items()}
-        params = dict(unwrap(model).named_parameters())
-        for name, entry in entries.items():
-            if params[name].dtype == torch.float32:
-                entry.pop("param")  # identical to the fp32 model weight
+        ema_model, saved = optimizer_state_for_save(unwrap(model), optimizer)  # collective
         if save_optim:
-            opt_state = {"format": OPTIMIZER_FORMAT, "param_groups": optimizer_param_groups(optimizer),
-                         "state": entries}
+            opt_state = {"format": OPTIMIZER_FORMAT, **saved}
     rng_states = _gather_rng_states() if save_rng else None  # collective
 
     path = model_file(save_dir, iteration, tp_rank)
@@ -303,21 +290,14 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
     fresh_optimizer = finetune or no_load_optim or "optimizer" not in state
     if optimizer is not None:
         if fresh_optimizer:
-            for sub in _subs(optimizer):
-                sub.optimizer.state.clear()
-            optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+            reset_optimizer_state(optimizer)  # main (fp32) params from the loaded weights
         else:
             opt_state = state["optimizer"]
             if opt_state.get("format") != OPTIMIZER_FORMAT:
                 raise CheckpointError(f"{path}: optimizer state format {opt_state.get('format')!r} is not "
                                       f"{OPTIMIZER_FORMAT!r}; load with no_load_optim=True")
-            entries = {name: dict(entry) for name, entry in opt_state["state"].items()}
-            for name, ema in state.get("ema_model", {}).items():
-                if name in entries:
-                    entries[name][EMA_KEY] = ema
             try:
-                scatter_model_space(unwrap(model), optimizer, entries)
-                load_optimizer_param_groups(optimizer, opt_state["param_groups"])
+                load_optimizer_state(unwrap(model), optimizer, opt_state, state.get("ema_model", {}))
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
     if not fresh_optimizer:

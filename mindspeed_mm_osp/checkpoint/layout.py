@@ -47,8 +47,8 @@ def read_tracker(root: Path | str) -> Optional[int | str]:
         return RELEASE
     try:
         return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from exc
 
 
 def saved_tp_size(root: Path | str, iteration: int | str) -> int:

@@ -22,8 +22,8 @@ def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     try:
         return _TORCH[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_TORCH)}") from None
+    except KeyError as exc:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_TORCH)}") from exc
 
 
 def dtype_name(dtype: torch.dtype) -> str:

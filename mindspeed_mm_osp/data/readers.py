@@ -79,9 +79,9 @@ class PyAVReader:
                     if idx >= last:
                         break
         except av.error.FFmpegError as e:
-            raise ReadError("corrupt", path, str(e)) from None
+            raise ReadError("corrupt", path, str(e)) from e
         except (IndexError, ValueError) as e:  # e.g. no video stream
-            raise ReadError("corrupt", path, str(e)) from None
+            raise ReadError("corrupt", path, str(e)) from e
         missing = [i for i in need if i not in got]
         if missing:
             raise ReadError("short", path, f"frames {missing[:3]}... not in file")
@@ -105,7 +105,7 @@ class DecordReader:
         try:
             vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises its own error types on undecodable files
-            raise ReadError("corrupt", path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise ReadError("corrupt", path, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         n = len(vr)
         if len(indices) and int(np.max(indices)) >= n:
             raise ReadError("short", path, f"frame {int(np.max(indices))} requested, file has {n}")
@@ -141,7 +141,7 @@ def read_image(path: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))[None]
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ReadError("corrupt", path, str(e)) from None
+        raise ReadError("corrupt", path, str(e)) from e
 
 
 __all__ = ["DecordReader", "PyAVReader", "ReadError", "VideoReader", "make_video_reader", "read_image"]

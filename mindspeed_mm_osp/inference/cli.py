@@ -342,14 +342,13 @@ def run(args: InferenceArgs) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from ..checkpoint.layout import CheckpointError
-    from ..parallel import ParallelConfigError
+    from ..errors import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, ParallelConfigError, CheckpointError, FileNotFoundError) as e:
+    except (*user_errors(), FileNotFoundError) as e:
         print(f"inference.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

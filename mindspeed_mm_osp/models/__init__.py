@@ -1,5 +1,7 @@
-"""Models: the SparseUMMDiT predictor and the shared attention kernel entry point."""
+"""Models: the SparseUMMDiT predictor, the shared attention kernel entry point, and `unwrap` (the model
+inside its training wrappers)."""
 
 from .attention import attention
+from .wrappers import unwrap
 
-__all__ = ["attention"]
+__all__ = ["attention", "unwrap"]

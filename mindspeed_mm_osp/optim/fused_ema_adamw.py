@@ -165,17 +165,3 @@ def _npu_step(kernel, group: dict, params: list, grads: list, exp_avgs: list, ex
         for dst, src in zip((p, m, v, s), out):
             if src is not dst:
                 dst.copy_(src)
-
-
-def ema_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    """EMA weights in model-parameter space, fp32, keyed like `model.named_parameters()` (trainable only).
-
-    Accepts a plain torch optimizer over the model's params or a megatron optimizer (gathered from DP shards
-    under the distributed optimizer; collective, call on every rank). Params never stepped give their weights.
-    """
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return {name: optimizer.state.get(p, {}).get(EMA_KEY, p).detach().float().clone()
-                for name, p in model.named_parameters() if p.requires_grad}
-    from .megatron import gather_model_space
-
-    return {name: entry[EMA_KEY] for name, entry in gather_model_space(model, optimizer, keys=(EMA_KEY,)).items()}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import platform
+from ..models.wrappers import unwrap
 from .fused_ema_adamw import EMA_KEY, FusedEmaAdamW
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", EMA_KEY, "step")
@@ -156,13 +157,6 @@ class _Slot:
     end: int
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user module inside megatron DDP / Float16Module wrappers (its names are the checkpoint keys)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def _subs(optimizer) -> Iterator:
     """Non-stub megatron optimizers (ChainedOptimizer members, or the optimizer itself)."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -217,6 +211,54 @@ def _local_value(sub, slot: _Slot, key: str) -> Optional[torch.Tensor]:
     return state.get(key)
 
 
+def _flat_offsets(covered: Sequence[nn.Parameter]) -> tuple[dict[nn.Parameter, int], int]:
+    """Where each covered param starts in one flat buffer laid out in model order, and the buffer size."""
+    offsets, total = {}, 0
+    for p in covered:
+        offsets[p] = total
+        total += p.numel()
+    return offsets, total
+
+
+def _gather_steps(sub, covered: Sequence[nn.Parameter], slots: Sequence[_Slot], reduce) -> torch.Tensor:
+    """Per covered param, its optimizer step count (0: no state yet), the max over the DP shards."""
+    device = reduce[1] if reduce else torch.device("cpu")
+    steps = torch.zeros(len(covered), dtype=torch.float64, device=device)
+    index = {p: i for i, p in enumerate(covered)}
+    for slot in slots:
+        state = sub.optimizer.state.get(slot.main, {})
+        if "step" in state:
+            steps[index[slot.model_param]] = float(state["step"])
+    if reduce:
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=reduce[0])
+    return steps
+
+
+def _gather_flat(sub, slots: Sequence[_Slot], key: str, offsets: dict, total: int, reduce) -> torch.Tensor:
+    """One state key of all covered params as a flat fp32 CPU tensor, assembled from this rank's slots."""
+    device = reduce[1] if reduce else torch.device("cpu")
+    flat = torch.zeros(total, dtype=torch.float32, device=device)
+    for slot in slots:
+        value = _local_value(sub, slot, key)
+        if value is not None:
+            base = offsets[slot.model_param]
+            flat[base + slot.start: base + slot.end] = value.detach().reshape(-1).to(device, torch.float32)
+    if reduce:
+        dist.all_reduce(flat, group=reduce[0])  # disjoint ranges: the sum is a concatenation
+    return flat.cpu()
+
+
+def _entry(p: nn.Parameter, step: float, flats: dict[str, torch.Tensor], offset: int, keys: Sequence[str]) -> dict:
+    """The model-space entry of one param; moments only once it has optimizer state."""
+    entry: dict = {}
+    for key in keys:
+        if key == "step":
+            entry[key] = step
+        elif key in ("param", EMA_KEY) or step > 0:
+            entry[key] = flats[key][offset: offset + p.numel()].view(p.shape).clone()
+    return entry
+
+
 def gather_model_space(model: nn.Module, optimizer, keys: Iterable[str] = STATE_KEYS) -> dict[str, dict]:
     """`{param_name: {key: full fp32 CPU tensor (model shape) | float step}}` for every trainable param.
 
@@ -225,47 +267,17 @@ def gather_model_space(model: nn.Module, optimizer, keys: Iterable[str] = STATE_
     """
     keys = tuple(keys)
     names = {p: n for n, p in unwrap(model).named_parameters()}
+    order = {p: i for i, p in enumerate(names)}  # model order: identical on every DP rank
     out: dict[str, dict] = {}
     for sub in _subs(optimizer):
         covered, slots = _sub_params_and_slots(sub)
-        order = {p: i for i, p in enumerate(names)}  # model order: identical on every DP rank
         covered = sorted(set(covered), key=order.__getitem__)
-        offsets, total = {}, 0
-        for p in covered:
-            offsets[p] = total
-            total += p.numel()
+        offsets, total = _flat_offsets(covered)
         reduce = _reduce_group(sub)
-        device = reduce[1] if reduce else torch.device("cpu")
-        steps = torch.zeros(len(covered), dtype=torch.float64, device=device)
-        index = {p: i for i, p in enumerate(covered)}
-        for slot in slots:
-            state = sub.optimizer.state.get(slot.main, {})
-            if "step" in state:
-                steps[index[slot.model_param]] = float(state["step"])
-        if reduce:
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=reduce[0])
-        flats = {}
-        for key in keys:
-            if key == "step":
-                continue
-            flat = torch.zeros(total, dtype=torch.float32, device=device)
-            for slot in slots:
-                value = _local_value(sub, slot, key)
-                if value is not None:
-                    base = offsets[slot.model_param]
-                    flat[base + slot.start: base + slot.end] = value.detach().reshape(-1).to(device, torch.float32)
-            if reduce:
-                dist.all_reduce(flat, group=reduce[0])  # disjoint ranges: the sum is a concatenation
-            flats[key] = flat.cpu()
-        for p in covered:
-            has_state = bool(steps[index[p]] > 0)
-            entry: dict = {}
-            for key in keys:
-                if key == "step":
-                    entry[key] = float(steps[index[p]])
-                elif key in ("param", EMA_KEY) or has_state:
-                    entry[key] = flats[key][offsets[p]: offsets[p] + p.numel()].view(p.shape).clone()
-            out[names[p]] = entry
+        steps = _gather_steps(sub, covered, slots, reduce)
+        flats = {key: _gather_flat(sub, slots, key, offsets, total, reduce) for key in keys if key != "step"}
+        for i, p in enumerate(covered):
+            out[names[p]] = _entry(p, float(steps[i]), flats, offsets[p], keys)
     return out
 
 
@@ -301,6 +313,49 @@ def scatter_model_space(model: nn.Module, optimizer, entries: dict[str, dict]) -
                 if key in entry:
                     state[key] = shard(entry[key])
             sub.optimizer.state[slot.main] = state
+
+
+def ema_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """EMA weights in model-parameter space, fp32, keyed like `model.named_parameters()` (trainable only).
+
+    Accepts a plain torch optimizer over the model's params or a megatron optimizer (gathered from DP shards
+    under the distributed optimizer; collective, call on every rank). Params never stepped give their weights.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return {name: optimizer.state.get(p, {}).get(EMA_KEY, p).detach().float().clone()
+                for name, p in model.named_parameters() if p.requires_grad}
+    return {name: entry[EMA_KEY] for name, entry in gather_model_space(model, optimizer, keys=(EMA_KEY,)).items()}
+
+
+def optimizer_state_for_save(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(EMA weights by param name, `{"param_groups", "state"}` in model space) for a checkpoint; collective.
+
+    The fp32 main copy of an fp32 param equals the model weight, so only bf16 params keep their `param` entry.
+    """
+    entries = gather_model_space(model, optimizer)
+    ema = {name: entry.pop(EMA_KEY) for name, entry in entries.items()}
+    params = dict(unwrap(model).named_parameters())
+    for name, entry in entries.items():
+        if params[name].dtype == torch.float32:
+            entry.pop("param")
+    return ema, {"param_groups": optimizer_param_groups(optimizer), "state": entries}
+
+
+def load_optimizer_state(model: nn.Module, optimizer, saved: dict, ema: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_state_for_save` at any DP size. KeyError/ValueError/RuntimeError: does not fit."""
+    entries = {name: dict(entry) for name, entry in saved["state"].items()}
+    for name, value in ema.items():
+        if name in entries:
+            entries[name][EMA_KEY] = value
+    scatter_model_space(model, optimizer, entries)
+    load_optimizer_param_groups(optimizer, saved["param_groups"])
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """A fresh optimizer over the current model weights: no moments, no EMA history, main params reloaded."""
+    for sub in _subs(optimizer):
+        sub.optimizer.state.clear()
+    optimizer.reload_model_params()
 
 
 def optimizer_param_groups(optimizer) -> list[dict]:

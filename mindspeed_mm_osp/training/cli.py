@@ -11,9 +11,8 @@ from .arguments import parse_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from ..checkpoint.layout import CheckpointError
-    from ..config import ConfigError
-    from ..parallel import ParallelConfigError, destroy_distributed
+    from ..errors import user_errors
+    from ..parallel import destroy_distributed
     from .trainer import TrainingStopped, pretrain
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -24,7 +23,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         pretrain(args)
-    except (ConfigError, ParallelConfigError, CheckpointError) as e:
+    except user_errors() as e:
         logging.getLogger("mindspeed_mm_osp.train").error("error: %s", e)
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .. import platform
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..config.dtypes import dtype_name, to_torch_dtype
 from .args import ModelArgs, ParallelArgs
 
@@ -41,24 +40,9 @@ def resolve_precision(model_cfg: ModelConfig, args: ModelArgs) -> Precision:
         uniform = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         precision = Precision(vae=uniform, text=uniform, predictor=uniform)
     if precision.predictor == torch.float16:
-        raise ValueError("training the predictor in fp16 is not supported (no loss scaler); use weight_dtype "
-                         "\"bf16\" in the model JSON or --bf16")
+        raise ConfigError(args.mm_model, "weight_dtype", "training the predictor in fp16 is not supported (no loss "
+                          "scaler); use \"bf16\" (or --no-model_custom_precision with --bf16)")
     return precision
-
-
-def load_weights_file(path: str | Path) -> dict:
-    """A state dict from .safetensors or a torch file (.pt/.ckpt/.bin), with the file named in errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (check `from_pretrained` in the model JSON)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files
-        raise ValueError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
 
 
 class FrozenEncoders:
@@ -88,4 +72,4 @@ def wrap_ddp(model, parallel: ParallelArgs):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-__all__ = ["FrozenEncoders", "Precision", "load_weights_file", "resolve_precision", "wrap_ddp"]
+__all__ = ["FrozenEncoders", "Precision", "resolve_precision", "wrap_ddp"]

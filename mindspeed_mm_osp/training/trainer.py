@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import platform
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import load_data_config, load_model_config, validate_conditioning
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint.convert import load_weights
+from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
 from ..inference.weights import load_predictor_weights
 from ..models.lora import apply_lora, lora_metadata
@@ -40,7 +41,7 @@ from ..parallel.context_parallel import loss_scale_for_grads
 from .args import TrainingArgs
 from .arguments import parse_fault_spec
 from .batches import build_train_stream
-from .components import FrozenEncoders, load_weights_file, resolve_precision, wrap_ddp
+from .components import FrozenEncoders, resolve_precision, wrap_ddp
 from .flops import peak_flops_per_second, predictor_training_flops
 from .logging import IterationStats, MetricWriters, format_line, setup_logging
 from .step import flow_matching_loss
@@ -160,10 +161,14 @@ class Trainer:
         """
         cfg, lora = self.model_cfg.predictor, self.args.lora_config()
         source = (self.args.load or cfg.from_pretrained) if lora else cfg.from_pretrained
+        key = "--load" if lora and self.args.load else "predictor.from_pretrained"
         if lora and not source:
-            raise ValueError("LoRA fine-tuning needs base weights: pass --load (released model_ema.pt, merged "
-                             "weights or a full-model checkpoint folder) or set predictor.from_pretrained")
-        state = (load_predictor_weights(source) if lora else load_weights_file(source)) if source else None
+            raise ConfigError(self.args.mm_model, key, "LoRA fine-tuning needs base weights: pass --load (released "
+                              "model_ema.pt, merged weights or a full-model checkpoint folder) or set it")
+        try:  # a LoRA base may also be a training checkpoint folder
+            state = (load_predictor_weights(source) if lora else load_weights(source)) if source else None
+        except CheckpointError as exc:
+            raise ConfigError(self.args.mm_model, key, str(exc)) from exc
         model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
                                 recompute=self.args.recompute_config(), train=True)
         if state is not None:

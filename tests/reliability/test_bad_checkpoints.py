@@ -12,32 +12,23 @@ import torch
 
 from mindspeed_mm_osp.checkpoint import CheckpointError, load_checkpoint
 from mindspeed_mm_osp.checkpoint import io as ckpt_io
-from mindspeed_mm_osp.checkpoint.convert import main as convert, split_weights
-from mindspeed_mm_osp.checkpoint.io import atomic_save
+from mindspeed_mm_osp.checkpoint.convert import main as convert
 from mindspeed_mm_osp.checkpoint.layout import model_file, tracker_path
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
-from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, tp_split_dim
+from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, tp_split_dim
+from mindspeed_mm_osp.testing import tiny_predictor_config, tiny_predictor_weights, write_training_checkpoint
 from reliability_harness import log
 
 TP, IT = 2, 20
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 
 
 @pytest.fixture(scope="module")
 def weights():
-    torch.manual_seed(0)
-    return local_state_dict(SparseUMMDiT(from_dict(PredictorConfig, TINY)))
+    return tiny_predictor_weights()
 
 
 def _write(root: Path, weights: dict) -> Path:
-    """A TP=2 training checkpoint in the layout `save_checkpoint` writes (model and EMA)."""
-    for rank, shard in enumerate(split_weights(weights, TP)):
-        atomic_save({"iteration": IT, "parallel": {"tensor_model_parallel_size": TP}, "model": shard,
-                     "ema_model": {k: v + 1 for k, v in shard.items()}, "args": {}}, model_file(root, IT, rank))
-    tracker_path(root).write_text(str(IT))
-    return root
+    """A TP=2 training checkpoint (model and EMA = model + 1)."""
+    return write_training_checkpoint(root, weights, {k: v + 1 for k, v in weights.items()}, TP, IT)
 
 
 def _edit(path: Path, fn) -> None:
@@ -142,7 +133,7 @@ def test_converter_disk_full_leaves_only_complete_files(tmp_path, weights, monke
 
 def test_training_loader_refuses_wrong_tp_and_broken_files(tmp_path, weights):
     root = _write(tmp_path / "ckpt", weights)
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    model = SparseUMMDiT(tiny_predictor_config())
     with pytest.raises(CheckpointError, match="saved with tensor-parallel size 2, this run uses 1"):
         load_checkpoint(root, model)
     shutil.rmtree(model_file(root, IT, 1).parent)
@@ -157,7 +148,7 @@ def test_training_loader_refuses_wrong_tp_and_broken_files(tmp_path, weights):
 
 
 def test_predictor_loader_names_foreign_keys(weights):
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    model = SparseUMMDiT(tiny_predictor_config())
     foreign = {**weights, "unexpected.weight": torch.zeros(1)}
     foreign.pop(_split_key(weights))
     with pytest.raises(ValueError, match="does not match SparseUMMDiT"):
@@ -180,3 +171,33 @@ def test_vae_loader_names_the_file(tiny_assets, tmp_path, content):
     with pytest.raises((CheckpointKeyError, ValueError, OSError)) as e:
         load_wfvae_checkpoint(WFVAE(cfg), bad)
     assert str(bad) in str(e.value), f"{type(e.value).__name__}: {e.value}"
+
+
+def _pretrain_main(rank, world_size, argv):
+    from reliability_harness import cli_main
+
+    return cli_main(argv)
+
+
+@pytest.mark.parametrize("content", ["missing", "truncated"])
+def test_pretrain_with_bad_from_pretrained_exits_naming_the_file(micro_assets, tmp_path, content):
+    """pretrain.py with a missing or unreadable `predictor.from_pretrained` exits 2 with one line naming the
+    model JSON key and the file, no traceback: the same exit as inference.py with bad weights."""
+    import json
+
+    from reliability_harness import run_ranks, train_argv
+
+    weights = tmp_path / "predictor.safetensors"
+    if content == "truncated":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    cfg = json.loads(micro_assets["model_json"].read_text())
+    cfg["predictor"]["from_pretrained"] = str(weights)
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps(cfg))
+    ok, out = run_ranks(_pretrain_main, 1, train_argv({**micro_assets, "model_json": model_json}))[0]
+    assert ok, out
+    assert out["code"] == 2, out
+    assert "Traceback" not in out["stderr"], out["stderr"]
+    line = out["stderr"].strip().splitlines()[-1]
+    assert line.startswith(f"pretrain.py: error: {model_json}: predictor.from_pretrained: {weights}:"), line
+    assert ("weights file not found" if content == "missing" else "cannot read weights") in line

@@ -17,18 +17,13 @@ from mindspeed_mm_osp.checkpoint.convert import (
 )
 from mindspeed_mm_osp.checkpoint.io import atomic_save
 from mindspeed_mm_osp.checkpoint.layout import CheckpointError, iteration_dir, read_tracker
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp import testing
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, tp_split_dim
-
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-
+from mindspeed_mm_osp.testing import tiny_predictor_config, tiny_predictor_weights
 
 @pytest.fixture(scope="module")
 def full():
-    torch.manual_seed(0)
-    return local_state_dict(SparseUMMDiT(from_dict(PredictorConfig, TINY)))
+    return tiny_predictor_weights()
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +33,8 @@ def ema(full):
 
 
 def write_training_checkpoint(root, full, ema, tp, iteration=20):
-    """The layout `save_checkpoint` writes, built from a merged state dict."""
-    for rank, (m, e) in enumerate(zip(split_weights(full, tp), split_weights(ema, tp))):
-        m = {**m, "attn1_like._extra_state": None}  # megatron placeholder entries are dropped
-        atomic_save({"iteration": iteration, "parallel": {"tensor_model_parallel_size": tp}, "model": m,
-                     "ema_model": e, "args": {}}, iteration_dir(root, iteration) / f"mp_rank_{rank:02d}" /
-                    "model_optim_rng.pt")
-    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-    return root
+    """With megatron placeholder entries, which the converter drops."""
+    return testing.write_training_checkpoint(root, full, ema, tp, iteration, placeholder=True)
 
 
 def assert_same(a, b):
@@ -124,7 +113,7 @@ def test_resplit_checkpoint_resumes_with_load_checkpoint(tmp_path, full):
 
     save_split_checkpoint(full, tmp_path, 1, 5)
     torch.manual_seed(3)
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    model = SparseUMMDiT(tiny_predictor_config())
     loaded = load_checkpoint(tmp_path, model, finetune=True)
     assert loaded.iteration == 0
     assert_same(local_state_dict(model), full)
@@ -133,7 +122,7 @@ def test_resplit_checkpoint_resumes_with_load_checkpoint(tmp_path, full):
 def test_merged_file_loads_into_a_model(tmp_path, full):
     save_split_checkpoint(full, tmp_path / "ckpt", 2, 1)
     main(["--load_dir", str(tmp_path / "ckpt"), "--save_dir", str(tmp_path / "out"), "--format", "safetensors"])
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    model = SparseUMMDiT(tiny_predictor_config())
     load_merged_state_dict(model, load_weights(tmp_path / "out" / "model.safetensors"))
     assert_same(local_state_dict(model), full)
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from mindspeed_mm_osp.optim.fused_ema_adamw import EMA_KEY, FusedEmaAdamW, ema_decay_at, ema_state_dict
+from mindspeed_mm_osp.optim import EMA_KEY, FusedEmaAdamW, ema_decay_at, ema_state_dict
 
 
 def _model() -> torch.nn.Module:
