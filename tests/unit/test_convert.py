@@ -18,8 +18,10 @@ from mindspeed_mm_osp.checkpoint.convert import (
 from mindspeed_mm_osp.checkpoint.io import atomic_save
 from mindspeed_mm_osp.checkpoint.layout import CheckpointError, iteration_dir, read_tracker
 from mindspeed_mm_osp import testing
+from mindspeed_mm_osp.config import from_dict
+from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, tp_split_dim
-from mindspeed_mm_osp.testing import tiny_predictor_config, tiny_predictor_weights
+from mindspeed_mm_osp.testing import TINY_PREDICTOR, tiny_predictor_config, tiny_predictor_weights
 
 @pytest.fixture(scope="module")
 def full():
@@ -129,7 +131,7 @@ def test_merged_file_loads_into_a_model(tmp_path, full):
 
 def test_i2v_checkpoint_merges_splits_and_loads(tmp_path, full):
     """The inpaint variant's wider patch_embed (replicated) goes through the converter unchanged."""
-    cfg = from_dict(PredictorConfig, {**TINY, "model_id": "SparseUMMDiTInpaint", "vae_scale_factor_t": 2})
+    cfg = from_dict(PredictorConfig, {**TINY_PREDICTOR, "model_id": "SparseUMMDiTInpaint", "vae_scale_factor_t": 2})
     torch.manual_seed(0)
     i2v = local_state_dict(SparseUMMDiT(cfg))
     assert i2v["patch_embed.proj.weight"].shape[1] == 10
