@@ -158,8 +158,8 @@ VIOLATIONS = {"model": model_violations, "data": data_violations, "inference": i
 JSON_VALUES = st.one_of(
     st.none(), st.booleans(), st.sampled_from([0, -1, 1, 2, 3, 7, 15, 17, 1 << 40]), st.integers(-1000, 1000),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(["", "bf16", "banana", "nearest"]),
-    st.text(max_size=8), st.lists(st.integers(-3, 9), max_size=8), st.just({}), st.just({"x": 1}),
-)
+    st.text(max_size=8), st.lists(st.integers(-3, 9), max_size=8), st.builds(dict), st.builds(lambda: {"x": 1}),
+)  # fresh dicts: a later mutation of the same case may rename a key inside one (st.just would share it)
 
 
 def _apply(doc: dict, mutation: tuple) -> None:
