@@ -63,6 +63,7 @@ def _save_and_reload(rank, world_size, cfg, base, adapters, save_dir):
     return sorted(saved["model"]), sorted(saved["ema_model"]), sorted(saved["optimizer"]["state"]), errors
 
 
+@pytest.mark.slow  # ~13 s: a TP=2 save and three reloads, four conversions
 def test_adapter_checkpoint_and_lora_merge(tmp_path):
     cfg = from_dict(PredictorConfig, SMALL)
     torch.manual_seed(0)
