@@ -286,6 +286,24 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_predictor_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """Merged predictor state dict (training base weights, inference weights) from a weights file (.pt/.pth/.ckpt/.safetensors, wrapped or flat) or from a training
+    checkpoint (root with tracker or one `iter_XXXXXXX` folder, any TP size; its EMA when it has one)."""
+    path = Path(path)
+    if path.is_dir():
+        source = read_checkpoint(path)
+        if "lora" in source[3][0]:
+            raise CheckpointError(f"{path}: holds LoRA adapters only, not base weights; give the base weights here "
+                                  "and the adapters with --lora (inference) or --lora-load (training)")
+        key = "ema_model" if all("ema_model" in state for state in source[3]) else "model"
+        if key == "model":
+            logger.warning("%s has no EMA weights; using the model weights", path)
+        return merge_entry(*source, key).state_dict
+    if path.name == MODEL_FILE:
+        raise CheckpointError(f"{path}: one TP shard of a training checkpoint; pass its checkpoint folder instead")
+    return load_weights(path)
+
+
 def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool = False,
                           iteration: Optional[int | str] = None) -> MergedCheckpoint:
     """Merged base weights with the adapters (or their EMA) of a LoRA checkpoint folded in (TP=1 view).
@@ -378,6 +396,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(path)
 
 
-__all__ = ["MergedCheckpoint", "atomic_save_safetensors", "load_weights", "locate_iteration", "main",
+__all__ = ["MergedCheckpoint", "atomic_save_safetensors", "load_predictor_weights", "load_weights", "locate_iteration", "main",
            "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards", "rank_files", "read_checkpoint",
            "save_merged", "save_split_checkpoint", "split_weights"]

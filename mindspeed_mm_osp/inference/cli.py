@@ -146,7 +146,8 @@ class Generator:
         from ..models.ae import VideoAutoencoder
         from ..config.dtypes import to_torch_dtype
         from ..models.predictor import build_predictor
-        from .weights import apply_adapters, load_predictor_weights
+        from ..checkpoint.convert import load_predictor_weights
+        from .weights import apply_adapters
 
         weights = args.predictor_weights or cfg.predictor.from_pretrained
         if not weights:

@@ -28,10 +28,9 @@ from torch import nn
 
 from .. import platform
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..checkpoint.convert import load_weights
+from ..checkpoint.convert import load_predictor_weights, load_weights
 from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
-from ..inference.weights import load_predictor_weights
 from ..models.lora import apply_lora, lora_metadata
 from ..models.predictor import build_predictor
 from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mindspeed_mm_osp.checkpoint.convert import save_split_checkpoint
+from mindspeed_mm_osp.checkpoint.convert import load_predictor_weights, save_split_checkpoint
 from mindspeed_mm_osp.config import from_dict, load_inference_config
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts, prepare_texts
 from mindspeed_mm_osp.inference.video_io import read_mp4
-from mindspeed_mm_osp.inference.weights import load_predictor_weights
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, build_predictor, local_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
