@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Open-Sora Plan v1.5 pretraining, multi-node. Every node runs this script with the same
-# MASTER_ADDR/MASTER_PORT and its own NODE_RANK. Flags follow the reference launcher.
+# MASTER_ADDR/MASTER_PORT and its own NODE_RANK. Flags follow the reference launcher; extra arguments are
+# passed to pretrain.py.
 set -euo pipefail
 
 # ---- cluster layout (from the environment; defaults: one node) ---------------------------
@@ -118,4 +119,4 @@ if [ -n "${WANDB_PROJECT:-}" ]; then
   OUTPUT_ARGS="$OUTPUT_ARGS --wandb-project $WANDB_PROJECT --wandb-exp-name ${WANDB_EXP_NAME:-pretrain} --wandb-save-dir $PROJECT_DIR --wandb-mode $WANDB_MODE"
 fi
 
-torchrun $DISTRIBUTED_ARGS pretrain.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS 2>&1 | tee "$PROJECT_DIR/train_node${NODE_RANK}.log"
+torchrun $DISTRIBUTED_ARGS pretrain.py $GPT_ARGS $MM_ARGS $OUTPUT_ARGS "$@" 2>&1 | tee "$PROJECT_DIR/train_node${NODE_RANK}.log"

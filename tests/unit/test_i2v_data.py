@@ -125,3 +125,35 @@ def _after(vae, video):
     gen = keyed_generator(1)
     vae.encode(video, generator=gen)
     return gen
+
+
+def test_i2v_launcher_and_release_configs(tmp_path):
+    from test_arguments import launcher_argv
+
+    from mindspeed_mm_osp.config import load_model_config, validate_conditioning
+    from mindspeed_mm_osp.training.arguments import parse_args
+
+    argv = launcher_argv(tmp_path, "examples/opensoraplan1.5/pretrain_i2v_opensoraplan1_5.sh")
+    args = parse_args(argv, world_size=16)
+    assert args.i2v_loss_region == "all" and args.tensor_model_parallel_size == 8 and args.sequence_parallel
+    model, data = load_model_config(args.mm_model), load_data_config(args.mm_data)
+    assert model.predictor.patch_embed_channels == 2 * 32 + 8 and model.predictor.from_pretrained.endswith(".pt")
+    assert data.dataset_param.mask_config.mask_type_ratio_dict_video["i2v"] == 8
+    validate_conditioning(model, data, model_file=args.mm_model, data_file=args.mm_data)
+
+
+def test_encoded_batch_with_condition_round_trips_through_its_tensor_list():
+    """Encoder DP all-gathers `EncodedBatch.tensors()`: the condition must survive the trip."""
+    from mindspeed_mm_osp.training.step import EncodedBatch
+
+    enc = EncodedBatch(torch.randn(1, 4, 2, 2, 2), torch.ones(1, 2, 2, 2), torch.randn(1, 3, 8), torch.ones(1, 3),
+                       None, torch.randn(1, 4, 2, 2, 2), torch.ones(1, 8, 2, 2, 2))
+    back = EncodedBatch.from_tensors(enc.tensors())
+    assert back.pooled is None and torch.equal(back.condition_latents, enc.condition_latents)
+    assert torch.equal(back.condition_mask, enc.condition_mask)
+    plain = EncodedBatch.from_tensors(EncodedBatch(*enc.tensors()[:4], None).tensors())
+    assert plain.condition_latents is None and plain.condition_mask is None
+    generated = enc.loss_mask("generated")
+    assert torch.equal(generated, enc.latent_mask) and torch.equal(enc.loss_mask("all"), enc.latent_mask)
+    enc.condition_mask[:, :, 0] = 0  # latent frame 0 given
+    assert enc.loss_mask("generated")[:, 0].sum() == 0 and enc.loss_mask("generated")[:, 1].all()

@@ -11,17 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mindspeed_mm_osp.config import from_dict, load_inference_config
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.config import load_inference_config
 from mindspeed_mm_osp.diffusion import sample
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.conditioning import ConditionRequest, InpaintCondition, condition_pixels
 from mindspeed_mm_osp.inference.video_io import read_mp4, to_uint8_frames, write_mp4
 from mindspeed_mm_osp.metrics import psnr
 from mindspeed_mm_osp.models.ae import VideoAutoencoder
-from mindspeed_mm_osp.models.predictor import SparseUMMDiT, local_state_dict
 
-REPO = Path(__file__).resolve().parents[2]
 SIZE = [17, 32, 48]  # 3 latent frames of 4x6
 
 
@@ -34,28 +31,13 @@ def _smooth_frames(frames: int, height: int, width: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
+    from test_inference import make_tiny_inference
 
     root = tmp_path_factory.mktemp("i2v_inference")
-    models = make_tiny_models(root / "models")
-    data = json.loads((REPO / "examples/tiny/inference.json").read_text())
-    data["predictor"].update(model_id="SparseUMMDiTInpaint", vae_scale_factor_t=8)
-    torch.manual_seed(0)
-    model = SparseUMMDiT(from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": True}))
-    with torch.no_grad():  # condition channels included: the model does see the condition
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_file(local_state_dict(model), str(root / "i2v.safetensors"))
-    data["ae"]["from_pretrained"] = str(models["vae"])
-    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
-                        ("tokenizer_2", "clip")]:
-        data[key]["from_pretrained"] = str(models[folder])
-    data["predictor"]["from_pretrained"] = str(root / "i2v.safetensors")
+    config = make_tiny_inference(root, model_id="SparseUMMDiTInpaint", vae_scale_factor_t=8)
+    data = json.loads(config.read_text())  # random weights everywhere, condition channels included
     data["pipeline_config"]["input_size"] = SIZE
-    data["diffusion"]["num_inference_steps"] = 2
-    data.update(model_max_length=16, prompt="a slow colour sweep")
+    data["prompt"] = "a slow colour sweep"
     (root / "i2v.json").write_text(json.dumps(data))
     frames = _smooth_frames(20, 40, 64)  # not the output size: resized and cropped like training samples
     Image.fromarray(frames[0]).save(root / "first.png")

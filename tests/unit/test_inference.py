@@ -23,14 +23,16 @@ SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents
 STEPS = 2
 
 
-def make_tiny_inference(root: Path, final_block_text_params: bool = True) -> Path:
-    """Tiny T5/CLIP/VAE folders, random predictor weights (merged safetensors) and an inference JSON."""
+def make_tiny_inference(root: Path, final_block_text_params: bool = True, **predictor) -> Path:
+    """Tiny T5/CLIP/VAE folders, random predictor weights (merged safetensors) and an inference JSON; `predictor`
+    overrides keys of its predictor block (e.g. the image-to-video model_id)."""
     from safetensors.torch import save_file
 
     from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
 
     models = make_tiny_models(root / "models")
     data = json.loads((REPO / "examples/tiny/inference.json").read_text())
+    data["predictor"].update(predictor)
     torch.manual_seed(0)
     pcfg = from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": final_block_text_params})
     model = SparseUMMDiT(pcfg)
