@@ -47,13 +47,15 @@ def test_merged_tp2_checkpoint_equals_tp1_model_state(tmp_path):
 # ---------------------------------------------------------------------------------------------- inference
 
 
-def _make_config(root: Path) -> Path:
+def _make_config(root: Path, **predictor) -> Path:
+    """Tiny models, random predictor weights and an inference JSON; `predictor` overrides its predictor block."""
     from safetensors.torch import save_file
 
     from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
 
     models = make_tiny_models(root / "models")
     data = json.loads((REPO / "examples/tiny/inference.json").read_text())
+    data["predictor"].update(predictor)
     torch.manual_seed(0)
     model = SparseUMMDiT(from_dict(PredictorConfig, data["predictor"]))
     with torch.no_grad():
