@@ -73,3 +73,29 @@ def _odd(rank, world_size):
 def test_odd_data_parallel_size_is_rejected():
     with pytest.raises(Exception, match="even data-parallel size"):
         run_distributed(_odd, 2, tp=2)
+
+
+def _cached(rank, world_size, weights, threshold):
+    model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=True).eval()
+    load_merged_state_dict(model, weights)
+    return _sample_cached(model, threshold)
+
+
+def _sample_cached(model, threshold):
+    cache = StepCache(model, threshold, STEPS)
+    noise = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+    latents = sample(cache, noise, _cond(1), _cond(2), guidance_scale=4.5, guidance_rescale=0.7,
+                     sigmas=FlowMatchingScheduler(DiffusionConfig(shift=3.0)).sampling_sigmas(STEPS))
+    return latents, cache.skipped
+
+
+def test_step_cache_decisions_agree_across_tp_and_cp_ranks():
+    """TP=2 (SP) x CP=2: every rank skips the same steps as one process and ends with its latents."""
+    weights = _weights()
+    model = SparseUMMDiT(from_dict(PredictorConfig, TINY)).eval()
+    load_merged_state_dict(model, weights)
+    expected, skipped = _sample_cached(model, 0.15)
+    assert 0 < len(skipped) < STEPS - 2
+    for latents, got in run_distributed(_cached, 4, weights, 0.15, tp=2, cp=2, timeout=300):
+        assert got == skipped
+        torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
