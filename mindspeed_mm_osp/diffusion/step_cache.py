@@ -16,8 +16,8 @@ on that scale.
 
 Decisions are deterministic and shared by everything that forms one prediction: the cond and uncond halves of
 a batched CFG forward (sums over the whole batch), the two ranks of a CFG-parallel pair (`group`: the sums are
-all-reduced) and TP peers (the modulated input is computed on the full, unsharded sequence, identically on
-every TP and CP rank). `threshold=0` never skips and is bit-identical to the plain forward.
+all-reduced) and TP/CP peers (the modulated input is computed on the full, unsharded sequence, identically on
+every one of them). `threshold=0` never skips and is bit-identical to the plain forward.
 """
 
 from __future__ import annotations
