@@ -9,6 +9,7 @@ figures measure how far an option moves the result, not how a trained model's vi
 
     python bench/bench_inference_accel.py            # 20 steps, both models, all options (~20 min on 2 cores)
     python bench/bench_inference_accel.py --quick    # 8 steps, tiny model, no compile (~1 min)
+    python bench/bench_inference_accel.py --only cfg --model w256 --latent 9 32 32 --steps 4  # longer sequence
 
 Timing: one untimed warm-up run per option, then the minimum of 4 timed runs, as wall time and as process CPU
 time (for the 2-rank options: the slower rank's). The box is shared with other jobs, so the CPU-time ratio (the
@@ -24,6 +25,7 @@ import json
 import time
 
 import torch
+import torch._dynamo
 
 from mindspeed_mm_osp.config import AEConfig, DiffusionConfig, from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
@@ -106,7 +108,8 @@ def _cfg_parallel_rank(rank, world_size, state, widths, steps):
     return timed(lambda: sample(fn, noise, cond, uncond, **kwargs))
 
 
-def bench_model(name: str, widths: dict, steps: int, compile_modes: tuple[str, ...]) -> list[dict]:
+def bench_model(name: str, widths: dict, steps: int, thresholds: tuple[float, ...],
+                compile_modes: tuple[str, ...], cfg: bool = True) -> list[dict]:
     model = build(widths)
     noise, cond, uncond, kwargs = inputs(steps)
     run = lambda fn: sample(fn, noise, cond, uncond, **kwargs)  # noqa: E731
@@ -121,10 +124,12 @@ def bench_model(name: str, widths: dict, steps: int, compile_modes: tuple[str, .
                      **judge(latents), **extra})
         print(json.dumps(rows[-1]), flush=True)
 
-    ranks = run_distributed(_cfg_parallel_rank, 2, local_state_dict(model), widths, steps, timeout=1800)
-    # Latency with a core per rank: the slower rank's CPU time (the all-gather's wait is not CPU time).
-    add("CFG-parallel, 2 ranks", ranks[0][0], {"wall": ranks[0][1]["wall"], "cpu": max(r[1]["cpu"] for r in ranks)})
-    for threshold in THRESHOLDS:
+    if cfg:
+        ranks = run_distributed(_cfg_parallel_rank, 2, local_state_dict(model), widths, steps, timeout=1800)
+        # Latency with a core per rank: the slower rank's CPU time (an upper bound: gloo may spin while waiting).
+        add("CFG-parallel, 2 ranks", ranks[0][0],
+            {"wall": ranks[0][1]["wall"], "cpu": max(r[1]["cpu"] for r in ranks)})
+    for threshold in thresholds:
         caches = []
 
         def cached() -> torch.Tensor:
@@ -134,6 +139,7 @@ def bench_model(name: str, widths: dict, steps: int, compile_modes: tuple[str, .
         latents, t = timed(cached)
         add(f"step cache {threshold}", latents, t, skipped_fraction=caches[-1].skipped_fraction)
     for mode in compile_modes:
+        torch._dynamo.reset()  # a fresh cache per mode: the modes must not share (or exhaust) dynamo's entries
         compiled = build(widths)
         compile_blocks(compiled, mode)
         start = time.perf_counter()
@@ -167,20 +173,26 @@ def bench_decode(latent_frames: int) -> dict:
 
 
 def main() -> None:
+    global LATENT  # read by `inputs`, also in the forked ranks
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int)
     p.add_argument("--json", help="write all rows here")
+    p.add_argument("--only", choices=["cfg", "compile"], help="exact vs this option only (with --latent, --model)")
+    p.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"), help=f"latent size (default {LATENT[1:]})")
+    p.add_argument("--model", choices=list(MODELS), help="one model only")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.latent:
+        LATENT = (LATENT[0], *args.latent)
     steps = args.steps or (8 if args.quick else 20)
     rows = []
     for name, widths in MODELS.items():
-        if args.quick and name != "tiny (w64)":
+        if (args.quick and name != "tiny (w64)") or (args.model and name != args.model):
             continue
-        modes = () if args.quick else (COMPILE_MODES if name == "tiny (w64)" else ("default",))
-        rows += bench_model(name, widths, steps, modes)
-    for latent_frames in ((16,) if args.quick else (16, 61)):
+        modes = () if args.quick or args.only == "cfg" else COMPILE_MODES if name == "tiny (w64)" else ("default",)
+        rows += bench_model(name, widths, steps, () if args.only else THRESHOLDS, modes, cfg=args.only != "compile")
+    for latent_frames in () if args.only else (16,) if args.quick else (16, 61):
         rows.append(bench_decode(latent_frames))
     print(f"\n{'model':<11} {'option':<52} {'wall s':>7} {'speed-up':>8} {'CPU s':>7} {'speed-up':>8} "
           f"{'lat. err':>9} {'PSNR dB':>8} {'skipped':>7}")
@@ -191,7 +203,7 @@ def main() -> None:
               f"{r.get('skipped_fraction', float('nan')):7.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": steps, "rows": rows}, f, indent=1)
+            json.dump({"steps": steps, "latent": LATENT, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 from typing import Callable
 
 import torch
+import torch._dynamo
 
 from ..config.inference import COMPILE_MODES
 
@@ -50,11 +51,18 @@ class CompiledForward:
 
 def compile_blocks(model: torch.nn.Module, mode: str = "default",
                    backend: str | Callable = "inductor") -> list[CompiledForward]:
-    """Replace the forward of every block of `model.blocks()` (in place); returns the wrappers."""
+    """Replace the forward of every block of `model.blocks()` (in place); returns the wrappers. Raises dynamo's
+    recompile limits (process-wide) so that every block gets its compiled graph."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    blocks = model.blocks()
+    # Dynamo guards on the module, so every block is its own entry in the cache of the one `forward` code object;
+    # past `recompile_limit` (8 by default) it would silently run the remaining blocks eagerly.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks))
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * len(blocks))
     wrappers = []
-    for block in model.blocks():
+    for block in blocks:
         wrapper = CompiledForward(block, mode, backend)
         block.forward = wrapper
         wrappers.append(wrapper)

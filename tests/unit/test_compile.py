@@ -44,6 +44,15 @@ def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
     assert "torch.compile failed for SparseMMDiTBlock" in caplog.text
 
 
+def test_every_block_fits_in_dynamo_cache():
+    """Each block is a separate dynamo cache entry of the same code object: the limit must cover them all."""
+    torch.manual_seed(0)
+    model = SparseUMMDiT(from_dict(PredictorConfig, {**ONE_BLOCK, "num_layers": [5, 4, 5],
+                                                     "sparse_n": [1, 1, 1]})).eval()
+    compile_blocks(model)
+    assert torch._dynamo.config.recompile_limit >= len(model.blocks()) == 14
+
+
 def test_unknown_mode_is_rejected():
     model, _ = _model_and_inputs()
     with pytest.raises(ValueError, match="compile mode must be one of"):
