@@ -11,9 +11,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The domain error types (imported here, lazily, so importing this module stays cheap)."""
     from .checkpoint.layout import CheckpointError
     from .config import ConfigError
+    from .data.readers import ReadError
     from .parallel import ParallelConfigError
 
-    return ConfigError, ParallelConfigError, CheckpointError
+    return ConfigError, ParallelConfigError, CheckpointError, ReadError
 
 
 __all__ = ["user_errors"]

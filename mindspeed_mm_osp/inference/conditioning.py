@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..data.readers import make_video_reader, read_image
 from ..data.transforms import CenterCropResizeVideo, Compose, ToTensorVideo, ae_norm
 from ..metrics import psnr
@@ -63,7 +64,8 @@ def condition_pixels(request: ConditionRequest, frames: int, height: int, width:
     if request.video is not None:
         k = request.condition_frames
         if not 1 <= k <= frames:
-            raise ValueError(f"--condition-frames {k}: must be in [1, {frames}] (the output has {frames} frames)")
+            raise ConfigError("command line", "--condition-frames",
+                              f"must be in [1, {frames}] (the output has {frames} frames), got {k}")
         place(make_video_reader("decoder").read(request.video, np.arange(k)), list(range(k)))
     return pixels.permute(1, 0, 2, 3).contiguous(), mask
 

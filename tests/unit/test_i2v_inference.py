@@ -114,3 +114,14 @@ def test_condition_flags_need_the_inpaint_model_and_each_other(setup, tmp_path, 
     with pytest.raises(SystemExit):
         cli.main(["--config", str(setup / "i2v.json"), "--video", str(setup / "clip.mp4")])
     assert "--video and --condition-frames K go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # unreadable inputs and impossible lengths: a message, no traceback
+        cli.main(["--config", str(setup / "i2v.json"), "--image", str(tmp_path / "missing.png")])
+    assert exc.value.code == 2 and "missing.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--config", str(setup / "i2v.json"), "--video", str(setup / "clip.mp4"), "--condition-frames", "18"])
+    assert "--condition-frames: must be in [1, 17]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the clip has 20 frames
+        cli.main(["--config", str(setup / "i2v.json"), "--size", "33", "32", "48", "--video", str(setup / "clip.mp4"),
+                  "--condition-frames", "25"])
+    assert "clip.mp4" in capsys.readouterr().err
+
