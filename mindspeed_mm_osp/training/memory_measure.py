@@ -89,7 +89,7 @@ def measure_predictor_step(cfg, work, recompute, act_dtype: torch.dtype, sequenc
                                  use_distributed_optimizer=distributed_optimizer)
     optimizer = build_optimizer(ddp, settings)
     b = work.micro_batch
-    latent = torch.randn(b, cfg.in_channels, work.latent_frames, work.latent_height, work.latent_width,
+    latent = torch.randn(b, cfg.patch_embed_channels, work.latent_frames, work.latent_height, work.latent_width,
                          device=device)
     text = torch.randn(b, work.text_len, cfg.caption_channels, device=device, dtype=act_dtype)
     pooled = torch.randn(b, cfg.pooled_projection_dim, device=device)

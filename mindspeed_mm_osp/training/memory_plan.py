@@ -300,7 +300,7 @@ def block_saved_bytes(sh: _Shapes, k: int, group: bool, text_out: bool, double_f
 def _outside_blocks(cfg: PredictorConfig, work: Workload, sh: _Shapes, act_bytes: int) -> int:
     """Patch embedding input, caption projection input, conditioning MLPs, skip fusions, output head."""
     a, b, d, e = act_bytes, sh.b, sh.d, sh.embed
-    latent = b * cfg.in_channels * work.latent_frames * work.latent_height * work.latent_width
+    latent = b * cfg.patch_embed_channels * work.latent_frames * work.latent_height * work.latent_width
     total = latent * a + b * work.text_len * cfg.caption_channels * a
     total += b * (6 * e + cfg.pooled_projection_dim) * FP32  # sinusoid, MLP inputs, temb
     if cfg.skip_connection:

@@ -15,7 +15,8 @@ TOLERANCE = 0.15
 TINY = dict(num_layers=[1, 2, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 WIDE = dict(TINY, num_layers=[1, 1, 1], head_dim=64)  # hidden 256
-MODELS = {"tiny": TINY, "w256": WIDE}
+I2V = dict(TINY, model_id="SparseUMMDiTInpaint", vae_scale_factor_t=8)  # wider patch embedding input
+MODELS = {"tiny": TINY, "w256": WIDE, "i2v": I2V}
 RECOMPUTE = {"none": RecomputeConfig(), "selective": RecomputeConfig(selective_ffn_layers=4),
              "full": RecomputeConfig(granularity="full", method="block", num_layers=4)}
 WORKLOADS = {"short": Workload(2, 2, 8, 8, 5), "long": Workload(1, 3, 12, 16, 7)}
@@ -42,7 +43,8 @@ def _assert_within(results):
 # A small grid here (each point is a real step); bench/bench_planner.py runs the full one.
 def test_planner_within_15_percent_tp1():
     points = (_points(["tiny"], RECOMPUTE, WORKLOADS, [torch.float32])
-              | _points(["w256"], ["selective"], ["long"], [torch.bfloat16]))
+              | _points(["w256"], ["selective"], ["long"], [torch.bfloat16])
+              | _points(["i2v"], ["none"], ["short"], [torch.float32]))
     _assert_within(run_distributed(_grid, 1, points, False, False, tp=1)[0])
 
 
