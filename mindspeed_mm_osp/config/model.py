@@ -46,10 +46,15 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, read_json(path), file=str(path))
 
 
-def validate_conditioning(model: ModelConfig, data: DataConfig, *, model_file, data_file) -> None:
+def validate_conditioning(model: ModelConfig, data: DataConfig, *, model_file, data_file,
+                          loss_region: str = "all") -> None:
     """Image-to-video training needs a frame mask per sample (the data JSON's `mask_config`) and online clips: the
-    masked clip is encoded with the clip, which the feature cache (clip posteriors only) cannot do."""
+    masked clip is encoded with the clip, which the feature cache (clip posteriors only) cannot do. A loss region
+    other than "all" (`--i2v-loss-region`) needs the image-to-video predictor."""
     conditioned, masks = model.predictor.conditioned, data.dataset_param.mask_config is not None
+    require(conditioned or loss_region == "all", model_file, "predictor.model_id",
+            f"--i2v-loss-region {loss_region} needs the image-to-video predictor \"SparseUMMDiTInpaint\", got "
+            f"{model.predictor.model_id!r}")
     require(not conditioned or masks, data_file, "dataset_param.mask_config",
             f"the predictor is {model.predictor.model_id} (image-to-video): add a mask_config block (mask types and "
             "weights, see docs/i2v.md)")

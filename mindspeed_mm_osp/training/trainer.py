@@ -121,7 +121,8 @@ class Trainer:
         self.model_cfg = load_model_config(args.mm_model)
         self.data_cfg = load_data_config(args.mm_data)
         self.model_cfg.predictor.validate_parallel(self.tp, self.cp, file=args.mm_model)
-        validate_conditioning(self.model_cfg, self.data_cfg, model_file=args.mm_model, data_file=args.mm_data)
+        validate_conditioning(self.model_cfg, self.data_cfg, model_file=args.mm_model, data_file=args.mm_data,
+                              loss_region=args.i2v_loss_region)
         self.precision = resolve_precision(self.model_cfg, args)
         with torch.random.fork_rng(devices=[]):
             # Building the encoders (random init before their weights load) must not move the RNG stream the

@@ -102,6 +102,8 @@ def test_i2v_training_refuses_a_data_json_without_masks_and_the_feature_cache(i2
         validate_conditioning(i2v, plain, model_file="i2v.json", data_file="data.json")
     with pytest.raises(ConfigError, match="data.json: dataset_param.mask_config: given, but .*SparseUMMDiT"):
         validate_conditioning(t2v, masks, model_file="t2v.json", data_file="data.json")
+    with pytest.raises(ConfigError, match="t2v.json: predictor.model_id: --i2v-loss-region generated needs"):
+        validate_conditioning(t2v, plain, model_file="t2v.json", data_file="data.json", loss_region="generated")
     model = json.loads(s["i2v"].read_text())
     model["load_video_features"] = True
     (tmp_path / "cached.json").write_text(json.dumps(model))
