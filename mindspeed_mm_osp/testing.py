@@ -144,5 +144,33 @@ def write_training_checkpoint(root, model: dict, ema: dict, tp: int, iteration: 
     return root
 
 
-__all__ = ["DistributedTestError", "TINY_PREDICTOR", "free_port", "run_distributed", "single_rank",
-           "tiny_predictor_config", "tiny_predictor_weights", "write_training_checkpoint"]
+def perturb_parameters(model: torch.nn.Module, generator: torch.Generator | None = None, scale: float = 0.05):
+    """Add `scale` x N(0, 1) to every parameter (the default RNG unless `generator`): zero-initialised skips,
+    gates and norms would otherwise make parallel-vs-single comparisons trivially equal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def ddp_outputs_and_grads(model: torch.nn.Module, cases, loss_scale: float = 1.0) -> list:
+    """Per (inputs, loss weights) case, the output and the trainable params' reduced `main_grad`s, through a
+    megatron-core DDP wrapper and `finalize_model_grads` as the training loop reduces them."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False))
+    results = []
+    for inputs, weight in cases:
+        ddp.zero_grad_buffer()
+        out = ddp(*inputs)
+        ((out * weight).sum() * loss_scale).backward()  # the full loss on each rank (Megatron convention)
+        finalize_model_grads([ddp])
+        results.append((out.detach(), {n: p.main_grad.clone() for n, p in model.named_parameters()
+                                       if p.requires_grad}))
+    return results
+
+
+__all__ = ["DistributedTestError", "TINY_PREDICTOR", "ddp_outputs_and_grads", "free_port", "perturb_parameters",
+           "run_distributed", "single_rank", "tiny_predictor_config", "tiny_predictor_weights",
+           "write_training_checkpoint"]

@@ -11,7 +11,7 @@ from mindspeed_mm_osp.diffusion.step_cache import StepCache
 from mindspeed_mm_osp.inference.cfg_parallel import cfg_parallel_model_fn, init_cfg_parallel
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
 from mindspeed_mm_osp.parallel import ParallelConfigError
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import perturb_parameters, run_distributed
 
 TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
@@ -21,9 +21,7 @@ STEPS = 6
 def _weights() -> dict:
     torch.manual_seed(0)
     model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_parameters(model)
     return local_state_dict(model)
 
 

@@ -16,7 +16,7 @@ from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import load_latents
 from mindspeed_mm_osp.inference.video_io import read_mp4
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import perturb_parameters, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
@@ -58,9 +58,7 @@ def _make_config(root: Path, **predictor) -> Path:
     data["predictor"].update(predictor)
     torch.manual_seed(0)
     model = SparseUMMDiT(from_dict(PredictorConfig, data["predictor"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_parameters(model)
     save_file(local_state_dict(model), str(root / "model.safetensors"))
     data["ae"]["from_pretrained"] = str(models["vae"])
     for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),

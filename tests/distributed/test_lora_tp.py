@@ -17,7 +17,7 @@ from mindspeed_mm_osp.models.predictor import (
     shard_state_dict,
     tp_split_dim,
 )
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import ddp_outputs_and_grads, perturb_parameters, run_distributed
 
 SMALL = dict(num_layers=[1, 2, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
              timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16, final_block_text_params=True)
@@ -47,9 +47,7 @@ def reference():
     torch.manual_seed(0)
     model = SparseUMMDiT(cfg).train()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    perturb_parameters(model, g)
     base = local_state_dict(model)
     apply_lora(model, LORA)
     init = lora_state_dict(model)
@@ -65,23 +63,12 @@ def reference():
 
 
 def _rank(rank, world_size, cfg, base, adapters, sequence_parallel, recompute):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
     load_merged_state_dict(model, base)
     apply_lora(model, LORA)
     init = lora_state_dict(model)
     load_lora_state_dict(model, shard_state_dict(adapters, rank, world_size), "test")
-    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False))
-    results = []
-    for inputs, weight in CASES:
-        ddp.zero_grad_buffer()
-        out = ddp(*inputs)
-        (out * weight).sum().backward()
-        finalize_model_grads([ddp])
-        results.append((out.detach(), {n: p.main_grad.clone() for n, p in model.named_parameters()
-                                       if p.requires_grad}))
+    results = ddp_outputs_and_grads(model, CASES)
     assert not any(hasattr(p, "main_grad") for p in model.parameters() if not p.requires_grad)  # frozen base
     # the merged base + adapters, loaded at TP=2 without LoRA, gives the unmerged adapters' output
     merged = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel).eval()

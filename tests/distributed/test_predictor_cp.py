@@ -12,28 +12,18 @@ import torch
 from mindspeed_mm_osp.config.predictor import RecomputeConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, merge_state_dicts, tp_split_dim
 from mindspeed_mm_osp.models.predictor import sparseu_mmdit
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import ddp_outputs_and_grads, run_distributed
 from test_predictor_tp import CASES, CONFIG_A, CONFIG_B, TOL, reference, tiny_config
 
 
 def _cp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute):
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from mindspeed_mm_osp.parallel.context_parallel import loss_scale_for_grads
 
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
     load_merged_state_dict(model, full_sd)
-    ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                           overlap_grad_reduce=False))
-    results = []
-    for inputs, weight in CASES:
-        ddp.zero_grad_buffer()
-        out = ddp(*inputs)
-        ((out * weight).sum() * loss_scale_for_grads()).backward()
-        finalize_model_grads([ddp])
-        results.append((out.detach(), {n: p.main_grad.clone() for n, p in model.named_parameters()}))
+    results = ddp_outputs_and_grads(model, CASES, loss_scale=loss_scale_for_grads())
     return ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank(), results
 
 

@@ -17,7 +17,7 @@ from mindspeed_mm_osp.models.predictor import (
     merge_state_dicts,
     tp_split_dim,
 )
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import ddp_outputs_and_grads, perturb_parameters, run_distributed
 
 TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
@@ -50,10 +50,7 @@ def reference(cfg, cases=CASES):
     """TP=1 model without torch.distributed, randomised weights; per case: output and param grads."""
     torch.manual_seed(0)
     model = SparseUMMDiT(cfg).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    perturb_parameters(model, torch.Generator().manual_seed(1))
     results = []
     for inputs, weight in cases:
         model.zero_grad(set_to_none=True)
@@ -65,21 +62,9 @@ def reference(cfg, cases=CASES):
 
 
 def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute, cases=CASES):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
     load_merged_state_dict(model, full_sd)
-    ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                           overlap_grad_reduce=False))
-    results = []
-    for inputs, weight in cases:
-        ddp.zero_grad_buffer()
-        out = ddp(*inputs)
-        (out * weight).sum().backward()  # identical full loss on each TP rank (Megatron convention)
-        finalize_model_grads([ddp])
-        results.append((out.detach(), {n: p.main_grad.clone() for n, p in model.named_parameters()}))
-    return results, local_state_dict(model)
+    return ddp_outputs_and_grads(model, cases), local_state_dict(model)
 
 
 CONFIG_A = {}  # zero-init skips, double_ff, no final-block text params

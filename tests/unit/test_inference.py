@@ -17,6 +17,7 @@ from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts, prepare_texts
 from mindspeed_mm_osp.inference.video_io import read_mp4
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, build_predictor, local_state_dict
+from mindspeed_mm_osp.testing import perturb_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents
@@ -36,9 +37,7 @@ def make_tiny_inference(root: Path, final_block_text_params: bool = True, **pred
     torch.manual_seed(0)
     pcfg = from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": final_block_text_params})
     model = SparseUMMDiT(pcfg)
-    with torch.no_grad():  # zero-initialised parts would make every prediction trivially equal
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_parameters(model)
     save_file(local_state_dict(model), str(root / "model_ema.safetensors"))
     data["ae"]["from_pretrained"] = str(models["vae"])
     for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),

@@ -15,6 +15,7 @@ from mindspeed_mm_osp.models.predictor import (
     local_state_dict,
     masked_video,
 )
+from mindspeed_mm_osp.testing import perturb_parameters
 
 TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=2, head_dim=16, in_channels=4,
             timestep_embed_dim=16, caption_channels=8, pooled_projection_dim=8)
@@ -64,9 +65,7 @@ def _inputs(cin, seed=0):
 def test_t2v_weights_make_the_inpaint_model_equal_the_t2v_model():
     torch.manual_seed(0)
     t2v = SparseUMMDiT(config()).eval()
-    with torch.no_grad():  # non-trivial weights everywhere (zero-init skips and gates would hide differences)
-        for p in t2v.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_parameters(t2v)
     cfg = config(model_id="SparseUMMDiTInpaint", vae_scale_factor_t=2)
     i2v = SparseUMMDiT(cfg).eval()
     load_merged_state_dict(i2v, local_state_dict(t2v))

@@ -18,6 +18,7 @@ from mindspeed_mm_osp.models.lora import (
     merge_lora,
 )
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, tp_split_dim
+from mindspeed_mm_osp.testing import perturb_parameters
 
 SMALL = dict(num_layers=[1, 2, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
              timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
@@ -37,11 +38,7 @@ def inputs(seed=0):
 def base_model(cfg, seed=0):
     torch.manual_seed(seed)
     model = SparseUMMDiT(cfg).train()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_parameters(model, torch.Generator().manual_seed(seed + 1))
 
 
 def randomize_adapters(model, seed=2):

@@ -18,6 +18,7 @@ from mindspeed_mm_osp.models.predictor import (
     shard_state_dict,
     tp_split_dim,
 )
+from mindspeed_mm_osp.testing import perturb_parameters
 
 # predictor block of examples/opensoraplan1.5/model_opensoraplan1_5.json (R1), incl. keys our config ignores
 RELEASE_JSON = """{
@@ -48,11 +49,7 @@ def tiny_inputs(seed=0, frames=3, height=4, width=6, text=8):
 
 def randomize(model, seed=0):
     """Perturb every parameter (incl. norms and zero-init skips) so no path is trivially identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_parameters(model, torch.Generator().manual_seed(seed))
 
 
 def expected_release_keys(cfg: PredictorConfig, final_extras: bool) -> dict:

@@ -10,6 +10,7 @@ from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, sample
 from mindspeed_mm_osp.diffusion.step_cache import StepCache
 from mindspeed_mm_osp.config import DiffusionConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT
+from mindspeed_mm_osp.testing import perturb_parameters
 
 TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
@@ -20,10 +21,7 @@ STEPS = 12
 def model() -> SparseUMMDiT:
     torch.manual_seed(0)
     m = SparseUMMDiT(from_dict(PredictorConfig, TINY)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return perturb_parameters(m)
 
 
 def conditioning(batch: int, seed: int) -> dict[str, torch.Tensor]:
