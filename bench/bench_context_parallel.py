@@ -17,12 +17,10 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
-from _timing import median_seconds
-from bench_recompute import SavedTensorBytes
+from bench_recompute import run
 from mindspeed_mm_osp import platform
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
@@ -40,20 +38,7 @@ def _rank(rank, world_size, cfg, state_dict, inputs, iters):
     torch.set_num_threads(1)
     model = SparseUMMDiT(cfg).train()
     load_merged_state_dict(model, state_dict)
-    on_cpu = platform.accelerator() == "cpu"
-
-    def step(counter=None):
-        model.zero_grad(set_to_none=True)
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter else contextlib.nullcontext():
-            out = model(*inputs)
-        (out.float().square().mean() * loss_scale_for_grads()).backward()
-
-    counter = SavedTensorBytes(model) if on_cpu else None
-    platform.reset_peak_memory_stats()
-    before = platform.max_memory_allocated()
-    step(counter)  # also the warm-up
-    memory = counter.total if on_cpu else platform.max_memory_allocated() - before
-    return median_seconds(step, iters, warmup=0), memory
+    return run(model, inputs, iters, loss_scale=loss_scale_for_grads())
 
 
 def all_to_all_bytes(tokens: int, text: int, hidden: int, cp: int, tp: int = 1, batch: int = 1,
