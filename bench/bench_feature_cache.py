@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from mindspeed_mm_osp.config import load_data_config, load_model_config
     from mindspeed_mm_osp.features import extract_features
-    from mindspeed_mm_osp.features.tiny import make_tiny_setup
+    from mindspeed_mm_osp.testing import make_tiny_setup
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ def _extract(rank, world_size, data_json, model_json, out):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mindspeed_mm_osp.features.tiny import make_tiny_setup
+    from mindspeed_mm_osp.testing import make_tiny_setup
 
     return make_tiny_setup(tmp_path_factory.mktemp("features"), num_videos=4, num_images=4)
 

@@ -130,7 +130,7 @@ def test_training_from_feature_cache_equals_online(tmp_path):
     """pretrain.py with load_video_features + load_text_features reproduces the online loss curve."""
     import json
 
-    from mindspeed_mm_osp.features.tiny import make_tiny_setup
+    from mindspeed_mm_osp.testing import make_tiny_setup
 
     setup = make_tiny_setup(tmp_path / "setup")
     run_distributed(_extract, 1, str(setup.data_json), str(setup.model_json), str(setup.cache_dir), timeout=240)

@@ -15,7 +15,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OSP_DEVICE": "cpu"}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mindspeed_mm_osp.features.tiny import make_tiny_setup
+    from mindspeed_mm_osp.testing import make_tiny_setup
 
     return make_tiny_setup(tmp_path_factory.mktemp("features"), num_videos=4, num_images=4)
 

@@ -36,6 +36,16 @@ def test_shipped_configs_round_trip(path, tmp_path):
     assert load(dumped) == cfg
 
 
+def test_tiny_model_config_is_the_shipped_tiny_example():
+    """`make_tiny_setup` builds this JSON in code (it must work from a wheel); the demo ships it as a file."""
+    from mindspeed_mm_osp.testing import tiny_model_config
+
+    shipped = read_json(ROOT / "examples" / "tiny" / "model.json")
+    paths = {"vae": shipped["ae"]["from_pretrained"], "t5": shipped["text_encoder"]["from_pretrained"],
+             "clip": shipped["text_encoder_2"]["from_pretrained"]}
+    assert tiny_model_config(paths) == shipped
+
+
 def test_comments_are_stripped_but_not_inside_strings():
     text = '{"a": 1, # comment with "quotes"\n "b": "x # not a comment", // another\n "c": "http://u"}'
     assert json.loads(strip_json_comments(text)) == {"a": 1, "b": "x # not a comment", "c": "http://u"}

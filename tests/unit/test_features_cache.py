@@ -13,7 +13,7 @@ from mindspeed_mm_osp.data import build_train_dataloader
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler
 from mindspeed_mm_osp.features import CacheMismatchError, FeatureCache, build_cached_dataloader, extract_features
 from mindspeed_mm_osp.features.format import caption_key
-from mindspeed_mm_osp.features.tiny import make_tiny_setup
+from mindspeed_mm_osp.testing import make_tiny_setup
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT
 from mindspeed_mm_osp.training.components import FrozenEncoders, Precision
 from mindspeed_mm_osp.tools.make_synthetic_dataset import data_json_dict, make_synthetic_dataset

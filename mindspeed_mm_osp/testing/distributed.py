@@ -1,4 +1,4 @@
-"""Test helpers: run a function on N local ranks in about a second; tiny predictor weights and checkpoints.
+"""Run a function on N local ranks in about a second, and the gradient helpers of parallel-vs-single tests.
 
 Children are forked from a parent that has already imported torch and megatron-core,
 so they skip the ~3 s import; each gets a free port, gloo (or the accelerator's
@@ -33,7 +33,7 @@ def _child(rank: int, world_size: int, port: int, tp: int, cp: int, seed: int, i
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        from .parallel import destroy_distributed, initialize_distributed
+        from ..parallel import destroy_distributed, initialize_distributed
 
         if init_megatron:
             initialize_distributed(tp=tp, cp=cp, seed=seed, timeout_minutes=2)
@@ -59,7 +59,7 @@ def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, cp: int =
     """
     import megatron.core  # noqa: F401  (imported before fork so children share it)
 
-    from . import platform
+    from .. import platform
 
     platform.adapt_megatron()
     ctx = mp.get_context("fork")
@@ -106,44 +106,6 @@ def single_rank(fn: Callable, *args, tp: int = 1, **kwargs) -> Any:
     return run_distributed(fn, 1, *args, tp=tp, **kwargs)[0]
 
 
-# A 3-block SparseUMMDiT small enough for converter and checkpoint-loader tests (a few hundred kB).
-TINY_PREDICTOR = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-                      timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-
-
-def tiny_predictor_config():
-    from .config import from_dict
-    from .config.predictor import PredictorConfig
-
-    return from_dict(PredictorConfig, TINY_PREDICTOR)
-
-
-def tiny_predictor_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Merged (TP=1) weights of a freshly initialised `TINY_PREDICTOR` (seeds the global RNG)."""
-    from .models.predictor import SparseUMMDiT, local_state_dict
-
-    torch.manual_seed(seed)
-    return local_state_dict(SparseUMMDiT(tiny_predictor_config()))
-
-
-def write_training_checkpoint(root, model: dict, ema: dict, tp: int, iteration: int = 20,
-                              placeholder: bool = False):
-    """The layout `save_checkpoint` writes (model and EMA shards, tracker), written by hand from merged state
-    dicts so tests of the readers do not depend on the writer. `placeholder`: add a megatron `_extra_state`
-    entry to each shard (readers drop them)."""
-    from .checkpoint.convert import split_weights
-    from .checkpoint.io import atomic_save
-    from .checkpoint.layout import model_file, tracker_path
-
-    for rank, (m, e) in enumerate(zip(split_weights(model, tp), split_weights(ema, tp))):
-        if placeholder:
-            m = {**m, "attn1_like._extra_state": None}
-        atomic_save({"iteration": iteration, "parallel": {"tensor_model_parallel_size": tp}, "model": m,
-                     "ema_model": e, "args": {}}, model_file(root, iteration, rank))
-    tracker_path(root).write_text(str(iteration))
-    return root
-
-
 def perturb_parameters(model: torch.nn.Module, generator: torch.Generator | None = None, scale: float = 0.05):
     """Add `scale` x N(0, 1) to every parameter (the default RNG unless `generator`): zero-initialised skips,
     gates and norms would otherwise make parallel-vs-single comparisons trivially equal."""
@@ -171,6 +133,5 @@ def ddp_outputs_and_grads(model: torch.nn.Module, cases, loss_scale: float = 1.0
     return results
 
 
-__all__ = ["DistributedTestError", "TINY_PREDICTOR", "ddp_outputs_and_grads", "free_port", "perturb_parameters",
-           "run_distributed", "single_rank", "tiny_predictor_config", "tiny_predictor_weights",
-           "write_training_checkpoint"]
+__all__ = ["DistributedTestError", "ddp_outputs_and_grads", "free_port", "perturb_parameters", "run_distributed",
+           "single_rank"]
