@@ -58,7 +58,7 @@ def _measure(data_json: Path, tokenizers, reader: str, workers: int, epochs: int
     next(it)  # worker start-up and first decode are not throughput
     n, t0 = 0, time.perf_counter()
     for batch in it:
-        assert batch["video"].shape == (1, 3, 33, 256, 256)
+        assert batch.video.shape == (1, 3, 33, 256, 256)
         n += 1
     return n / (time.perf_counter() - t0)
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config.data import DataConfig
 from .annotations import load_annotations
+from .batch import Batch
 from .collate import GroupLengthCollate
 from .dataset import T2VDataset
 from .index import FilterStats, SampleIndex, SamplePlan, build_index, iter_plans
@@ -31,8 +32,8 @@ class DatasetStats:
 
 
 class TrainDataLoader:
-    """Iterates batches of a `torch.utils.data.DataLoader`, moving each batch's
-    `read_failures` (counted inside worker processes) into `stats.read_failures`."""
+    """Iterates batches of a `torch.utils.data.DataLoader`, adding each batch's
+    `read_failures` (counted inside worker processes) to `stats.read_failures`."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, stats: DatasetStats):
         self.loader, self.stats = loader, stats
@@ -40,11 +41,10 @@ class TrainDataLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            failures = batch.pop("read_failures")
-            if failures:
-                self.stats.read_failures.update(failures)
+            if batch.read_failures:
+                self.stats.read_failures.update(batch.read_failures)
             yield batch
 
 

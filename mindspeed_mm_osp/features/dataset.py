@@ -12,28 +12,14 @@ What differs from online encoding: a clip longer than `num_frames` is cached wit
 window (its plan's), where the online loader draws a new window each epoch. Videos whose usable
 length equals `num_frames`, and images, are identical.
 
-Batches (see `mindspeed_mm_osp.training.step.encode_batch`):
-
-=============== ======================= ===================================================
-latent_mean     (B, Z, t, h, w) VAE dtype posterior mean (load_video_features)
-latent_logvar   (B, Z, t, h, w)         posterior log-variance, clamped as released
-latent_shift    (1, Z, 1, 1, 1) fp32    the cache's `ae.shift` (checked against the model JSON)
-latent_scale    (1, Z, 1, 1, 1) fp32    the cache's `ae.scale`
-latent_mask     (B, t, h, w) fp32       as GroupLengthCollate builds it
-text_hidden     (B, L, C) text dtype    T5 states, zero past each caption's valid tokens (load_text_features)
-text_mask       (B, L) int64            T5 mask (1 = valid token)
-text_pooled     (B, P) text dtype       CLIP text_embeds (when text_encoder_2 is configured)
-=============== ======================= ===================================================
-
-Without load_video_features the batch has `video` instead (pixels read online); without
-load_text_features it has the token ids instead.
+Batches: a `LatentBatch` (`mindspeed_mm_osp.data.batch`) with load_video_features, else the online
+`PixelBatch`; the caption is `TextFeatures` with load_text_features, else token ids.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -44,16 +30,12 @@ from ..config import DataConfig, ModelConfig
 from ..config.data import CollateParam, DatasetParam
 from ..data import (CaptionProcessor, DatasetStats, GroupLengthCollate, SampleIndex, T2VDataset, TrainDataLoader,
                     assemble_loader, build_index_from_config, make_video_reader)
+from ..data.batch import LatentBatch, PixelBatch, stack_text, sum_read_failures
 from ..data.readers import ReadError
 from .format import (FORMAT_VERSION, INDEX_FILE, CacheMismatchError, TensorFiles, caption_key, check_provenance,
                      provenance, sample_id)
 
 logger = logging.getLogger(__name__)
-
-LATENT_KEYS = ("latent_mean", "latent_logvar", "latent_mask")
-# Cached text, or token ids when only the latents are cached (GroupLengthCollate stacks them with pixels).
-TEXT_KEYS = ("text_hidden", "text_mask", "text_pooled", "input_ids", "attention_mask", "input_ids_2",
-             "attention_mask_2")
 
 
 class FeatureCache:
@@ -193,23 +175,19 @@ class FeatureCollate:
         self.pixels = GroupLengthCollate(param)
         self.shift, self.scale = cache.shift, cache.scale
 
-    def __call__(self, items: list[dict]) -> dict:
+    def __call__(self, items: list[dict]) -> LatentBatch | PixelBatch:
         if "video" in items[0]:
-            batch = self.pixels(items)
-        else:
-            shapes = {tuple(it["latent_mean"].shape) for it in items}
-            if len(shapes) != 1:
-                raise ValueError(f"a micro-batch must have one shape, got {sorted(shapes)}")
-            batch = {key: torch.stack([it[key] for it in items]) for key in LATENT_KEYS}
-            batch.update(latent_shift=self.shift, latent_scale=self.scale)
-            failures: Counter = Counter()
-            for it in items:
-                failures.update(it.get("read_failures", {}))
-            batch["read_failures"] = dict(failures)
-        for key in TEXT_KEYS:
-            if key in items[0] and key not in batch:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
+            return self.pixels(items)
+        shapes = {tuple(it["latent_mean"].shape) for it in items}
+        if len(shapes) != 1:
+            raise ValueError(f"a micro-batch must have one shape, got {sorted(shapes)}")
+
+        def stack(key: str) -> torch.Tensor:
+            return torch.stack([it[key] for it in items])
+
+        return LatentBatch(mean=stack("latent_mean"), logvar=stack("latent_logvar"), latent_mask=stack("latent_mask"),
+                           shift=self.shift, scale=self.scale, text=stack_text(items),
+                           read_failures=sum_read_failures(items))
 
 
 def build_cached_dataloader(data_config: DataConfig, model_config: ModelConfig, *, tokenizer, tokenizer_2,

@@ -140,11 +140,11 @@ class _ShardWriter:
         def flush(shape) -> None:
             group = pending.pop(shape)
             batch = self.collate([{"video": video} for _, _, video in group])
-            mean, logvar = self.enc.vae.encode_posterior(batch["video"].to(self.enc.device))
+            mean, logvar = self.enc.vae.encode_posterior(batch.video.to(self.enc.device))
             for j, (sid, plan, _) in enumerate(group):
                 tensors[f"{sid}/mean"] = mean[j].cpu().clone()
                 tensors[f"{sid}/logvar"] = logvar[j].cpu().clone()
-                tensors[f"{sid}/mask"] = batch["latent_mask"][j].to(torch.uint8).clone()
+                tensors[f"{sid}/mask"] = batch.latent_mask[j].to(torch.uint8).clone()
                 fi = plan.frame_indices
                 samples[sid] = {"position": plan.position, "path": plan.path, "shape": list(plan.shape),
                                 "frames": [int(fi[0]), int(fi[-1]), len(fi)],

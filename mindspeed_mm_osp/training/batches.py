@@ -5,7 +5,7 @@ is sharded by DP rank, which excludes CP) and encodes it redundantly. With it (a
 the loader is sharded by TP x DP rank, each TP peer encodes a *different* micro-batch
 (its CP peers the same one), and the encoded
 tensors are all-gathered inside the TP group: one fetch round feeds TP consecutive
-micro-batches of the replica (reference §5.4), cutting encoder work by TP.
+micro-batches of the replica, cutting encoder work by TP.
 
 Position is the replica's micro-batch ordinal, so resume is exact: the loader restarts at
 the round holding that ordinal and the already-trained entries of the round are skipped.
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import DataConfig, ModelConfig
+from ..data.batch import Batch
 from .step import EncodedBatch, encode_batch, keyed_generator
 
 
@@ -93,7 +94,7 @@ def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *
 class EncodedStream:
     def __init__(self, loader, encoders, *, seed: int, start_ordinal: int, dp_rank: int,
                  encoder_dp_size: int = 1, encoder_dp_rank: int = 0, tp_group=None):
-        self.loader_iter: Iterator[dict] = iter(loader)
+        self.loader_iter: Iterator[Batch] = iter(loader)
         self.encoders = encoders
         self.seed = seed
         self.dp_rank = dp_rank

@@ -9,6 +9,7 @@ TP=1 and a TP=2 run of the same data see the same noise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -16,6 +17,7 @@ from typing import Literal, Optional
 import torch
 
 from .. import platform
+from ..data.batch import Batch, I2VBatch, LatentBatch, PixelBatch, TextFeatures, TokenIds
 from ..diffusion import FlowMatchingScheduler
 from ..models.predictor.inpaint import compress_mask, generated_latent_frames, inpaint_input, masked_video
 
@@ -58,39 +60,62 @@ class EncodedBatch:
         return self.latent_mask * generated_latent_frames(self.condition_mask)
 
 
-def _squeeze_prompt(x: torch.Tensor) -> torch.Tensor:
+def _squeeze_prompt(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(B, 1, L) -> (B, L): one caption per sample, as the collate stacks them."""
-    return x.reshape(x.shape[0], -1) if x.ndim == 3 else x
+    return x.reshape(x.shape[0], -1) if x is not None and x.ndim == 3 else x
+
+
+@functools.singledispatch
+def _encode_latents(batch, vae, device, generator: torch.Generator):
+    """(latents, condition latents, condition mask) of a collated batch; the conditions are None for text-to-video."""
+    raise TypeError(f"no latent encoding for a {type(batch).__name__}")
+
+
+@_encode_latents.register
+def _pixel_latents(batch: PixelBatch, vae, device, generator: torch.Generator):
+    return vae.encode(batch.video.to(device), generator=generator).float(), None, None
+
+
+@_encode_latents.register
+def _i2v_latents(batch: I2VBatch, vae, device, generator: torch.Generator):
+    return _encode_with_condition(vae, batch.video.to(device), batch.frame_mask.to(device), generator)
+
+
+@_encode_latents.register
+def _cached_latents(batch: LatentBatch, vae, device, generator: torch.Generator):
+    """Posterior parameters from the feature cache, sampled here exactly as online encoding does."""
+    from ..models.ae import sample_posterior
+
+    mean, logvar = batch.mean.to(device), batch.logvar.to(device)
+    shift, scale = batch.shift.to(device, mean.dtype), batch.scale.to(device, mean.dtype)
+    # in the stored (VAE) dtype, then fp32: the same rounding as VideoAutoencoder.encode
+    return ((sample_posterior(mean, logvar, generator) - shift) * scale).float(), None, None
+
+
+@functools.singledispatch
+def _encode_text(text, text_encoders, device):
+    """(hidden states, mask, pooled or None) of a batch's captions."""
+    raise TypeError(f"no text encoding for a {type(text).__name__}")
+
+
+@_encode_text.register
+def _token_text(text: TokenIds, text_encoders, device):
+    return text_encoders.encode(_squeeze_prompt(text.input_ids), _squeeze_prompt(text.attention_mask),
+                                _squeeze_prompt(text.input_ids_2), _squeeze_prompt(text.attention_mask_2))
+
+
+@_encode_text.register
+def _cached_text(text: TextFeatures, text_encoders, device):
+    return text.hidden.to(device), text.mask.to(device), None if text.pooled is None else text.pooled.to(device)
 
 
 @torch.no_grad()
-def encode_batch(encoders, batch: dict, vae_generator: torch.Generator) -> EncodedBatch:
-    """Collated batch (video + token ids, or cached features) -> EncodedBatch on this device."""
+def encode_batch(encoders, batch: Batch, vae_generator: torch.Generator) -> EncodedBatch:
+    """Collated batch (pixels or cached posteriors; token ids or cached text) -> EncodedBatch on this device."""
     device = platform.device()
-    condition_latents = condition_mask = None
-    if "frame_mask" in batch:
-        latents, condition_latents, condition_mask = _encode_with_condition(
-            encoders.vae, batch["video"].to(device), batch["frame_mask"].to(device), vae_generator)
-    elif "video" in batch:
-        latents = encoders.vae.encode(batch["video"].to(device), generator=vae_generator).float()
-    else:  # feature cache: posterior parameters stored, sampled here exactly as online encoding does
-        from ..models.ae import sample_posterior
-
-        mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
-        shift = batch["latent_shift"].to(device, mean.dtype)
-        scale = batch["latent_scale"].to(device, mean.dtype)
-        # in the stored (VAE) dtype, then fp32: the same rounding as VideoAutoencoder.encode
-        latents = ((sample_posterior(mean, logvar, vae_generator) - shift) * scale).float()
-    if "text_hidden" in batch:
-        text, text_mask = batch["text_hidden"].to(device), batch["text_mask"].to(device)
-        pooled = batch["text_pooled"].to(device) if "text_pooled" in batch else None
-    else:
-        ids_2 = batch.get("input_ids_2")
-        mask_2 = batch.get("attention_mask_2")
-        text, text_mask, pooled = encoders.text.encode(
-            _squeeze_prompt(batch["input_ids"]), _squeeze_prompt(batch["attention_mask"]),
-            None if ids_2 is None else _squeeze_prompt(ids_2), None if mask_2 is None else _squeeze_prompt(mask_2))
-    return EncodedBatch(latents=latents, latent_mask=batch["latent_mask"].to(device).float(), text=text,
+    latents, condition_latents, condition_mask = _encode_latents(batch, encoders.vae, device, vae_generator)
+    text, text_mask, pooled = _encode_text(batch.text, encoders.text, device)
+    return EncodedBatch(latents=latents, latent_mask=batch.latent_mask.to(device).float(), text=text,
                         text_mask=text_mask.to(device), pooled=pooled, condition_latents=condition_latents,
                         condition_mask=condition_mask)
 
@@ -127,7 +152,7 @@ def model_inputs(enc: EncodedBatch, noisy_latents: torch.Tensor, timesteps: torc
 def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: EncodedBatch,
                        noise_generator: torch.Generator, dtype: torch.dtype,
                        loss_region: LossRegion = "all") -> torch.Tensor:
-    """Masked velocity MSE (fp32 scalar) of one micro-batch (reference §5.4-5.5); `loss_region` see
+    """Masked velocity MSE (fp32 scalar) of one micro-batch (docs/training.md); `loss_region` see
     `EncodedBatch.loss_mask`."""
     x0 = enc.latents
     b, _, _, h, w = x0.shape

@@ -25,9 +25,9 @@ def _loader_digests(rank, world_size, data_json, t5_dir, clip_dir):
     out = []
     for step, batch in zip(range(STEPS), loader):
         h = hashlib.sha256()
-        for key in sorted(batch):
-            h.update(batch[key].numpy().tobytes())
-        out.append((tuple(batch["video"].shape), h.hexdigest()))
+        for key, tensor in sorted(batch.tensors().items()):
+            h.update(tensor.numpy().tobytes())
+        out.append((tuple(batch.video.shape), h.hexdigest()))
     return ps.get_data_parallel_rank(), out
 
 

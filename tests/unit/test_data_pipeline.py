@@ -8,8 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from mindspeed_mm_osp.config import load_data_config
-from mindspeed_mm_osp.data import (CaptionProcessor, SampleKey, T2VDataset, build_index, build_index_from_config,
-                                   build_train_dataloader, load_annotations, make_video_reader)
+from mindspeed_mm_osp.data import (CaptionProcessor, PixelBatch, SampleKey, T2VDataset, build_index,
+                                   build_index_from_config, build_train_dataloader, load_annotations,
+                                   make_video_reader)
 from mindspeed_mm_osp.data import frames as F
 from mindspeed_mm_osp.models.text.tiny import write_tiny_clip, write_tiny_t5
 from mindspeed_mm_osp.models.text.tokenizer import tokenize
@@ -123,7 +124,11 @@ def _batches(cfg, tokenizers, **kw):
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    def same(x, y):
+        tx, ty = x.tensors(), y.tensors()
+        return type(x) is type(y) and tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx)
+
+    return len(a) == len(b) and all(map(same, a, b))
 
 
 @pytest.mark.parametrize("reader", ["decord", "pyav"])
@@ -134,11 +139,13 @@ def test_loader_workers_and_failure_counters(synth, tokenizers, tmp_path, reader
     assert len(b0) == stats.steps_per_epoch == 10  # 12 videos / 2 + 8 images / 2
     assert _same(b0, b2)  # worker count does not change a single value
     for b in b0:
-        assert set(b) == {"video", "input_ids", "attention_mask", "input_ids_2", "attention_mask_2", "latent_mask"}
-        assert b["video"].dtype == torch.float32 and b["video"].shape[:2] == (2, 3)
-        assert b["input_ids"].shape == (2, 1, 32) and b["input_ids_2"].shape == (2, 1, 77)
-        assert b["latent_mask"].shape[0] == 2 and b["latent_mask"].all()
-        assert b["video"].abs().max() < 1.2
+        assert type(b) is PixelBatch and set(b.tensors()) == {
+            "video", "text.input_ids", "text.attention_mask", "text.input_ids_2", "text.attention_mask_2",
+            "latent_mask"}
+        assert b.video.dtype == torch.float32 and b.video.shape[:2] == (2, 3)
+        assert b.text.input_ids.shape == (2, 1, 32) and b.text.input_ids_2.shape == (2, 1, 77)
+        assert b.latent_mask.shape[0] == 2 and b.latent_mask.all()
+        assert b.video.abs().max() < 1.2
     for r in ("corrupt", "missing", "empty", "short"):
         assert stats.read_failures[r] >= 1 and stats2.read_failures[r] >= 1
 
@@ -157,8 +164,8 @@ def test_tp_peers_identical_dp_ranks_differ(synth, tokenizers):
     peer_b, _ = _batches(cfg, tokenizers, dp_rank=1, num_workers=2, **kw)
     other, _ = _batches(cfg, tokenizers, dp_rank=0, **kw)
     assert _same(peer_a, peer_b)
-    assert [b["video"].shape for b in peer_a] == [b["video"].shape for b in other]
-    assert not any(torch.equal(a["video"], b["video"]) for a, b in zip(peer_a, other) if a["video"].shape[2] > 1)
+    assert [b.video.shape for b in peer_a] == [b.video.shape for b in other]
+    assert not any(torch.equal(a.video, b.video) for a, b in zip(peer_a, other) if a.video.shape[2] > 1)
 
 
 def test_use_img_from_vid_adds_one_frame_per_video(synth, tokenizers):

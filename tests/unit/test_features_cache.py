@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mindspeed_mm_osp.config import load_data_config, load_model_config
-from mindspeed_mm_osp.data import build_train_dataloader
+from mindspeed_mm_osp.data import LatentBatch, TextFeatures, build_train_dataloader
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler
 from mindspeed_mm_osp.features import CacheMismatchError, FeatureCache, build_cached_dataloader, extract_features
 from mindspeed_mm_osp.features.format import caption_key
@@ -71,7 +71,7 @@ def test_training_step_from_cache_equals_online(setup, video, text):
     scheduler = FlowMatchingScheduler(model_cfg.diffusion)
     frames, n = set(), 0
     for ordinal, (a, b) in enumerate(zip(online, cached, strict=True)):
-        assert ("video" in b) != video and ("input_ids" in b) != text
+        assert isinstance(b, LatentBatch) == video and isinstance(b.text, TextFeatures) == text
         enc_a = encode_batch(encoders, a, keyed_generator(SEED, "vae", ordinal, 0, 0))
         enc_b = encode_batch(cached_encoders, b, keyed_generator(SEED, "vae", ordinal, 0, 0))
         torch.testing.assert_close(enc_b.latents, enc_a.latents, rtol=1e-5, atol=1e-5)
@@ -85,7 +85,7 @@ def test_training_step_from_cache_equals_online(setup, video, text):
         loss_b = flow_matching_loss(predictor, scheduler, enc_b, keyed_generator(SEED, "noise", ordinal, 0),
                                     torch.float32)
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
-        frames.add(a["video"].shape[2])
+        frames.add(a.video.shape[2])
         n += 1
     assert n == 8 * epochs and frames == {1, 17}  # video and image micro-batches
     failures = sum(online_stats.read_failures.values())
@@ -118,8 +118,8 @@ def test_cfg_drops_follow_the_online_rng(synthetic_cache):
     online, _ = build_train_dataloader(data_cfg, tokenizer=tok, tokenizer_2=None, **args)
     cached, _ = build_cached_dataloader(data_cfg, _cached_model_config(model_cfg), tokenizer=None, tokenizer_2=None,
                                         **args)
-    drops_a = [(a["attention_mask"][:, 0].sum(1) == empty_len).tolist() for a in online]
-    drops_b = [(b["text_mask"].sum(1) == empty_len).tolist() for b in cached]
+    drops_a = [(a.text.attention_mask[:, 0].sum(1) == empty_len).tolist() for a in online]
+    drops_b = [(b.text.mask.sum(1) == empty_len).tolist() for b in cached]
     assert drops_a == drops_b and 0 < sum(map(sum, drops_a)) < 2 * len(drops_a)
 
 

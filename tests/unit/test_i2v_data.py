@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from mindspeed_mm_osp.config import ConfigError, from_dict, load_data_config
 from mindspeed_mm_osp.config.data import MaskConfig
-from mindspeed_mm_osp.data import build_train_dataloader
+from mindspeed_mm_osp.data import I2VBatch, PixelBatch, build_train_dataloader
 from mindspeed_mm_osp.data.masks import MaskDrawer, frame_mask
 from mindspeed_mm_osp.models.text.tiny import write_tiny_clip, write_tiny_t5
 from mindspeed_mm_osp.tools.make_synthetic_dataset import data_json_dict, make_synthetic_dataset
@@ -78,16 +78,16 @@ def _batches(cfg, tokenizers, **kw):
 def test_loader_frame_masks_resume_exactly(setup):
     cfg, tokenizers = setup
     full = _batches(cfg, tokenizers)
-    assert all(b["frame_mask"].shape == (1, b["video"].shape[2]) for b in full)
-    videos = [b["frame_mask"][0] for b in full if b["video"].shape[2] > 1]
+    assert all(type(b) is I2VBatch and b.frame_mask.shape == (1, b.video.shape[2]) for b in full)
+    videos = [b.frame_mask[0] for b in full if b.video.shape[2] > 1]
     assert len({tuple(m.tolist()) for m in videos}) > 1  # several mask types and prefixes drawn
     resumed = _batches(cfg, tokenizers, consumed_samples=3 * 2)
-    assert [b["frame_mask"].tolist() for b in resumed] == [b["frame_mask"].tolist() for b in full[6:]]
+    assert [b.frame_mask.tolist() for b in resumed] == [b.frame_mask.tolist() for b in full[6:]]
     # the draw comes after the frames and the caption: the clips are those of text-to-video training
     plain = _batches(dataclasses.replace(cfg, dataset_param=dataclasses.replace(cfg.dataset_param, mask_config=None)),
                      tokenizers)
-    assert all(torch.equal(a["video"], b["video"]) and torch.equal(a["input_ids"], b["input_ids"])
-               for a, b in zip(plain, full))
+    assert all(type(a) is PixelBatch and torch.equal(a.video, b.video)
+               and torch.equal(a.text.input_ids, b.text.input_ids) for a, b in zip(plain, full))
 
 
 def test_clip_and_masked_clip_share_one_vae_call_and_the_causal_first_frame(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.config.data import CollateParam
-from mindspeed_mm_osp.data import GroupLengthCollate
+from mindspeed_mm_osp.data import GroupLengthCollate, PixelBatch
 from mindspeed_mm_osp.data.geometry import center_crop_box, multires_bucket
 from mindspeed_mm_osp.data.transforms import (CenterCropResizeVideo, MaxHWStrideResizeVideo, SpatialStrideCropVideo,
                                               ToTensorVideo, ae_norm)
@@ -51,14 +51,14 @@ def test_collate_shapes_mask_and_padding():
     item = lambda t, h, w: {"video": torch.zeros(3, t, h, w), "input_ids": torch.ones(1, 8, dtype=torch.long),
                             "attention_mask": torch.ones(1, 8, dtype=torch.long), "read_failures": {"missing": 1}}
     b = collate([item(17, 64, 128), item(17, 64, 128)])
-    assert b["video"].shape == (2, 3, 17, 64, 128) and b["latent_mask"].shape == (2, 3, 8, 16)
-    assert b["latent_mask"].all() and b["input_ids"].shape == (2, 1, 8) and b["read_failures"] == {"missing": 2}
-    assert "input_ids_2" not in b
+    assert type(b) is PixelBatch and b.video.shape == (2, 3, 17, 64, 128) and b.latent_mask.shape == (2, 3, 8, 16)
+    assert b.latent_mask.all() and b.text.input_ids.shape == (2, 1, 8) and b.read_failures == {"missing": 2}
+    assert b.text.input_ids_2 is None
     img = collate([item(1, 64, 128)])
-    assert img["video"].shape == (1, 3, 1, 64, 128) and img["latent_mask"].shape == (1, 1, 8, 16)
+    assert img.video.shape == (1, 3, 1, 64, 128) and img.latent_mask.shape == (1, 1, 8, 16)
     # A misaligned shape is padded and masked on the VAE latent grid.
     pad = collate([item(1, 72, 128)])
-    assert pad["video"].shape == (1, 3, 1, 80, 128)
-    assert pad["latent_mask"].shape == (1, 1, 10, 16) and pad["latent_mask"].sum() == 9 * 16
+    assert pad.video.shape == (1, 3, 1, 80, 128)
+    assert pad.latent_mask.shape == (1, 1, 10, 16) and pad.latent_mask.sum() == 9 * 16
     with pytest.raises(ValueError, match="one shape"):
         collate([item(17, 64, 128), item(1, 64, 128)])
