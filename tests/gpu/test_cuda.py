@@ -73,7 +73,8 @@ def test_bf16_forward_and_backward_match_cpu_fp32():
 def test_megatron_groups_over_nccl_in_a_single_rank_job(tmp_path):
     script = textwrap.dedent("""
         import torch, torch.distributed as dist
-                from mindspeed_mm_osp.parallel import initialize_distributed, destroy_distributed
+        from mindspeed_mm_osp import platform
+        from mindspeed_mm_osp.parallel import initialize_distributed, destroy_distributed
         from megatron.core import parallel_state as ps
         initialize_distributed(tp=1, seed=0, timeout_minutes=2)
         assert dist.get_backend() == "nccl" == platform.dist_backend()
@@ -85,7 +86,7 @@ def test_megatron_groups_over_nccl_in_a_single_rank_job(tmp_path):
         print("nccl ok")
     """)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "nccl ok" in result.stdout, result.stderr[-3000:]
 
