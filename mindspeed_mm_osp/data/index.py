@@ -1,25 +1,23 @@
 """Startup filter: annotation records → a compact, columnar index of trainable samples.
 
-Each record is kept or dropped for exactly one reason (first failing check wins, spec
-§2.1), counted per reason:
+Each record is kept or dropped for exactly one reason (first failing check wins), counted per
+reason (docs/data.md lists the checks in order and where they differ from the reference loader):
 
-1. `unsupported_ext` — neither a video nor an image extension (case-insensitive; REF
-   accepts exactly `.mp4`/`.jpg` and crashes on anything else, B3);
-2. `no_cap`, `no_resolution` (also `no_num_frames` for videos; REF would crash);
+1. `unsupported_ext` — neither a video nor an image extension (case-insensitive);
+2. `no_cap`, `no_resolution` (also `no_num_frames` for videos);
 3. `{vid,img}_aspect_mismatch` — h/w outside `[min_h_div_w_ratio, max_h_div_w_ratio]`;
 4. `{vid,img}_res_too_small` — area below `min_hxw`, or (force_resolution) below the
    no-upscale floor of the aspect crop; `{vid,img}_res_mismatch_stride` — multi-res bucket
    with a zero side;
 5. videos: `too_long`, `fps_too_low`, `below_min_num_frames`, `too_short` (random drop of
    clips shorter than `num_frames` with probability `drop_short_ratio`), and
-   `no_valid_frame_count` — REF merges the last three into `too_short` (B19);
+   `no_valid_frame_count` (three separate reasons, where the reference counts one);
 6. `filter_minority` — the sample's shape has fewer than `4 × global_batch_size` members.
 
-A record's `crop` (rows y0:y1, columns x0:x1) defines the resolution the checks use
-(REF uses the uncropped size, B9). Everything is vectorised over numpy columns; the only
-per-record Python work is reading the dicts, and the resolution plan is computed once
-per distinct source size — a million records filter in a few seconds. The result keeps
-(start, interval, count) per video instead of a list of frame indices (B20).
+A record's `crop` (rows y0:y1, columns x0:x1) defines the resolution the checks use. Everything
+is vectorised over numpy columns; the only per-record Python work is reading the dicts, and the
+resolution plan is computed once per distinct source size — a million records filter in a few
+seconds. The result keeps (start, interval, count) per video instead of a list of frame indices.
 """
 
 from __future__ import annotations
@@ -158,7 +156,21 @@ class FilterStats:
         return "\n".join(lines)
 
 
-def _columns(records: list[dict]):
+class _Columns(NamedTuple):
+    """Per-record annotation fields (missing values as 0 / NaN / -1); h and w are after the crop."""
+
+    kind: np.ndarray
+    has_cap: np.ndarray
+    h: np.ndarray
+    w: np.ndarray
+    nf: np.ndarray
+    fps: np.ndarray
+    start: np.ndarray
+    crop: np.ndarray
+    aes: np.ndarray
+
+
+def _columns(records: list[dict]) -> _Columns:
     """One pass over the dicts → numpy columns (missing values as 0 / NaN / -1).
 
     Python lists are filled and converted once (writing numpy scalars one by one is ~3×
@@ -205,8 +217,9 @@ def _columns(records: list[dict]):
     has_crop = crop[:, 0] >= 0
     h = np.where(has_crop, crop[:, 3] - crop[:, 2], h)
     w = np.where(has_crop, crop[:, 1] - crop[:, 0], w)
-    return (np.array(kind, np.int8), np.array(has_cap, bool), h, w, np.array(nf, np.float64).astype(np.int64),
-            np.array(fps, np.float64), np.array(start, np.float64).astype(np.int64), crop, np.array(aes, np.float64))
+    return _Columns(np.array(kind, np.int8), np.array(has_cap, bool), h, w,
+                    np.array(nf, np.float64).astype(np.int64), np.array(fps, np.float64),
+                    np.array(start, np.float64).astype(np.int64), crop, np.array(aes, np.float64))
 
 
 def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: int):
@@ -237,8 +250,113 @@ def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: in
 
 
 def effective_min_hxw(pp: PreprocessParameters) -> int:
-    """`min_hxw`, defaulting to `max_hxw // 4` as in REF."""
+    """`min_hxw`, defaulting to `max_hxw // 4` as the reference does."""
     return pp.min_hxw if pp.min_hxw is not None else pp.max_hxw // 4
+
+
+class _Filter:
+    """Drops records for the first check they fail, counting each drop under its reason."""
+
+    def __init__(self, stats: FilterStats, n: int):
+        self.stats, self.alive = stats, np.ones(n, bool)
+        stats.reason = np.full(n, -1, np.int8)
+
+    def drop(self, mask: np.ndarray, name: str) -> None:
+        hit = self.alive & mask
+        self.stats.counters[name] += int(hit.sum())
+        self.stats.reason[hit] = COUNTER_NAMES.index(name)
+        self.alive &= ~hit
+
+
+def _drop_unusable(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: int) -> None:
+    """Unsupported files, missing fields, out-of-range aspect ratios and too-small resolutions."""
+    is_vid, is_img = c.kind == KIND_VIDEO, c.kind == KIND_IMAGE
+    f.drop(c.kind < 0, "unsupported_ext")
+    f.drop(~c.has_cap, "no_cap")
+    f.drop((c.h <= 0) | (c.w <= 0), "no_resolution")
+    f.drop(is_vid & (c.nf <= 0), "no_num_frames")
+    ratio = c.h / np.maximum(c.w, 1)
+    bad_aspect = (ratio < pp.min_h_div_w_ratio) | (ratio > pp.max_h_div_w_ratio)
+    f.drop(bad_aspect & is_vid, "vid_aspect_mismatch")
+    f.drop(bad_aspect & is_img, "img_aspect_mismatch")
+    small = c.h * c.w < min_hxw
+    f.drop(small & is_vid, "vid_res_too_small")
+    f.drop(small & is_img, "img_res_too_small")
+
+
+def _drop_by_bucket(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: int):
+    """(sample height, sample width) per record, dropping records whose bucket is empty or too small."""
+    is_vid, is_img = c.kind == KIND_VIDEO, c.kind == KIND_IMAGE
+    n = len(c.kind)
+    sh, sw = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    pos = np.flatnonzero(f.alive)
+    bh, bw, reason = _buckets(c.h[pos], c.w[pos], pp, min_hxw)
+    sh[pos], sw[pos] = bh, bw
+    r_all = np.zeros(n, np.int8)
+    r_all[pos] = reason
+    f.drop((r_all == 2) & is_vid, "vid_res_mismatch_stride")
+    f.drop((r_all == 2) & is_img, "img_res_mismatch_stride")
+    f.drop((r_all == 1) & is_vid, "vid_res_too_small")
+    f.drop((r_all == 1) & is_img, "img_res_too_small")
+    return sh, sw
+
+
+def _drop_by_duration(f: _Filter, c: _Columns, pp: PreprocessParameters):
+    """(frames per sample, resampling interval) per record, dropping videos by the temporal rules."""
+    is_vid = c.kind == KIND_VIDEO
+    R, Fn, sigma = pp.train_fps, pp.num_frames, pp.speed_factor
+    f.drop(is_vid & (c.nf > pp.too_long_factor * (Fn * c.fps / R * sigma)), "too_long")
+    interval = F.resample_interval(c.fps, R)
+    f.drop(is_vid & (interval < 1), "fps_too_low")
+    length = F.speed_up_length(F.num_candidates(np.maximum(c.nf, 0), interval), Fn, sigma)
+    f.drop(is_vid & (length < pp.min_num_frames), "below_min_num_frames")
+    short = np.flatnonzero(f.alive & is_vid & (length < Fn))
+    # Drawn in record order from a dedicated seeded stream, as the reference does; only short clips draw.
+    u = np.random.default_rng(pp.seed).random(len(short))
+    rand_drop = np.zeros(len(c.kind), bool)
+    rand_drop[short[u < pp.drop_short_ratio]] = True
+    f.drop(rand_drop, "too_short")
+    t = np.where(is_vid, F.valid_frame_count(np.minimum(length, Fn), pp.ae_stride_t, pp.sp_size, pp.min_num_frames), 1)
+    f.drop(t < 0, "no_valid_frame_count")
+    return t, interval
+
+
+def _group_shapes(f: _Filter, kind: np.ndarray, frames: np.ndarray, sh: np.ndarray, sw: np.ndarray, *,
+                  use_img_from_vid: bool, global_batch_size: int):
+    """(kept records, their kinds, shape ids, shapes) after the minority filter on the final shapes."""
+    keep = np.flatnonzero(f.alive)
+    kinds = kind[keep].astype(np.int8)
+    if use_img_from_vid:
+        vids = keep[kind[keep] == KIND_VIDEO]
+        keep = np.concatenate([keep, vids])
+        kinds = np.concatenate([kinds, np.full(len(vids), KIND_VIDEO_FRAME, np.int8)])
+    frames_col = np.where(kinds == KIND_VIDEO, frames[keep], 1)
+    key = (frames_col << 40) | (sh[keep] << 20) | sw[keep]
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    major = counts[inv] >= 4 * global_batch_size
+    f.stats.counters["filter_minority"] = int((~major).sum())
+    f.stats.reason[keep[~major]] = COUNTER_NAMES.index("filter_minority")
+    keep, kinds, inv = keep[major], kinds[major], inv[major]
+    used, shape_id = np.unique(inv, return_inverse=True)
+    shapes = [SampleShape(int(k >> 40), int((k >> 20) & 0xFFFFF), int(k & 0xFFFFF)) for k in uniq[used]]
+    return keep, kinds, shape_id.reshape(-1).astype(np.int64), shapes
+
+
+def _summarize(stats: FilterStats, kinds: np.ndarray, shape_id: np.ndarray, shapes: list[SampleShape],
+               aes: np.ndarray) -> None:
+    """Kept counts per kind and shape, and the aesthetic-score summary of the input records."""
+    stats.kept = len(kinds)
+    stats.videos_kept = int((kinds == KIND_VIDEO).sum())
+    stats.images_kept = int((kinds == KIND_IMAGE).sum())
+    stats.frames_from_videos = int((kinds == KIND_VIDEO_FRAME).sum())
+    stats.shapes = Counter({shapes[s]: int(c) for s, c in enumerate(np.bincount(shape_id, minlength=len(shapes)))})
+    scores = aes[~np.isnan(aes)]
+    if len(scores):
+        stats.aesthetic = {"count": len(scores), "missing": int(np.isnan(aes).sum()),
+                           "ge_5.75": int((scores >= 5.75).sum()), "le_4.5": int((scores <= 4.5).sum()),
+                           "mean": float(scores.mean()), "std": float(scores.std()),
+                           "min": float(scores.min()), "max": float(scores.max())}
 
 
 def build_index(records: list[dict], pp: PreprocessParameters, *, global_batch_size: int,
@@ -248,98 +366,23 @@ def build_index(records: list[dict], pp: PreprocessParameters, *, global_batch_s
     Raises ValueError (with the counter table) if nothing survives.
     """
     stats = FilterStats(records_in=len(records) + malformed, malformed=malformed)
-    cnt = stats.counters
-    kind, has_cap, h, w, nf, fps, start, crop, aes = _columns(records)
-    is_vid, is_img = kind == KIND_VIDEO, kind == KIND_IMAGE
-    stats.videos_in, stats.images_in = int(is_vid.sum()), int(is_img.sum())
-    alive = np.ones(len(records), bool)
-    stats.reason = np.full(len(records), -1, np.int8)
-
-    def drop(mask: np.ndarray, name: str) -> None:
-        nonlocal alive
-        hit = alive & mask
-        cnt[name] += int(hit.sum())
-        stats.reason[hit] = COUNTER_NAMES.index(name)
-        alive &= ~hit
-
-    drop(kind < 0, "unsupported_ext")
-    drop(~has_cap, "no_cap")
-    drop((h <= 0) | (w <= 0), "no_resolution")
-    drop(is_vid & (nf <= 0), "no_num_frames")
-    ratio = h / np.maximum(w, 1)
-    bad_aspect = (ratio < pp.min_h_div_w_ratio) | (ratio > pp.max_h_div_w_ratio)
-    drop(bad_aspect & is_vid, "vid_aspect_mismatch")
-    drop(bad_aspect & is_img, "img_aspect_mismatch")
+    c = _columns(records)
+    stats.videos_in, stats.images_in = int((c.kind == KIND_VIDEO).sum()), int((c.kind == KIND_IMAGE).sum())
+    f = _Filter(stats, len(records))
     min_hxw = effective_min_hxw(pp)
-    small = h * w < min_hxw
-    drop(small & is_vid, "vid_res_too_small")
-    drop(small & is_img, "img_res_too_small")
-
-    sh = np.zeros(len(records), np.int64)
-    sw = np.zeros(len(records), np.int64)
-    pos = np.flatnonzero(alive)
-    bh, bw, reason = _buckets(h[pos], w[pos], pp, min_hxw)
-    sh[pos], sw[pos] = bh, bw
-    r_all = np.zeros(len(records), np.int8)
-    r_all[pos] = reason
-    drop((r_all == 2) & is_vid, "vid_res_mismatch_stride")
-    drop((r_all == 2) & is_img, "img_res_mismatch_stride")
-    drop((r_all == 1) & is_vid, "vid_res_too_small")
-    drop((r_all == 1) & is_img, "img_res_too_small")
-
-    # Temporal rules, videos only.
-    R, Fn, sigma = pp.train_fps, pp.num_frames, pp.speed_factor
-    drop(is_vid & (nf > pp.too_long_factor * (Fn * fps / R * sigma)), "too_long")
-    interval = F.resample_interval(fps, R)
-    drop(is_vid & (interval < 1), "fps_too_low")
-    length = F.speed_up_length(F.num_candidates(np.maximum(nf, 0), interval), Fn, sigma)
-    drop(is_vid & (length < pp.min_num_frames), "below_min_num_frames")
-    short = np.flatnonzero(alive & is_vid & (length < Fn))
-    # Drawn in record order from a dedicated seeded stream, as REF; only short clips draw.
-    u = np.random.default_rng(pp.seed).random(len(short))
-    rand_drop = np.zeros(len(records), bool)
-    rand_drop[short[u < pp.drop_short_ratio]] = True
-    drop(rand_drop, "too_short")
-    t = np.where(is_vid, F.valid_frame_count(np.minimum(length, Fn), pp.ae_stride_t, pp.sp_size, pp.min_num_frames), 1)
-    drop(t < 0, "no_valid_frame_count")
-
-    keep = np.flatnonzero(alive)
-    kinds = kind[keep].astype(np.int8)
-    if use_img_from_vid:
-        vids = keep[kind[keep] == KIND_VIDEO]
-        keep = np.concatenate([keep, vids])
-        kinds = np.concatenate([kinds, np.full(len(vids), KIND_VIDEO_FRAME, np.int8)])
-    frames_col = np.where(kinds == KIND_VIDEO, t[keep], 1)
-
-    # Minority filter on the final shapes.
-    key = (frames_col << 40) | (sh[keep] << 20) | sw[keep]
-    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)
-    major = counts[inv] >= 4 * global_batch_size
-    cnt["filter_minority"] = int((~major).sum())
-    stats.reason[keep[~major]] = COUNTER_NAMES.index("filter_minority")
-    keep, kinds, inv = keep[major], kinds[major], inv[major]
-    used, shape_id = np.unique(inv, return_inverse=True)
-    shapes = [SampleShape(int(k >> 40), int((k >> 20) & 0xFFFFF), int(k & 0xFFFFF)) for k in uniq[used]]
-
-    stats.kept = len(keep)
-    stats.videos_kept = int((kinds == KIND_VIDEO).sum())
-    stats.images_kept = int((kinds == KIND_IMAGE).sum())
-    stats.frames_from_videos = int((kinds == KIND_VIDEO_FRAME).sum())
-    stats.shapes = Counter({shapes[s]: int(c) for s, c in enumerate(np.bincount(shape_id.reshape(-1), minlength=len(shapes)))})
-    scores = aes[~np.isnan(aes)]
-    if len(scores):
-        stats.aesthetic = {"count": len(scores), "missing": int(np.isnan(aes).sum()),
-                           "ge_5.75": int((scores >= 5.75).sum()), "le_4.5": int((scores <= 4.5).sum()),
-                           "mean": float(scores.mean()), "std": float(scores.std()),
-                           "min": float(scores.min()), "max": float(scores.max())}
+    _drop_unusable(f, c, pp, min_hxw)
+    sh, sw = _drop_by_bucket(f, c, pp, min_hxw)
+    frames, interval = _drop_by_duration(f, c, pp)
+    keep, kinds, shape_id, shapes = _group_shapes(f, c.kind, frames, sh, sw, use_img_from_vid=use_img_from_vid,
+                                                  global_batch_size=global_batch_size)
+    _summarize(stats, kinds, shape_id, shapes, c.aes)
     if len(keep) == 0:
         raise ValueError("no annotation record survived filtering; check the data config:\n" + stats.table())
     index = SampleIndex(
         paths=[records[i]["path"] for i in keep.tolist()], captions=[records[i]["cap"] for i in keep.tolist()],
-        kind=kinds, start=start[keep], num_frames=nf[keep], interval=np.asarray(interval)[keep], crop=crop[keep],
-        src_hw=np.stack([h[keep], w[keep]], 1).astype(np.int32), aesthetic=aes[keep], record=keep.astype(np.int64),
-        shape_id=shape_id.reshape(-1).astype(np.int64), shapes=shapes)
+        kind=kinds, start=c.start[keep], num_frames=c.nf[keep], interval=np.asarray(interval)[keep],
+        crop=c.crop[keep], src_hw=np.stack([c.h[keep], c.w[keep]], 1).astype(np.int32), aesthetic=c.aes[keep],
+        record=keep.astype(np.int64), shape_id=shape_id, shapes=shapes)
     return index, stats
 
 
