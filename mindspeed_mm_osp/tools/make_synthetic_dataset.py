@@ -1,8 +1,8 @@
-"""Write a small synthetic text-to-video dataset (spec data.md §8) in a few seconds.
+"""Write a small synthetic text-to-video dataset in a few seconds (its cases: docs/data.md).
 
     python -m mindspeed_mm_osp.tools.make_synthetic_dataset OUT [--num-videos N --num-images M --seed S]
 
-OUT gets `set1/` (the spec's video cases V1–V21, incl. a corrupt, a zero-byte and a
+OUT gets `set1/` (video edge cases V1–V21, incl. a corrupt, a zero-byte and a
 missing file), `set2/` (image cases I1–I7 and records without caption/resolution),
 `set3/` (N random videos and M random images that all pass the filter), one
 `anno.json` per set (each record carries an `id` naming its case), `data.txt` (with a
@@ -162,18 +162,11 @@ def data_json_dict(data_txt: str | Path, **preprocess_overrides) -> dict:
     }
 
 
-def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images: int = 4,
-                           seed: int = 0) -> SyntheticDataset:
-    """Write the dataset under `out_dir` (created); returns its paths."""
-    root = Path(out_dir).resolve()
-    rng = np.random.default_rng(seed)
-    sets = {name: root / name for name in ("set1", "set2", "set3")}
-    for d in sets.values():
-        d.mkdir(parents=True, exist_ok=True)
-
-    recs1 = []
+def _edge_case_videos(folder: Path, rng: np.random.Generator) -> list[dict]:
+    """set1: one record per video case of `_VIDEOS`, with the clips (and the corrupt and empty files) written."""
+    records = []
     for vid, name, media, extra in _VIDEOS:
-        path = sets["set1"] / name
+        path = folder / name
         if media is not None and not path.exists():
             h, w, fps, n = media
             write_video(path, n, h, w, fps, red_bands=RED_BAND if vid == "V11" else 0)
@@ -186,17 +179,21 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images:
             path.write_bytes(rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
         elif vid == "V21":
             path.write_bytes(b"")
-        recs1.append(rec)
+        records.append(rec)
+    return records
 
-    recs2 = []
+
+def _edge_case_images(folder: Path) -> list:
+    """set2: the image cases of `_IMAGES`, then records without caption or resolution and malformed ones."""
+    records: list = []
     for iid, name, (h, w, mode) in _IMAGES:
-        write_image(sets["set2"] / name, h, w, mode)
+        write_image(folder / name, h, w, mode)
         rec = {"id": iid, "path": name, "resolution": {"height": h, "width": w},
                "cap": ["a grey picture", "a picture with a blue border", "a flat grey image"] if iid == "I1"
                else f"synthetic image {iid.lower()}", "aesthetic": 5.0}
-        recs2 += [rec] * (4 if iid == "I1" else 1)
+        records += [rec] * (4 if iid == "I1" else 1)
     good = {"height": 128, "width": 256}
-    recs2 += [
+    return records + [
         {"id": "N1", "path": "i_ok.jpg", "cap": None, "resolution": good},
         {"id": "N2", "path": "i_ok.jpg", "resolution": good},
         {"id": "N3", "path": "i_ok.jpg", "cap": "no resolution"},
@@ -207,26 +204,41 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images:
         {"id": "M2", "cap": "no path", "resolution": good},
     ]
 
-    recs3 = []
+
+def _random_media(folder: Path, rng: np.random.Generator, num_videos: int, num_images: int) -> list[dict]:
+    """set3: random videos and images that all pass the filter."""
+    records = []
     sizes = [(128, 256), (96, 128), (128, 128), (144, 256)]
     for j in range(num_videos):
         h, w = sizes[int(rng.integers(len(sizes)))]
         fps = float(rng.choice([24, 25, 30]))
         n = int(rng.integers(24, 61))
         name = f"r{j:03d}.mp4"
-        write_video(sets["set3"] / name, n, h, w, fps)
-        recs3.append({"id": f"R{j}", "path": name, "cap": f"random clip number {j}",
-                      "resolution": {"height": h, "width": w}, "num_frames": n, "fps": fps})
+        write_video(folder / name, n, h, w, fps)
+        records.append({"id": f"R{j}", "path": name, "cap": f"random clip number {j}",
+                        "resolution": {"height": h, "width": w}, "num_frames": n, "fps": fps})
     for j in range(num_images):
         h, w = sizes[int(rng.integers(len(sizes)))]
         name = f"p{j:03d}" + [".png", ".jpg", ".JPEG"][j % 3]
-        write_image(sets["set3"] / name, h, w, level=int(rng.integers(40, 220)))
-        recs3.append({"id": f"P{j}", "path": name, "cap": f"random image number {j}",
-                      "resolution": {"height": h, "width": w}})
+        write_image(folder / name, h, w, level=int(rng.integers(40, 220)))
+        records.append({"id": f"P{j}", "path": name, "cap": f"random image number {j}",
+                        "resolution": {"height": h, "width": w}})
+    return records
 
+
+def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images: int = 4,
+                           seed: int = 0) -> SyntheticDataset:
+    """Write the dataset under `out_dir` (created); returns its paths."""
+    root = Path(out_dir).resolve()
+    rng = np.random.default_rng(seed)
+    sets = {name: root / name for name in ("set1", "set2", "set3")}
+    for d in sets.values():
+        d.mkdir(parents=True, exist_ok=True)
+    records = {"set1": _edge_case_videos(sets["set1"], rng), "set2": _edge_case_images(sets["set2"]),
+               "set3": _random_media(sets["set3"], rng, num_videos, num_images)}
     annos = []
     lines = []
-    for name, recs in (("set1", recs1), ("set2", recs2), ("set3", recs3)):
+    for name, recs in records.items():
         if not recs:
             continue
         anno = sets[name] / "anno.json"
