@@ -95,67 +95,74 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# JSON scalars: annotation -> (accepts the value, what the error says was expected)
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _convert(value: Any, tp: Any, file, path: str) -> Any:
     """Convert a JSON value to the annotated type or raise a ConfigError naming `path`."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        if len(candidates) == 1:  # Optional[X]: X's own, more precise error
-            return _convert(value, candidates[0], file, path)
-        for arg in candidates:
-            try:
-                return _convert(value, arg, file, path)
-            except ConfigError:
-                continue
-        raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+        return _convert_union(value, tp, file, path)
     if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(file, path, f"expected one of {list(allowed)}, got {value!r}{hint}")
-        return value
+        return _convert_literal(value, tp, file, path)
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(file, path, f"expected a list of {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, file, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        converted = [_convert(v, item, file, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(converted)
-    if origin is dict or tp is dict:
+        return _convert_sequence(value, tp, file, path)
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(file, path, f"expected an object, got {json.dumps(value)}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(file, path, f"expected an object, got {json.dumps(value)}")
-        return from_dict(tp, value, file=file, path=path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(file, path, f"expected true or false, got {json.dumps(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(file, path, f"expected an integer, got {json.dumps(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(file, path, f"expected a number, got {json.dumps(value)}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(file, path, f"expected a string, got {json.dumps(value)}")
-        return value
+        return from_dict(tp, value, file=file, path=path) if dataclasses.is_dataclass(tp) else dict(value)
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(file, path, f"expected {expected}, got {json.dumps(value)}")
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _convert_union(value: Any, tp: Any, file, path: str) -> Any:
+    """The first member type that accepts `value`; Optional[X] reports X's own, more precise error."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    candidates = [a for a in args if a is not type(None)]
+    if len(candidates) == 1:
+        return _convert(value, candidates[0], file, path)
+    for arg in candidates:
+        try:
+            return _convert(value, arg, file, path)
+        except ConfigError:
+            continue
+    raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+
+
+def _convert_literal(value: Any, tp: Any, file, path: str) -> Any:
+    allowed = typing.get_args(tp)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(file, path, f"expected one of {list(allowed)}, got {value!r}{hint}")
+    return value
+
+
+def _convert_sequence(value: Any, tp: Any, file, path: str) -> tuple:
+    """A JSON list as a tuple: fixed-length for tuple[X, Y], any length for list[X] / tuple[X, ...]."""
+    if not isinstance(value, list):
+        raise ConfigError(file, path, f"expected {_type_name(tp)}, got {json.dumps(value)}")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(file, path, f"expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, file, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    return tuple(_convert(v, item, file, f"{path}[{i}]") for i, v in enumerate(value))
 
 
 def from_dict(cls, data: dict, *, file=None, path: str = ""):
