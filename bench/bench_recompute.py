@@ -19,13 +19,11 @@ import torch
 
 from _timing import median_seconds
 from mindspeed_mm_osp import platform
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
+from mindspeed_mm_osp.config.predictor import RecomputeConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
+from mindspeed_mm_osp.testing import TINY_PREDICTOR_7_STAGES, tiny_predictor_config
 from mindspeed_mm_osp.training.memory_measure import SavedTensorBytes
 
-TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 MODES = {"none": None, "selective FFN (14)": RecomputeConfig(selective_ffn_layers=14),
          "full block (14)": RecomputeConfig(granularity="full", num_layers=14)}
 
@@ -67,7 +65,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 4, frames, size, size, generator=g).to(dev), torch.tensor([500.0], device=dev),
               torch.randn(1, 64, 24, generator=g).to(dev), None, None, torch.randn(1, 16, generator=g).to(dev))
-    cfg = from_dict(PredictorConfig, TINY)
+    cfg = tiny_predictor_config(TINY_PREDICTOR_7_STAGES)
     torch.manual_seed(0)
     reference_sd = local_state_dict(SparseUMMDiT(cfg))
 

@@ -9,6 +9,7 @@ from .checkpoints import write_training_checkpoint
 from .distributed import (
     DistributedTestError,
     ddp_outputs_and_grads,
+    fork_ranks,
     free_port,
     perturb_parameters,
     run_distributed,
@@ -25,5 +26,5 @@ from .tiny import (
 )
 
 __all__ = ["DistributedTestError", "TINY_PREDICTOR", "TINY_PREDICTOR_7_STAGES", "TinySetup", "ddp_outputs_and_grads",
-           "free_port", "make_tiny_setup", "perturb_parameters", "run_distributed", "single_rank",
+           "fork_ranks", "free_port", "make_tiny_setup", "perturb_parameters", "run_distributed", "single_rank",
            "tiny_model_config", "tiny_predictor_config", "tiny_predictor_weights", "write_training_checkpoint"]

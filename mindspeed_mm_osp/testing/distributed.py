@@ -51,6 +51,20 @@ def _child(rank: int, world_size: int, port: int, tp: int, cp: int, seed: int, i
         os._exit(0)
 
 
+def fork_ranks(fn: Callable, world_size: int, args: tuple, *, tp: int = 1, cp: int = 1, seed: int = 1234,
+               init_megatron: bool = True) -> tuple[list, Any]:
+    """Start `world_size` forked ranks running `fn(rank, world_size, *args)`; each puts (rank, ok, payload) on the
+    returned queue, payload being its pickled result or its traceback."""
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, cp, seed, init_megatron, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs, queue
+
+
 def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, cp: int = 1, seed: int = 1234,
                     timeout: float = 120.0, init_megatron: bool = True) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` forked ranks; return results by rank.
@@ -62,13 +76,7 @@ def run_distributed(fn: Callable, world_size: int, *args, tp: int = 1, cp: int =
     from .. import platform
 
     platform.adapt_megatron()
-    ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, cp, seed, init_megatron, fn, args, queue))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
+    procs, queue = fork_ranks(fn, world_size, args, tp=tp, cp=cp, seed=seed, init_megatron=init_megatron)
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     import time
@@ -133,5 +141,5 @@ def ddp_outputs_and_grads(model: torch.nn.Module, cases, loss_scale: float = 1.0
     return results
 
 
-__all__ = ["DistributedTestError", "ddp_outputs_and_grads", "free_port", "perturb_parameters", "run_distributed",
-           "single_rank"]
+__all__ = ["DistributedTestError", "ddp_outputs_and_grads", "fork_ranks", "free_port", "perturb_parameters",
+           "run_distributed", "single_rank"]

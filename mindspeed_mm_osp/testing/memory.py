@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..config.predictor import RecomputeConfig
 from ..training.memory_plan import Workload
 from .tiny import TINY_PREDICTOR, tiny_predictor_config

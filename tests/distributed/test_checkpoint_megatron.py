@@ -12,7 +12,7 @@ from mindspeed_mm_osp.checkpoint import CheckpointError, CheckpointWriteError, l
 from mindspeed_mm_osp.checkpoint import io as ckpt_io
 from mindspeed_mm_osp.optim import AdaptiveGradClip, build_lr_scheduler, build_optimizer, gather_model_space
 from mindspeed_mm_osp.testing import run_distributed
-from test_optim_megatron import make_model, settings, train_step
+from helpers import make_model, settings, train_step
 
 
 def _setup(use_dist: bool, bf16: bool, seed: int):

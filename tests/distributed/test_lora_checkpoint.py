@@ -10,16 +10,12 @@ import torch
 
 from mindspeed_mm_osp.checkpoint import convert
 from mindspeed_mm_osp.checkpoint.layout import CheckpointError, model_file
-from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.lora import LoRAConfig
-from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference.weights import apply_adapters
 from mindspeed_mm_osp.models.lora import apply_lora, load_lora_state_dict, lora_metadata, lora_state_dict
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, shard_state_dict
-from mindspeed_mm_osp.testing import run_distributed
+from mindspeed_mm_osp.testing import run_distributed, tiny_predictor_config
 
-SMALL = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 LORA = LoRAConfig(r=4, alpha=8.0)
 
 
@@ -65,7 +61,7 @@ def _save_and_reload(rank, world_size, cfg, base, adapters, save_dir):
 
 @pytest.mark.slow  # ~13 s: a TP=2 save and three reloads, four conversions
 def test_adapter_checkpoint_and_lora_merge(tmp_path):
-    cfg = from_dict(PredictorConfig, SMALL)
+    cfg = tiny_predictor_config()
     torch.manual_seed(0)
     model = SparseUMMDiT(cfg).eval()
     base = local_state_dict(model)

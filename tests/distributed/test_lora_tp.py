@@ -5,9 +5,8 @@ at TP=2 give the unmerged adapters' output."""
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
-from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
+from mindspeed_mm_osp.config.predictor import RecomputeConfig
 from mindspeed_mm_osp.models.lora import apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from mindspeed_mm_osp.models.predictor import (
     SparseUMMDiT,
@@ -17,10 +16,15 @@ from mindspeed_mm_osp.models.predictor import (
     shard_state_dict,
     tp_split_dim,
 )
-from mindspeed_mm_osp.testing import ddp_outputs_and_grads, perturb_parameters, run_distributed
+from mindspeed_mm_osp.testing import (
+    TINY_PREDICTOR,
+    ddp_outputs_and_grads,
+    perturb_parameters,
+    run_distributed,
+    tiny_predictor_config,
+)
 
-SMALL = dict(num_layers=[1, 2, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16, final_block_text_params=True)
+SMALL = dict(TINY_PREDICTOR, num_layers=[1, 2, 1], final_block_text_params=True)
 TOL = dict(rtol=1e-5, atol=1e-5)
 # every kind of layer: column (SP and replicated-input adaLN), row, replicated plain linears (tagged skip, proj_out)
 LORA = LoRAConfig(r=4, alpha=8.0, target_modules=DEFAULT_TARGET_MODULES + ("norm1.linear", "skip_norm_linear.0.1",
@@ -43,7 +47,7 @@ CASES = [case(0, 4), case(1, 2)]
 
 def reference():
     """TP=1 without torch.distributed: base, initial adapters, random adapters, outputs and adapter grads."""
-    cfg = from_dict(PredictorConfig, SMALL)
+    cfg = tiny_predictor_config(SMALL)
     torch.manual_seed(0)
     model = SparseUMMDiT(cfg).train()
     g = torch.Generator().manual_seed(1)

@@ -13,7 +13,7 @@ from mindspeed_mm_osp.config.predictor import RecomputeConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, merge_state_dicts, tp_split_dim
 from mindspeed_mm_osp.models.predictor import sparseu_mmdit
 from mindspeed_mm_osp.testing import ddp_outputs_and_grads, run_distributed
-from test_predictor_tp import CASES, CONFIG_A, CONFIG_B, TOL, reference, tiny_config
+from helpers import CASES, CONFIG_A, CONFIG_B, TOL, reference, tiny_config
 
 
 def _cp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute):

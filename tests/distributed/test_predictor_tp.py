@@ -8,8 +8,7 @@ Replicated-parameter grads under SP are synchronised by megatron's own `finalize
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig, RecomputeConfig
+from mindspeed_mm_osp.config.predictor import RecomputeConfig
 from mindspeed_mm_osp.models.predictor import (
     SparseUMMDiT,
     load_merged_state_dict,
@@ -17,58 +16,14 @@ from mindspeed_mm_osp.models.predictor import (
     merge_state_dicts,
     tp_split_dim,
 )
-from mindspeed_mm_osp.testing import ddp_outputs_and_grads, perturb_parameters, run_distributed
-
-TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def tiny_config(**overrides) -> PredictorConfig:
-    return from_dict(PredictorConfig, {**TINY, **overrides})
-
-
-def make_inputs(seed, frames, height, width, text, channels=4):
-    g = torch.Generator().manual_seed(seed)
-    video_mask = torch.ones(2, frames, height, width)
-    video_mask[1, -1] = 0
-    text_mask = torch.ones(2, 1, text)
-    text_mask[1, :, -3:] = 0
-    inputs = (torch.randn(2, channels, frames, height, width, generator=g), torch.tensor([0.0, 731.5]),
-              torch.randn(2, 1, text, 24, generator=g), video_mask, text_mask, torch.randn(2, 1, 16, generator=g))
-    return inputs, torch.randn(2, 4, frames, height, width, generator=g)  # loss weights
-
-
-# L=18, S=8 (config A); L=9, S=7: neither divisible by TP=2, so SP pads.
-CASES = [make_inputs(0, 3, 4, 6, 8), make_inputs(1, 3, 2, 6, 7)]
-# The image-to-video variant: [noisy | masked latent | 2 mask channels] = 10 input channels.
-I2V = {"model_id": "SparseUMMDiTInpaint", "vae_scale_factor_t": 2}
-I2V_CASES = [make_inputs(0, 3, 4, 6, 8, channels=10), make_inputs(1, 3, 2, 6, 7, channels=10)]
-
-
-def reference(cfg, cases=CASES):
-    """TP=1 model without torch.distributed, randomised weights; per case: output and param grads."""
-    torch.manual_seed(0)
-    model = SparseUMMDiT(cfg).train()
-    perturb_parameters(model, torch.Generator().manual_seed(1))
-    results = []
-    for inputs, weight in cases:
-        model.zero_grad(set_to_none=True)
-        out = model(*inputs)
-        (out * weight).sum().backward()
-        results.append((out.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                                       for n, p in model.named_parameters()}))
-    return local_state_dict(model), results
+from mindspeed_mm_osp.testing import ddp_outputs_and_grads, run_distributed
+from helpers import CASES, CONFIG_A, CONFIG_B, I2V, I2V_CASES, TOL, reference, tiny_config
 
 
 def _tp_rank(rank, world_size, cfg, full_sd, sequence_parallel, recompute, cases=CASES):
     model = SparseUMMDiT(cfg, sequence_parallel=sequence_parallel, recompute=recompute).train()
     load_merged_state_dict(model, full_sd)
     return ddp_outputs_and_grads(model, cases), local_state_dict(model)
-
-
-CONFIG_A = {}  # zero-init skips, double_ff, no final-block text params
-CONFIG_B = {"skip_connection_zero_init": False, "double_ff": False, "final_block_text_params": True}
 
 
 @pytest.mark.parametrize("overrides,sequence_parallel,recompute", [

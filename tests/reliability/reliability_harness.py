@@ -3,7 +3,7 @@
 Training runs in processes forked from the test process (about a second each instead of
 torchrun's ten): `start_ranks` gives back the live `Process` objects so a test can SIGKILL,
 stop or time one rank, which `mindspeed_mm_osp.testing.run_distributed` (results only)
-cannot. The children run `testing._child`, the same body `run_distributed` uses.
+cannot. The children are started by `testing.fork_ranks`, as in `run_distributed`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.multiprocessing as mp
 
 # Imported before any fork so children start warm (transformers resolves model classes lazily).
 import megatron.core  # noqa: F401
@@ -31,7 +30,7 @@ import mindspeed_mm_osp.models.text  # noqa: F401
 import mindspeed_mm_osp.optim  # noqa: F401
 import mindspeed_mm_osp.training.trainer  # noqa: F401
 from mindspeed_mm_osp import platform
-from mindspeed_mm_osp.testing import _child, free_port
+from mindspeed_mm_osp.testing import fork_ranks
 
 platform.adapt_megatron()
 
@@ -124,15 +123,9 @@ def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, cp: int = 1, 
     `init_megatron=False` leaves process-group creation to `pretrain`, so that its
     `--distributed-timeout-minutes` is the timeout in force.
     """
-    ctx = mp.get_context("fork")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, tp, cp, 1234, init_megatron, fn, args, q))
-             for r in range(world_size)]
     started = time.monotonic()
-    for p in procs:
-        p.start()
-    return Ranks(procs, q, started)
+    procs, queue = fork_ranks(fn, world_size, args, tp=tp, cp=cp, init_megatron=init_megatron)
+    return Ranks(procs, queue, started)
 
 
 def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 240.0, **kw) -> dict[int, tuple[bool, Any]]:
@@ -141,6 +134,18 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 240.0, **kw
         return ranks.results(timeout)
     finally:
         ranks.reap()
+
+
+def assert_step_skipped(save_dir: Path, iteration: int) -> None:
+    """The rank-0 checkpoint of `iteration` equals the previous one but for the skip counter: the step was
+    skipped and changed nothing else."""
+    from mindspeed_mm_osp.checkpoint.layout import model_file
+
+    before, after = load_file(model_file(save_dir, iteration - 1, 0)), load_file(model_file(save_dir, iteration, 0))
+    assert_same_training_state({**after, "clip_state": None}, {**before, "clip_state": None})
+    kept = ("mu", "var", "initialized", "num_updates")
+    assert {k: after["clip_state"][k] for k in kept} == {k: before["clip_state"][k] for k in kept}
+    assert after["clip_state"]["total_skips"] == before["clip_state"]["total_skips"] + 1
 
 
 def load_file(path: Path) -> dict:
@@ -173,5 +178,5 @@ def log(msg: str) -> None:
     print(f"[reliability] {msg}", file=sys.stderr)
 
 
-__all__ = ["Ranks", "assert_same_tensors", "assert_same_training_state", "captured_log", "cli_main", "load_file", "log",
-           "run_ranks", "start_ranks", "train", "train_argv"]
+__all__ = ["Ranks", "assert_same_tensors", "assert_same_training_state", "assert_step_skipped", "captured_log",
+           "cli_main", "load_file", "log", "run_ranks", "start_ranks", "train", "train_argv"]

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.predictor import (
     SparseUMMDiT,
@@ -15,14 +14,13 @@ from mindspeed_mm_osp.models.predictor import (
     local_state_dict,
     masked_video,
 )
-from mindspeed_mm_osp.testing import perturb_parameters
+from mindspeed_mm_osp.testing import TINY_PREDICTOR, perturb_parameters, tiny_predictor_config
 
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=2, head_dim=16, in_channels=4,
-            timestep_embed_dim=16, caption_channels=8, pooled_projection_dim=8)
+TINY = dict(TINY_PREDICTOR, num_heads=2, timestep_embed_dim=16, caption_channels=8, pooled_projection_dim=8)
 
 
 def config(**overrides) -> PredictorConfig:
-    return from_dict(PredictorConfig, {**TINY, **overrides})
+    return tiny_predictor_config(TINY, **overrides)
 
 
 def test_channel_count_is_two_latents_plus_the_temporal_factor():

@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.lora import (
@@ -18,15 +17,14 @@ from mindspeed_mm_osp.models.lora import (
     merge_lora,
 )
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict, tp_split_dim
-from mindspeed_mm_osp.testing import perturb_parameters
+from mindspeed_mm_osp.testing import TINY_PREDICTOR, perturb_parameters, tiny_predictor_config
 
-SMALL = dict(num_layers=[1, 2, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-             timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
+SMALL = dict(TINY_PREDICTOR, num_layers=[1, 2, 1])
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def small_config(**overrides) -> PredictorConfig:
-    return from_dict(PredictorConfig, {**SMALL, **overrides})
+    return tiny_predictor_config(SMALL, **overrides)
 
 
 def inputs(seed=0):

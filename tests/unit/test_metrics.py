@@ -6,43 +6,7 @@ import numpy as np
 import pytest
 
 from mindspeed_mm_osp.metrics import psnr, ssim, ssim_per_frame
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    ax = np.arange(size) - (size - 1) / 2
-    w = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma**2))
-    return w / w.sum()
-
-
-def ssim_plane_reference(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al. 2004 on one float plane: weighted window statistics over every full 11x11 window."""
-    w = gaussian_window()
-    px = np.lib.stride_tricks.sliding_window_view(x, w.shape)  # (H-10, W-10, 11, 11)
-    py = np.lib.stride_tricks.sliding_window_view(y, w.shape)
-    mx, my = np.einsum("ijkl,kl->ij", px, w), np.einsum("ijkl,kl->ij", py, w)
-    vx = np.einsum("ijkl,kl->ij", (px - mx[..., None, None]) ** 2, w)
-    vy = np.einsum("ijkl,kl->ij", (py - my[..., None, None]) ** 2, w)
-    cxy = np.einsum("ijkl,kl->ij", (px - mx[..., None, None]) * (py - my[..., None, None]), w)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    m = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(m.mean())
-
-
-def luma(frames: np.ndarray) -> np.ndarray:
-    f = frames.astype(np.float64)
-    return 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
-
-
-def ssim_reference(a: np.ndarray, b: np.ndarray, channels: str = "y") -> float:
-    if channels == "y":
-        return float(np.mean([ssim_plane_reference(x, y) for x, y in zip(luma(a), luma(b))]))
-    return float(np.mean([np.mean([ssim_plane_reference(x[..., c].astype(np.float64), y[..., c].astype(np.float64))
-                                   for c in range(3)]) for x, y in zip(a, b)]))
-
-
-def psnr_reference(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255.0**2 / mse)
+from helpers import psnr_reference, ssim_reference
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from mindspeed_mm_osp.models.predictor import (
     tp_split_dim,
 )
 from mindspeed_mm_osp.testing import perturb_parameters
+from helpers import tiny_config
 
 # predictor block of examples/opensoraplan1.5/model_opensoraplan1_5.json (R1), incl. keys our config ignores
 RELEASE_JSON = """{
@@ -28,14 +29,6 @@ RELEASE_JSON = """{
   "dropout": 0.0, "attention_bias": true, "patch_size": 2, "patch_size_t": 1, "activation_fn": "gelu-approximate",
   "norm_elementwise_affine": false, "norm_eps": 1e-06, "from_pretrained": null
 }"""
-
-TINY = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-
-
-def tiny_config(**overrides) -> PredictorConfig:
-    return from_dict(PredictorConfig, {**TINY, **overrides})
-
 
 def tiny_inputs(seed=0, frames=3, height=4, width=6, text=8):
     g = torch.Generator().manual_seed(seed)

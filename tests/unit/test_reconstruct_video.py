@@ -18,7 +18,7 @@ from mindspeed_mm_osp.inference.video_io import read_mp4, to_uint8_frames
 from mindspeed_mm_osp.models.ae import VideoAutoencoder, tiny_ae_config_dict, write_tiny_wfvae
 from mindspeed_mm_osp.tools import reconstruct_video as rv
 from mindspeed_mm_osp.tools.make_synthetic_dataset import decode_frame_index, write_video
-from test_metrics import psnr_reference, ssim_reference  # tests/unit is on sys.path (rootdir-relative import)
+from helpers import psnr_reference, ssim_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 H, W, N = 32, 48, 9
