@@ -129,13 +129,6 @@ class FilterStats:
         code = int(self.reason[record])
         return "kept" if code < 0 else COUNTER_NAMES[code]
 
-    def as_dict(self) -> dict:
-        return {"records_in": self.records_in, "malformed": self.malformed, **self.counters,
-                "videos_in": self.videos_in, "videos_kept": self.videos_kept, "images_in": self.images_in,
-                "images_kept": self.images_kept, "frames_from_videos": self.frames_from_videos,
-                "kept": self.kept, "shapes": {str(k): v for k, v in self.shapes.items()},
-                "aesthetic": dict(self.aesthetic)}
-
     def table(self) -> str:
         """Human-readable report: per-reason drops, kept ratios and the shape histogram."""
         def pct(a, b):

@@ -49,10 +49,6 @@ NO_OP_FLAGS = {
 }
 
 
-def _int_or_none(v: str) -> Optional[int]:
-    return None if v.lower() in ("none", "null") else int(v)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # clearer than argparse's default for unknown flags
         if message.startswith("unrecognized arguments"):

@@ -24,7 +24,7 @@ def padded_length(length: int, k: int) -> int:
     return -(-length // (k * k)) * (k * k)
 
 
-def skiparse_index(padded_len: int, k: int, group: bool, p: torch.Tensor | int):
+def skiparse_index(k: int, group: bool, p: torch.Tensor | int):
     """(group g, position q) of raster index p (§3.2 formulas)."""
     if not group:
         return p % k, p // k
