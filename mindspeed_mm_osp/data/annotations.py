@@ -5,7 +5,7 @@
 line (`.jsonl`) of records with at least `path`, `cap` and `resolution` (videos also
 `num_frames`, optional `fps`, `cut`, `crop`, `aesthetic`/`aes`).
 
-Deviation from the reference (spec §1.3, bug B2): the reference loads through pandas, which
+Deviation from the reference loader (docs/data.md): the reference loads through pandas, which
 turns a key missing from some records into NaN (a missing caption becomes the text "nan",
 a missing resolution crashes). Here files are parsed with `json`, and a key that is
 missing, `null` or NaN is simply absent from the record; the filter then counts it
@@ -43,7 +43,7 @@ def parse_data_txt(data_path: str | Path) -> list[tuple[str, str]]:
         line = line.strip()
         if not line:
             continue
-        # Split on the last comma so a folder containing commas still works (REF crashes).
+        # Split on the last comma so a folder containing commas still works (the reference crashes).
         folder, sep, anno = line.rpartition(",")
         if not sep or not anno.strip():
             raise ValueError(f"{data_path}:{lineno}: expected 'FOLDER,ANNOTATION_PATH', got {line!r}")
@@ -66,7 +66,7 @@ def load_annotations(data_path: str | Path) -> LoadedAnnotations:
     """Load every annotation file listed in `data_path`; records are concatenated in order.
 
     Each record's `path` becomes `os.path.join(FOLDER, path)` (an absolute `path` wins, as
-    in REF). Absent optional fields are dropped from the dict rather than set to None/NaN.
+    in the reference). Absent optional fields are dropped from the dict rather than set to None/NaN.
     """
     out = LoadedAnnotations(records=[])
     for folder, anno_path in parse_data_txt(data_path):

@@ -5,12 +5,13 @@ sample's position in the epoch's global order. Every random choice of a read —
 window, caption choice, CFG drop, retry pick — comes from an RNG keyed on
 (seed, epoch, slot, attempt), so a sample's tensors do not depend on worker count,
 DP/TP rank or what was read before; TP peers (same DP rank) build identical batches with
-no communication, and a resumed run reproduces the uninterrupted one (spec §9.2).
+no communication, and a resumed run reproduces the uninterrupted one.
 
 Reading failures (missing / zero-byte / corrupt file, fewer frames than annotated,
 decoded size not matching the bucket) are counted per reason and answered by reading
-another sample of the same shape, at most `max_read_retries` times (REF recurses without
-bound, B16). Every item is a fresh dict (REF returns one shared dict, B1).
+another sample of the same shape, at most `max_read_retries` times (the reference retries
+without bound). Every item is a fresh dict (the reference returns one shared dict, so a batch
+of several samples held copies of the last one).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def _caption_cleaner() -> Callable[[str], str]:
 
 
 class CaptionProcessor:
-    """Pick one caption, clean it (twice, as REF), drop it to "" with probability `cfg`,
-    tokenize with both tokenizers. The CFG drop does not depend on cleaning (REF, B12)."""
+    """Pick one caption, clean it (twice, as the reference does), drop it to "" with probability `cfg`,
+    tokenize with both tokenizers. The CFG drop does not depend on cleaning (in the reference it
+    happens only when cleaning is on)."""
 
     def __init__(self, tokenizer, tokenizer_2, *, max_length: int, cfg: float, clean: bool):
         from ..models.text.tokenizer import tokenize
@@ -84,16 +86,16 @@ class T2VDataset(torch.utils.data.Dataset):
 
     def __init__(self, index: SampleIndex, dataset_param: DatasetParam, *, tokenizer, tokenizer_2,
                  video_reader: VideoReader, seed: int):
-        pp = dataset_param.preprocess_parameters
-        if pp.use_aesthetic:
+        preprocess = dataset_param.preprocess_parameters
+        if preprocess.use_aesthetic:
             raise ValueError("use_aesthetic=true (aesthetic caption notices) is not implemented; "
                              "Open-Sora Plan v1.5 video training sets it to false")
-        self.index, self.pp, self.seed, self.reader = index, pp, seed, video_reader
-        self.text = CaptionProcessor(tokenizer, tokenizer_2, max_length=dataset_param.model_max_length, cfg=pp.cfg,
+        self.index, self.preprocess, self.seed, self.reader = index, preprocess, seed, video_reader
+        self.text = CaptionProcessor(tokenizer, tokenizer_2, max_length=dataset_param.model_max_length, cfg=preprocess.cfg,
                                      clean=dataset_param.enable_text_preprocess)
-        tp = pp.train_pipeline
-        self.video_transform: Compose = build_pipeline(tp.video) if tp.video else default_pipeline(pp)
-        self.image_transform: Compose = build_pipeline(tp.image) if tp.image else default_pipeline(pp)
+        tp = preprocess.train_pipeline
+        self.video_transform: Compose = build_pipeline(tp.video) if tp.video else default_pipeline(preprocess)
+        self.image_transform: Compose = build_pipeline(tp.image) if tp.image else default_pipeline(preprocess)
         self.members = index.members()
         self.masks = MaskDrawer(dataset_param.mask_config) if dataset_param.mask_config is not None else None
         self._failures: Counter = Counter()
@@ -108,7 +110,7 @@ class T2VDataset(torch.utils.data.Dataset):
         if idx.kind[i] == KIND_IMAGE:
             frames = read_image(idx.paths[i])
         else:
-            frames = self.reader.read(idx.paths[i], idx.frame_indices(i, self.pp, rng))
+            frames = self.reader.read(idx.paths[i], idx.frame_indices(i, self.preprocess, rng))
         x0, x1, y0, y1 = idx.crop[i].tolist()
         if x0 >= 0:
             frames = frames[:, y0:y1, x0:x1]
@@ -123,16 +125,16 @@ class T2VDataset(torch.utils.data.Dataset):
         position, epoch, slot = key
         group = self.members[int(self.index.shape_id[position])]
         tried = {int(position)}
-        for attempt in range(self.pp.max_read_retries + 1):
+        for attempt in range(self.preprocess.max_read_retries + 1):
             rng = np.random.default_rng((self.seed, epoch, slot, attempt))
             try:
                 video = self.load_video(position, rng)
                 break
             except ReadError as e:
                 self._failures[e.reason] += 1
-                logger.warning("read failed (%s), attempt %d/%d", e, attempt + 1, self.pp.max_read_retries + 1)
+                logger.warning("read failed (%s), attempt %d/%d", e, attempt + 1, self.preprocess.max_read_retries + 1)
                 untried = np.setdiff1d(group, np.fromiter(tried, np.int64), assume_unique=False)
-                if len(untried) == 0 or attempt == self.pp.max_read_retries:
+                if len(untried) == 0 or attempt == self.preprocess.max_read_retries:
                     raise RuntimeError(
                         f"no readable sample of shape {self.index.shape(position)} after {attempt + 1} attempts; "
                         f"read failures so far: {dict(self._failures)}") from e

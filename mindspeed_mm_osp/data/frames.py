@@ -1,11 +1,11 @@
-"""Temporal plans: which source frames a video sample decodes (spec §2.4, §3.3).
+"""Temporal plans: which source frames a video sample decodes (docs/data.md, "Frames").
 
 Every video is resampled to `train_fps` by index decimation: candidates are
 `start + floor(k·Δ)` with `Δ = fps / train_fps` (Δ = 1 within 0.1 fps), strictly inside
 `[start, start + num_frames)`. An optional speed-up keeps evenly spaced candidates, a
 random window of `num_frames` is taken, and the length is cut to the largest valid
 `ae_stride_t·k + 1`. The startup filter and the reader use these same functions, so a
-speed factor can no longer make them disagree (REF applies it only at read time, B6).
+speed factor can no longer make them disagree (the reference applies it only at read time).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def sample_frame_indices(start: int, num_frames: int, interval: float, target: i
                          speed_factor: float, rng: np.random.Generator) -> np.ndarray:
     """The `length` source indices of one read: resample, speed up, random window of `target`.
 
-    The window start is uniform over every possible position `[0, len − target]` (REF never
-    picks the last one, B17 — fixed here).
+    The window start is uniform over every possible position `[0, len − target]` (the reference
+    never picks the last one; fixed here).
     """
     cand = candidate_indices(start, num_frames, interval)
     cand = cand[speed_up_positions(len(cand), target, speed_factor)]

@@ -1,10 +1,10 @@
 """Spatial plans: which (height, width) bucket a source lands in and how to get there.
 
 One set of functions serves both the startup filter (bucket of every record) and the
-transforms (resize/crop of decoded frames), so the two can never disagree (REF's filter
-hard-codes stride 16 where its transform uses `hw_stride`, spec bug B5). The arithmetic
-follows REF exactly: float64, Python `int()` truncation, `round()` half-to-even centre
-offsets (spec §2.2, §2.3, §4.2, B23).
+transforms (resize/crop of decoded frames), so the two can never disagree (the reference's filter
+hard-codes stride 16 where its transform uses `hw_stride`). The arithmetic follows the
+reference exactly: float64, Python `int()` truncation, `round()` half-to-even centre
+offsets (docs/data.md, "Resolution buckets").
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-# h:w ratios of the five-bucket multi-resolution mode, keyed (and tie-broken) in REF order.
+# h:w ratios of the five-bucket multi-resolution mode, keyed (and tie-broken) in the reference's order.
 FIVE_RATIOS: tuple[tuple[float, tuple[int, int]], ...] = (
     (0.56, (9, 16)), (0.75, (3, 4)), (1.00, (1, 1)), (1.33, (4, 3)), (1.78, (16, 9)))
 
@@ -76,7 +76,7 @@ def stride_crop_box(h: int, w: int, stride: int, force_5_ratio: bool) -> CropBox
 def center_crop_box(h: int, w: int, th: int, tw: int, top_crop: bool = False) -> CropBox:
     """Aspect crop of CenterCropResizeVideo: the largest centred box with the target's h/w.
 
-    Offsets use Python's `round` (half to even) like REF: a 3-pixel excess gives offset 2.
+    Offsets use Python's `round` (half to even) like the reference: a 3-pixel excess gives offset 2.
     """
     tr = th / tw
     if h / w > tr:

@@ -5,14 +5,14 @@ cut into *steps* of `global_batch_size` samples (the remainder of each shape is 
 this epoch — a different remainder every epoch); the steps are shuffled. A step is split
 into `grad_acc` micro-steps of `dp_size · micro_batch_size` samples, and DP rank r takes
 the r-th contiguous chunk of `micro_batch_size`. Hence every micro-batch, every DP rank of
-a micro-step, and every micro-step of an optimizer step share one shape (REF mixes shapes
-across ranks at group boundaries, B4, and deals elements instead of chunks, B10).
+a micro-step, and every micro-step of an optimizer step share one shape (the reference mixes
+shapes across ranks at group boundaries and deals elements instead of chunks).
 
 The sampler is built from the DP rank/size, never the world rank: TP/CP peers get the
-same indices. `grad_acc` is derived from the trainer's real batch sizes (REF reads a
-stale copy from data.json and skips 4× too much on resume, B11). Resuming from
+same indices. `grad_acc` is derived from the trainer's real batch sizes (the reference reads
+a stale copy from data.json and skips 4× too much on resume). Resuming from
 `consumed_samples` (= optimizer steps × global batch) skips exactly the consumed
-micro-batches; order is deterministic in (seed, epoch), unlike REF's fixed seed (B18).
+micro-batches; order is deterministic in (seed, epoch), unlike the reference's fixed seed.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Video/image transforms on [T, C, H, W] tensors (images are T = 1), spec §4.
+"""Video/image transforms on [T, C, H, W] tensors (images are T = 1).
 
-Parity with REF (spec §9.4): resizes call `F.interpolate(..., align_corners=True,
+Parity with the reference: resizes call `F.interpolate(..., align_corners=True,
 antialias=True)` (PyTorch's PIL-like antialiased kernels); bicubic overshoot is not
-clamped (B25), so values can lie slightly outside [-1, 1] after `ae_norm`.
+clamped, as there, so values can lie slightly outside [-1, 1] after `ae_norm`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ToTensorVideo:
 class CenterCropResizeVideo:
     """Centre crop to the target's aspect (banker's-rounded offsets), then resize to `size`.
 
-    REF resizes even when the crop already has the target size; with align_corners=True
+    The reference resizes even when the crop already has the target size; with align_corners=True
     that resize is the identity up to float rounding (the cubic kernel is 1 at 0 and 0 at
     ±1, ±2), so it is skipped here — it was ~90% of a 33×256×256 sample's CPU time.
     """
@@ -107,13 +107,13 @@ def build_pipeline(specs: Sequence[TransformSpec]) -> Compose:
     return Compose(steps)
 
 
-def default_pipeline(pp) -> Compose:
+def default_pipeline(preprocess) -> Compose:
     """The pipeline implied by the resolution settings when data.json lists none."""
-    if pp.force_resolution:
-        spatial = [CenterCropResizeVideo((pp.max_height, pp.max_width), interpolation_mode="bicubic")]
+    if preprocess.force_resolution:
+        spatial = [CenterCropResizeVideo((preprocess.max_height, preprocess.max_width), interpolation_mode="bicubic")]
     else:
-        spatial = [MaxHWStrideResizeVideo(pp.max_hxw, pp.force_5_ratio, pp.hw_stride, "bicubic"),
-                   SpatialStrideCropVideo(pp.hw_stride, pp.force_5_ratio)]
+        spatial = [MaxHWStrideResizeVideo(preprocess.max_hxw, preprocess.force_5_ratio, preprocess.hw_stride, "bicubic"),
+                   SpatialStrideCropVideo(preprocess.hw_stride, preprocess.force_5_ratio)]
     return Compose([ToTensorVideo(), *spatial, ae_norm])
 
 
