@@ -156,7 +156,7 @@ class CachedT2VDataset(T2VDataset):
     def load_video(self, i: int, rng: np.random.Generator):
         if not self.cached_video:
             return super().load_video(i, rng)
-        self.index.frame_indices(i, self.pp, rng)  # the online read's draws, so later draws stay in step
+        self.index.frame_indices(i, self.preprocess, rng)  # the online read's draws, so later draws stay in step
         if self.ids[i] is None:
             raise ReadError("unreadable_at_extraction", self.index.paths[i])
         return self.cache.latents(self.ids[i])
