@@ -8,9 +8,10 @@ from .init import (
     initialize_distributed,
     set_seed,
 )
+from .dims import ParallelDims
 from .transformer_config import make_transformer_config
 
 __all__ = [
-    "ParallelConfigError", "ParallelLayout", "check_layout", "destroy_distributed", "initialize_distributed",
+    "ParallelConfigError", "ParallelDims", "ParallelLayout", "check_layout", "destroy_distributed", "initialize_distributed",
     "make_transformer_config", "set_seed",
 ]

@@ -45,8 +45,9 @@ def check_layout(world_size: int, tp: int, pp: int = 1, cp: int = 1) -> Parallel
 
 
 def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
-                           timeout_minutes: float = 30.0, data_parallel_random_init: bool = False) -> ParallelLayout:
-    """Init torch.distributed (env:// from torchrun or a single process), megatron groups and seeds."""
+                           timeout_minutes: float = 30.0, data_parallel_random_init: bool = False) -> "ParallelDims":
+    """Init torch.distributed (env:// from torchrun or a single process), megatron groups and seeds; returns the
+    `ParallelDims` that callers pass on (the one read of megatron's rank globals)."""
     platform.adapt_megatron()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -65,7 +66,9 @@ def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
                                                  context_parallel_size=cp,
                                                  distributed_timeout_minutes=timeout_minutes)
     set_seed(seed, data_parallel_random_init=data_parallel_random_init)
-    return layout
+    from .dims import ParallelDims
+
+    return ParallelDims.from_megatron(layout)
 
 
 def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:

@@ -115,13 +115,12 @@ def planner_error(cfg, work, recompute, act_dtype: torch.dtype, sequence_paralle
                   distributed_optimizer: bool = False) -> dict[str, tuple[int, int]]:
     """{category: (measured, predicted)} for this rank: `measure_predictor_step` against `plan_memory` with the
     parallel sizes of the initialised megatron groups."""
-    from megatron.core import parallel_state as ps
-
+    from ..parallel import ParallelDims
     from .memory_plan import OptimizerPlan, Parallel, plan_memory
 
     measured = measure_predictor_step(cfg, work, recompute, act_dtype, sequence_parallel, distributed_optimizer)
-    par = Parallel(tp=ps.get_tensor_model_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
-                   dp=ps.get_data_parallel_world_size(), sequence_parallel=sequence_parallel)
+    dims = ParallelDims.current()
+    par = Parallel(tp=dims.tp, cp=dims.cp, dp=dims.dp, sequence_parallel=sequence_parallel)
     plan = plan_memory(cfg, work, par, recompute, act_dtype, OptimizerPlan(distributed=distributed_optimizer))
     predicted = {"activations": plan.activations, "weights": plan.weights, "grads": plan.grads,
                  "optimizer": plan.optimizer}

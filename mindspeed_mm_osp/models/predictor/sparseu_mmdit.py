@@ -27,7 +27,7 @@ from torch import nn
 
 from ... import platform
 from ...config.predictor import PredictorConfig, RecomputeConfig
-from ...parallel import context_parallel, make_transformer_config
+from ...parallel import ParallelDims, context_parallel, make_transformer_config
 from .modules import (
     AdaNormOut,
     LayerNorm,
@@ -43,18 +43,15 @@ from .inpaint import widen_patch_embed
 from .tp_layout import shard_state_dict, strip_extra_state, unwrap_state_dict
 
 
-def _parallel_context(config: PredictorConfig, sequence_parallel: bool, params_dtype: torch.dtype) -> ParallelContext:
-    from megatron.core import parallel_state
-
-    initialised = parallel_state.model_parallel_is_initialized()
-    tp = parallel_state.get_tensor_model_parallel_world_size() if initialised else 1
-    rank = parallel_state.get_tensor_model_parallel_rank() if initialised else 0
-    cp_size = context_parallel.context_parallel_size()
+def _parallel_context(config: PredictorConfig, sequence_parallel: bool, params_dtype: torch.dtype,
+                      dims: ParallelDims) -> ParallelContext:
+    tp, cp_size = dims.tp, dims.cp
     config.validate_parallel(tp, cp_size)
     on_meta = torch.empty(()).device.type == "meta"
     kwargs = dict(tp=tp, params_dtype=params_dtype, perform_initialization=not on_meta)
     return ParallelContext(
-        tp_size=tp, tp_rank=rank, sequence_parallel=bool(sequence_parallel and tp > 1), megatron=initialised,
+        tp_size=tp, tp_rank=dims.tp_rank, sequence_parallel=bool(sequence_parallel and tp > 1),
+        megatron=dims.distributed,
         init_weights=not on_meta, cp_size=cp_size,
         layer_config=make_transformer_config(config.num_heads, config.hidden_size,
                                              sequence_parallel=sequence_parallel, **kwargs),
@@ -94,9 +91,10 @@ class SparseUMMDiT(nn.Module):
     """
 
     def __init__(self, config: PredictorConfig, *, sequence_parallel: bool = False,
-                 recompute: Optional[RecomputeConfig] = None, params_dtype: torch.dtype = torch.float32):
+                 recompute: Optional[RecomputeConfig] = None, params_dtype: torch.dtype = torch.float32,
+                 dims: Optional[ParallelDims] = None):
         super().__init__()
-        ctx = _parallel_context(config, sequence_parallel, params_dtype)
+        ctx = _parallel_context(config, sequence_parallel, params_dtype, dims or ParallelDims.current())
         self.ctx = ctx
         self.predictor_config = config
         self.config = ctx.layer_config
