@@ -1,4 +1,5 @@
-"""Training checkpoints in the Megatron legacy layout (training.md §6); see `checkpointing` for the format."""
+"""Training checkpoints in the Megatron legacy layout (docs/checkpoints.md): save and resume (`checkpointing`), reading
+(`reader`), runtime weights (`weights`), merge/split (`convert`)."""
 
 from .checkpointing import CHECKPOINT_VERSION, OPTIMIZER_FORMAT, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .layout import CheckpointError, CheckpointWriteError, read_tracker

@@ -1,4 +1,4 @@
-"""Save and resume training in the Megatron legacy layout (training.md §6), with the reference's bugs fixed.
+"""Save and resume training in the Megatron legacy layout (docs/checkpoints.md), with the reference's bugs fixed.
 
 `iter_XXXXXXX/mp_rank_YY/model_optim_rng.pt` (written by DP rank 0 of each TP rank) holds:
 
@@ -41,16 +41,10 @@ from torch import nn
 from .. import platform
 from ..models.wrappers import unwrap
 from ..optim import load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
-from .io import atomic_save, atomic_write_text
-from .layout import (
-    CheckpointError,
-    CheckpointWriteError,
-    model_file,
-    iteration_dir,
-    read_tracker,
-    saved_tp_size,
-    tracker_path,
-)
+from ..io_atomic import atomic_write_text
+from .io import atomic_save
+from .layout import CheckpointError, CheckpointWriteError, iteration_dir, model_file, read_tracker, tracker_path
+from .reader import RankFile, read_rank
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +129,57 @@ def _plain(args: Any) -> Any:
     return dataclasses.asdict(args) if dataclasses.is_dataclass(args) and not isinstance(args, type) else args
 
 
+def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool, save_rng: bool) -> dict:
+    """The EMA, optimizer, scheduler, clip and RNG entries of the payload; collective (gathers over DP)."""
+    out: dict[str, Any] = {}
+    if optimizer is not None:
+        ema_model, saved = optimizer_state_for_save(unwrap(model), optimizer)  # collective
+        if ema_model is not None:
+            out["ema_model"] = ema_model
+        if save_optim:
+            out["optimizer"] = {"format": OPTIMIZER_FORMAT, **saved}
+            if scheduler is not None:
+                out["opt_param_scheduler"] = scheduler.state_dict()
+    if clip is not None:
+        out["clip_state"] = clip.state_dict()
+    if save_rng:
+        out["rng_state"] = _gather_rng_states()  # collective
+    return out
+
+
+def _write_rank_file(path: Path, header: dict, model: nn.Module, lora: Optional[dict],
+                     training_state: dict) -> Optional[Exception]:
+    """Write this TP rank's file; returns the failure instead of raising, so every rank reaches the vote."""
+    try:
+        payload = {**header, "model": _model_state(model, lora)}
+        if lora is not None:
+            payload["lora"] = lora
+        atomic_save({**payload, **training_state}, path)
+    except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the vote
+        return exc
+    return None
+
+
+def _named(iteration: Optional[int | str]) -> str:
+    return str(iteration) if iteration is not None else "none"
+
+
+def _update_tracker(save_dir: Path, iteration: int, previous: Optional[int | str]) -> None:
+    """Point the tracker at `iteration` (rank 0, after every rank file is complete); collective."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            atomic_write_text(tracker_path(save_dir), str(iteration))
+        except Exception as exc:
+            error = exc
+    if not _all_ranks_ok(error is None):  # also the barrier
+        raise CheckpointWriteError(
+            f"saving checkpoint iteration {iteration} to {save_dir}: updating the tracker {tracker_path(save_dir)} failed"
+            f"{f': {error}' if error else ' on rank 0'}. It still names the previous checkpoint "
+            f"({_named(previous)}), left intact; iteration {iteration} is complete and "
+            f"loadable with --ckpt-step {iteration}.") from error
+
+
 def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
                     clip=None, consumed_train_samples: int = 0, args: Any = None, save_optim: bool = True,
                     save_rng: bool = True, lora: Optional[dict] = None) -> Path:
@@ -152,76 +197,24 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
     if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
         dist.barrier()
 
-    ema_model = opt_state = None
-    if optimizer is not None:
-        ema_model, saved = optimizer_state_for_save(unwrap(model), optimizer)  # collective
-        if save_optim:
-            opt_state = {"format": OPTIMIZER_FORMAT, **saved}
-    rng_states = _gather_rng_states() if save_rng else None  # collective
-
+    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng)
     path = model_file(save_dir, iteration, tp_rank)
-    error: Optional[BaseException] = None
+    error = None
     if dp_rank == 0:
-        payload: dict[str, Any] = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": int(iteration),
-            "consumed_train_samples": int(consumed_train_samples),
-            "args": _plain(args),
-            "parallel": {"tensor_model_parallel_size": tp_size},
-            "model": _model_state(model, lora),
-        }
-        if lora is not None:
-            payload["lora"] = lora
-        if ema_model is not None:
-            payload["ema_model"] = ema_model
-        if opt_state is not None:
-            payload["optimizer"] = opt_state
-            if scheduler is not None:
-                payload["opt_param_scheduler"] = scheduler.state_dict()
-        if clip is not None:
-            payload["clip_state"] = clip.state_dict()
-        if rng_states is not None:
-            payload["rng_state"] = rng_states
-        try:
-            atomic_save(payload, path)
-        except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the check below
-            error = exc
+        header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
+                  "consumed_train_samples": int(consumed_train_samples), "args": _plain(args),
+                  "parallel": {"tensor_model_parallel_size": tp_size}}
+        error = _write_rank_file(path, header, model, lora, training_state)
     if not _all_ranks_ok(error is None):
-        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if is_rank0 and created_dir:
+        if created_dir and (not dist.is_initialized() or dist.get_rank() == 0):
             shutil.rmtree(it_dir, ignore_errors=True)
         where = f"writing {path} failed: {error}" if error is not None else "another rank failed to write its file"
         raise CheckpointWriteError(
             f"saving checkpoint iteration {iteration} to {save_dir}: {where}. The tracker {tracker_path(save_dir)} "
-            f"still names the previous checkpoint ({previous if previous is not None else 'none'}), left intact."
-        ) from error
-    tracker_error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            atomic_write_text(tracker_path(save_dir), str(iteration))
-        except Exception as exc:
-            tracker_error = exc
-    if not _all_ranks_ok(tracker_error is None):  # also the barrier
-        raise CheckpointWriteError(
-            f"saving checkpoint iteration {iteration} to {save_dir}: updating the tracker {tracker_path(save_dir)} failed"
-            f"{f': {tracker_error}' if tracker_error else ' on rank 0'}. It still names the previous checkpoint "
-            f"({previous if previous is not None else 'none'}), left intact; iteration {iteration} is complete and "
-            f"loadable with --ckpt-step {iteration}.") from tracker_error
+            f"still names the previous checkpoint ({_named(previous)}), left intact.") from error
+    _update_tracker(save_dir, iteration, previous)
     logger.info("saved checkpoint iteration %s to %s", iteration, save_dir)
     return path
-
-
-def _read(path: Path) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file not found (incomplete save or wrong --load directory)")
-    try:
-        # Our own files hold python/numpy RNG states and args: not loadable with weights_only.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file): {exc}") from exc
-    if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
-        raise CheckpointError(f"{path}: not a model_optim_rng.pt checkpoint (missing 'model'/'iteration')")
-    return state
 
 
 def _load_adapters(model: nn.Module, state: dict, path: Path, lora: dict) -> None:
@@ -250,6 +243,47 @@ def _load_model(model: nn.Module, state_dict: dict, path: Path, strict: bool) ->
                               f"({len(result.unexpected_keys)})")
 
 
+def _restore_weights(model: nn.Module, saved: RankFile, strict: bool, lora: Optional[dict]) -> None:
+    if lora is not None:
+        _load_adapters(model, saved.state, saved.path, lora)
+    elif "lora" in saved.state:
+        raise CheckpointError(f"{saved.path}: holds LoRA adapters only; resume it with the same --lora-* flags and "
+                              "--lora-load, or fold it into its base with convert_mm_to_ckpt.py --lora-merge")
+    else:
+        _load_model(model, saved.state["model"], saved.path, strict)
+
+
+def _restore_optimizer(model: nn.Module, optimizer, saved: RankFile) -> None:
+    """Optimizer state (and the EMA it carries) as saved; checks the format and that it fits."""
+    opt_state = saved.state["optimizer"]
+    if opt_state.get("format") != OPTIMIZER_FORMAT:
+        raise CheckpointError(f"{saved.path}: optimizer state format {opt_state.get('format')!r} is not "
+                              f"{OPTIMIZER_FORMAT!r}; load with no_load_optim=True")
+    try:
+        load_optimizer_state(unwrap(model), optimizer, opt_state, saved.state.get("ema_model", {}))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{saved.path}: optimizer state does not fit this model/optimizer: {exc}") from exc
+
+
+def _restore_training_state(model: nn.Module, saved: RankFile, optimizer, scheduler, clip, *, fresh_optimizer: bool,
+                            load_rng: bool, dp_rank: int) -> None:
+    """Optimizer, scheduler and clip state (or a fresh optimizer from the loaded weights), then the RNG states."""
+    state = saved.state
+    if optimizer is not None:
+        if fresh_optimizer:
+            reset_optimizer_state(optimizer)  # main (fp32) params from the loaded weights
+        else:
+            _restore_optimizer(model, optimizer, saved)
+    if not fresh_optimizer:
+        if scheduler is not None and "opt_param_scheduler" in state:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+        if clip is not None and "clip_state" in state:
+            clip.load_state_dict(state["clip_state"])
+    if load_rng and "rng_state" in state:
+        rng = state["rng_state"]
+        _set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
+
+
 def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, scheduler=None, *, clip=None,
                     iteration: Optional[int] = None, no_load_optim: bool = False, no_load_rng: bool = False,
                     finetune: bool = False, strict: bool = True,
@@ -270,46 +304,14 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
             logger.warning("no %s in %s: starting from scratch", tracker_path(load_dir).name, load_dir)
             return None
     tp_rank, tp_size, dp_rank = _parallel()
-    path = model_file(load_dir, iteration, tp_rank)
-    saved_tp = saved_tp_size(load_dir, iteration)
-    if saved_tp != tp_size:
-        raise CheckpointError(f"{path.parent.parent}: saved with tensor-parallel size {saved_tp}, this run uses "
-                              f"{tp_size}; resume with --tensor-model-parallel-size {saved_tp} or re-split it")
-    state = _read(path)
-    file_tp = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
-    if file_tp != tp_size:
-        raise CheckpointError(f"{path}: written by a run with tensor-parallel size {file_tp}, this run uses {tp_size}")
-
-    if lora is not None:
-        _load_adapters(model, state, path, lora)
-    elif "lora" in state:
-        raise CheckpointError(f"{path}: holds LoRA adapters only; resume it with the same --lora-* flags and "
-                              "--lora-load, or fold it into its base with convert_mm_to_ckpt.py --lora-merge")
-    else:
-        _load_model(model, state["model"], path, strict)
-    fresh_optimizer = finetune or no_load_optim or "optimizer" not in state
-    if optimizer is not None:
-        if fresh_optimizer:
-            reset_optimizer_state(optimizer)  # main (fp32) params from the loaded weights
-        else:
-            opt_state = state["optimizer"]
-            if opt_state.get("format") != OPTIMIZER_FORMAT:
-                raise CheckpointError(f"{path}: optimizer state format {opt_state.get('format')!r} is not "
-                                      f"{OPTIMIZER_FORMAT!r}; load with no_load_optim=True")
-            try:
-                load_optimizer_state(unwrap(model), optimizer, opt_state, state.get("ema_model", {}))
-            except (KeyError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
-    if not fresh_optimizer:
-        if scheduler is not None and "opt_param_scheduler" in state:
-            scheduler.load_state_dict(state["opt_param_scheduler"])
-        if clip is not None and "clip_state" in state:
-            clip.load_state_dict(state["clip_state"])
-    if not (finetune or no_load_rng) and "rng_state" in state:
-        rng = state["rng_state"]
-        _set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
+    saved = read_rank(load_dir, iteration, tp_rank, tp_size)
+    _restore_weights(model, saved, strict, lora)
+    _restore_training_state(model, saved, optimizer, scheduler, clip,
+                            fresh_optimizer=finetune or no_load_optim or "optimizer" not in saved.state,
+                            load_rng=not (finetune or no_load_rng), dp_rank=dp_rank)
     if dist.is_initialized():
         dist.barrier()
+    state = saved.state
     return LoadedCheckpoint(iteration=0 if finetune else int(state["iteration"]),
                             consumed_train_samples=0 if finetune else int(state.get("consumed_train_samples", 0)),
-                            args=state.get("args"), path=path)
+                            args=state.get("args"), path=saved.path)

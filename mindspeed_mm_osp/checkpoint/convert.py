@@ -8,11 +8,13 @@ infer at another TP size.
 `--lora-merge --base BASE` folds the LoRA adapters of the checkpoint in `--load_dir` (their EMA with `--ema`) into
 the base weights (a merged/released file or a training checkpoint) and writes the merged weights like above.
 
-Differences from the reference converter (training.md §6.5), on purpose:
+Checkpoints are read by `reader` (which checks each rank file against its folder); this module merges, splits
+and writes. Differences from the reference converter (docs/checkpoints.md), on purpose:
 * the split rule per key comes from `models.predictor.tp_split_dim` (explicit patterns, not suffixes);
 * every rank folder must be present, key sets and shapes must agree across ranks, replicated tensors must be
   equal on every rank (the reference silently kept the last rank's copy); errors name rank, key and file;
-* the TP size recorded in each file is checked against the folder count (the reference's check never ran);
+* the TP size recorded in each file is checked against the folder count (`reader`; the reference's check never
+  ran);
 * `_extra_state` entries are dropped, outputs are safetensors and/or .pt written atomically after everything has
   been read and validated, so a failure leaves no output file;
 * the EMA export is the fp32 EMA our checkpoints carry (the reference exported bf16).
@@ -23,24 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..io_atomic import atomic_write_text
 from .checkpointing import CHECKPOINT_VERSION
-from .io import atomic_save, atomic_write_text
-from .layout import MODEL_FILE, RELEASE, CheckpointError, iteration_dir, read_tracker, tracker_path
-
-logger = logging.getLogger(__name__)
+from .io import atomic_save, atomic_save_safetensors
+from .layout import RELEASE, CheckpointError, model_file, tracker_path
+from .reader import SavedCheckpoint, load_weights, read_checkpoint
 
 INFO_FILE = "convert_info.json"
 FORMATS = ("safetensors", "pt", "both")
-_ITER_DIR = re.compile(r"^(iter_\d{7}|release)$")
-_MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
 _REPLICA_TOL = dict(rtol=0.0, atol=0.0)  # replicas are bit-identical in our training; anything else is a bug
 
 
@@ -51,79 +49,6 @@ class MergedCheckpoint:
     tp_size: int
     ema: bool
     source: Path
-
-
-# ------------------------------------------------------------------------------------------------ locating
-
-
-def locate_iteration(load_dir: Path | str, iteration: Optional[int | str] = None) -> tuple[Path, int | str]:
-    """(iteration folder, iteration) for a checkpoint root (tracker or `iteration`) or an `iter_XXXXXXX` folder."""
-    load_dir = Path(load_dir)
-    if not load_dir.is_dir():
-        raise CheckpointError(f"{load_dir}: checkpoint directory not found")
-    if _ITER_DIR.match(load_dir.name) and any(_MP_DIR.match(d.name) for d in load_dir.iterdir()):
-        it = RELEASE if load_dir.name == RELEASE else int(load_dir.name[len("iter_"):])
-        if iteration is not None and str(iteration) != str(it):
-            raise CheckpointError(f"{load_dir}: is iteration {it}, but --iteration {iteration} was asked")
-        return load_dir, it
-    if iteration is None:
-        iteration = read_tracker(load_dir)
-        if iteration is None:
-            raise CheckpointError(f"{load_dir}: no {tracker_path(load_dir).name} and not an iter_XXXXXXX folder; "
-                                  "pass a checkpoint root written by pretrain.py (or one iteration folder)")
-    it_dir = iteration_dir(load_dir, iteration)
-    if not it_dir.is_dir():
-        raise CheckpointError(f"{it_dir}: iteration {iteration} not found in {load_dir}")
-    return it_dir, iteration
-
-
-def rank_files(it_dir: Path) -> list[Path]:
-    """`mp_rank_XX/model_optim_rng.pt` for ranks 0..TP-1; any other layout or a missing rank raises."""
-    subdirs = [d for d in sorted(it_dir.iterdir()) if d.is_dir()]
-    unknown = [d.name for d in subdirs if not _MP_DIR.match(d.name)]
-    if unknown:
-        raise CheckpointError(f"{it_dir}: unknown checkpoint layout, folders {unknown} are not mp_rank_XX "
-                              "(pipeline/expert-parallel checkpoints are not supported)")
-    ranks = sorted(int(_MP_DIR.match(d.name).group(1)) for d in subdirs)
-    if not ranks:
-        raise CheckpointError(f"{it_dir}: no mp_rank_XX folders (incomplete save or not a checkpoint)")
-    missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
-    if missing:
-        raise CheckpointError(f"{it_dir}: TP rank folder(s) {['mp_rank_%02d' % r for r in missing]} missing "
-                              f"(found {['mp_rank_%02d' % r for r in ranks]}); the checkpoint is incomplete")
-    files = [it_dir / f"mp_rank_{r:02d}" / MODEL_FILE for r in ranks]
-    absent = [str(f) for f in files if not f.is_file()]
-    if absent:
-        raise CheckpointError(f"{absent[0]}: checkpoint file missing ({len(absent)} rank(s) without {MODEL_FILE})")
-    return files
-
-
-def _read_rank(path: Path, tp_size: int, iteration: int | str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file): {exc}") from exc
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path}: unknown layout, not a model_optim_rng.pt (no 'model' entry)")
-    file_tp = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
-    if file_tp != tp_size:
-        raise CheckpointError(f"{path}: written by a run with tensor-parallel size {file_tp}, but the folder has "
-                              f"{tp_size} mp_rank_XX folders")
-    file_it = state.get("iteration")
-    if iteration != RELEASE and file_it is not None and int(file_it) != int(iteration):
-        raise CheckpointError(f"{path}: holds iteration {file_it}, expected {iteration}")
-    return state
-
-
-def _entry(state: dict, key: str, path: Path) -> dict:
-    if key not in state:
-        raise CheckpointError(f"{path}: no '{key}' entry (was the run trained with the EMA optimizer?); "
-                              "drop --ema to export the model weights")
-    weights = {k: v for k, v in state[key].items() if not k.endswith("_extra_state")}
-    bad = [k for k, v in weights.items() if not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(f"{path}: '{key}' has non-tensor entries {bad[:5]}")
-    return weights
 
 
 # ------------------------------------------------------------------------------------------------ merge / split
@@ -162,26 +87,16 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], names: Optional[S
     return merge_state_dicts(shards)
 
 
-def read_checkpoint(load_dir: Path | str, iteration: Optional[int | str] = None
-                    ) -> tuple[Path, int | str, list[Path], list[dict]]:
-    """(iteration folder, iteration, rank files, rank states) of one iteration (the tracker's by default)."""
-    it_dir, it = locate_iteration(load_dir, iteration)
-    files = rank_files(it_dir)
-    return it_dir, it, files, [_read_rank(path, len(files), it) for path in files]
-
-
 def merge_checkpoint(load_dir: Path | str, *, ema: bool = False,
                      iteration: Optional[int | str] = None) -> MergedCheckpoint:
     """Read every TP rank of one iteration (the tracker's by default) and merge `model` (or `ema_model`)."""
-    it_dir, it, files, states = read_checkpoint(load_dir, iteration)
-    return merge_entry(it_dir, it, files, states, "ema_model" if ema else "model")
+    return merge_entry(read_checkpoint(load_dir, iteration), "ema_model" if ema else "model")
 
 
-def merge_entry(it_dir: Path, it: int | str, files: list[Path], states: list[dict], key: str) -> MergedCheckpoint:
-    """Merge `key` ("model" or "ema_model") of the rank states returned by `read_checkpoint`."""
-    shards = [_entry(state, key, path) for path, state in zip(files, states)]
-    merged = merge_shards(shards, [str(f) for f in files])
-    return MergedCheckpoint(merged, it, len(files), key == "ema_model", it_dir)
+def merge_entry(source: SavedCheckpoint, key: str) -> MergedCheckpoint:
+    """Merge `key` ("model" or "ema_model") over the TP ranks of `source`."""
+    merged = merge_shards([rank.weights(key) for rank in source.ranks], [str(f) for f in source.files])
+    return MergedCheckpoint(merged, source.iteration, source.tp_size, key == "ema_model", source.directory)
 
 
 def split_weights(state_dict: Mapping[str, torch.Tensor], tp_size: int) -> list[dict]:
@@ -198,18 +113,6 @@ def split_weights(state_dict: Mapping[str, torch.Tensor], tp_size: int) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both") -> list[Path]:
@@ -252,56 +155,11 @@ def save_split_checkpoint(model_sd: Mapping[str, torch.Tensor], save_dir: Path |
                    "consumed_train_samples": 0, "args": {"converted_from": source},
                    "parallel": {"tensor_model_parallel_size": tp_size}, "model": model,
                    "ema_model": {k: v.float() for k, v in ema.items()}}
-        path = iteration_dir(save_dir, iteration) / f"mp_rank_{rank:02d}" / MODEL_FILE
+        path = model_file(save_dir, iteration, rank)
         atomic_save(payload, path)
         paths.append(path)
     atomic_write_text(tracker_path(save_dir), str(iteration))
     return paths
-
-
-def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
-    """Merged or released predictor weights (.safetensors, or a torch file possibly wrapped in
-    `ema_state_dict`/`model`/`state_dict`), without `_extra_state` entries."""
-    from ..models.predictor import strip_extra_state, unwrap_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: unknown layout, expected a state dict, got {type(state).__name__}")
-    state = strip_extra_state(unwrap_state_dict(state))
-    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
-    if bad or not state:
-        raise CheckpointError(f"{path}: unknown layout, not a flat state dict of tensors "
-                              f"({'empty' if not state else f'non-tensor entries {bad[:5]}'})")
-    return state
-
-
-def load_predictor_weights(path: Path | str) -> dict[str, torch.Tensor]:
-    """Merged predictor state dict (training base weights, inference weights) from a weights file (.pt/.pth/.ckpt/.safetensors, wrapped or flat) or from a training
-    checkpoint (root with tracker or one `iter_XXXXXXX` folder, any TP size; its EMA when it has one)."""
-    path = Path(path)
-    if path.is_dir():
-        source = read_checkpoint(path)
-        if "lora" in source[3][0]:
-            raise CheckpointError(f"{path}: holds LoRA adapters only, not base weights; give the base weights here "
-                                  "and the adapters with --lora (inference) or --lora-load (training)")
-        key = "ema_model" if all("ema_model" in state for state in source[3]) else "model"
-        if key == "model":
-            logger.warning("%s has no EMA weights; using the model weights", path)
-        return merge_entry(*source, key).state_dict
-    if path.name == MODEL_FILE:
-        raise CheckpointError(f"{path}: one TP shard of a training checkpoint; pass its checkpoint folder instead")
-    return load_weights(path)
 
 
 def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool = False,
@@ -313,19 +171,19 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
     """
     from ..models.lora import check_base_weights, merge_lora, recorded_config
 
-    it_dir, it, files, states = read_checkpoint(load_dir, iteration)
-    if "lora" not in states[0]:
-        raise CheckpointError(f"{files[0]}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge to "
-                              "convert a full-model checkpoint)")
-    adapters = merge_entry(it_dir, it, files, states, "ema_model" if ema else "model")
+    source = read_checkpoint(load_dir, iteration)
+    if source.lora is None:
+        raise CheckpointError(f"{source.files[0]}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge "
+                              "to convert a full-model checkpoint)")
+    adapters = merge_entry(source, "ema_model" if ema else "model")
     base = Path(base)
     base_sd = load_weights(base) if base.is_file() else merge_checkpoint(base).state_dict
     try:
-        check_base_weights(states[0]["lora"], base_sd, str(base))
-        merged = merge_lora(base_sd, adapters.state_dict, recorded_config(states[0]["lora"]).scaling)
+        check_base_weights(source.lora, base_sd, str(base))
+        merged = merge_lora(base_sd, adapters.state_dict, recorded_config(source.lora).scaling)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
-    return MergedCheckpoint(merged, it, len(files), ema, it_dir)
+    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory)
 
 
 def _merged_file_iteration(path: Path) -> int | str:
@@ -379,9 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 paths = save_split_checkpoint(weights, args.save_dir, args.target_tp, it, source=str(load))
             else:
                 source = read_checkpoint(load, args.iteration)
-                model = merge_entry(*source, "model")
+                model = merge_entry(source, "model")
                 # Without an EMA in the source, the EMA restarts from the weights.
-                ema_sd = merge_entry(*source, "ema_model").state_dict if "ema_model" in source[3][0] else None
+                ema_sd = merge_entry(source, "ema_model").state_dict if "ema_model" in source.ranks[0].state else None
                 paths = save_split_checkpoint(model.state_dict, args.save_dir, args.target_tp, model.iteration,
                                               ema_sd, source=str(model.source))
         else:
@@ -396,6 +254,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(path)
 
 
-__all__ = ["MergedCheckpoint", "atomic_save_safetensors", "load_predictor_weights", "load_weights", "locate_iteration", "main",
-           "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards", "rank_files", "read_checkpoint",
+__all__ = ["MergedCheckpoint", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards",
            "save_merged", "save_split_checkpoint", "split_weights"]

@@ -1,4 +1,4 @@
-"""Megatron legacy checkpoint layout (training.md §6.1) and its errors.
+"""Megatron legacy checkpoint layout (docs/checkpoints.md) and its errors.
 
     <dir>/latest_checkpointed_iteration.txt      "1000" (or "release")
     <dir>/iter_0001000/mp_rank_00/model_optim_rng.pt
@@ -13,7 +13,8 @@ from typing import Optional
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 RELEASE = "release"
-_MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
+ITER_DIR = re.compile(r"^(iter_\d{7}|release)$")
+MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
 
 
 class CheckpointError(RuntimeError):
@@ -56,7 +57,7 @@ def saved_tp_size(root: Path | str, iteration: int | str) -> int:
     it_dir = iteration_dir(root, iteration)
     if not it_dir.is_dir():
         raise CheckpointError(f"{it_dir}: checkpoint directory not found")
-    ranks = sorted(int(m.group(1)) for d in it_dir.iterdir() if (m := _MP_DIR.match(d.name)))
+    ranks = sorted(int(m.group(1)) for d in it_dir.iterdir() if (m := MP_DIR.match(d.name)))
     if not ranks:
         raise CheckpointError(f"{it_dir}: no mp_rank_XX directories (incomplete or not a checkpoint)")
     return ranks[-1] + 1

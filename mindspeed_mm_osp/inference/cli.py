@@ -146,7 +146,7 @@ class Generator:
         from ..models.ae import VideoAutoencoder
         from ..config.dtypes import to_torch_dtype
         from ..models.predictor import build_predictor
-        from ..checkpoint.convert import load_predictor_weights
+        from ..checkpoint.weights import load_predictor_weights
         from .weights import apply_adapters
 
         weights = args.predictor_weights or cfg.predictor.from_pretrained

@@ -1,7 +1,7 @@
 """LoRA adapters on the inference predictor (`--lora`, `--lora-scale`).
 
 The base weights themselves (released `model_ema.pt`, merged files or a training checkpoint folder) are read
-by `checkpoint.convert.load_predictor_weights`, shared with training.
+by `checkpoint.weights.load_predictor_weights`, shared with training.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..checkpoint.convert import merge_entry, read_checkpoint
 from ..checkpoint.layout import CheckpointError
+from ..checkpoint.weights import load_lora_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +25,9 @@ def apply_adapters(model, path: Path | str, scale: float = 1.0) -> list[str]:
     from ..models.lora import apply_lora, check_base, load_lora_state_dict
     from ..models.predictor import shard_state_dict
 
-    source = read_checkpoint(path)
-    files, states = source[2], source[3]
-    if "lora" not in states[0]:
-        raise CheckpointError(f"{files[0]}: no 'lora' entry, not a LoRA adapter checkpoint; pass full weights "
-                              "with --predictor-weights")
+    metadata, adapters = load_lora_adapters(path)
     try:
-        config = check_base(states[0]["lora"], model.predictor_config, str(path))
-        adapters = merge_entry(*source, "model").state_dict
+        config = check_base(metadata, model.predictor_config, str(path))
         names = apply_lora(model, config, scale)
         load_lora_state_dict(model, shard_state_dict(adapters, model.ctx.tp_rank, model.ctx.tp_size), str(path))
     except ValueError as exc:

@@ -28,7 +28,8 @@ from torch import nn
 
 from .. import platform
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..checkpoint.convert import load_predictor_weights, load_weights
+from ..checkpoint.reader import load_weights
+from ..checkpoint.weights import load_predictor_weights
 from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
 from ..models.lora import apply_lora, lora_metadata

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mindspeed_mm_osp.checkpoint.convert import load_weights, merge_checkpoint
+from mindspeed_mm_osp.checkpoint.convert import merge_checkpoint
+from mindspeed_mm_osp.checkpoint.reader import load_weights
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.checkpoint import CheckpointError, load_checkpoint
-from mindspeed_mm_osp.checkpoint import io as ckpt_io
+from mindspeed_mm_osp import io_atomic
 from mindspeed_mm_osp.checkpoint.convert import main as convert
 from mindspeed_mm_osp.checkpoint.layout import model_file, tracker_path
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, tp_split_dim
@@ -117,7 +117,7 @@ def test_converter_disk_full_leaves_only_complete_files(tmp_path, weights, monke
             return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_io, "open", full_disk, raising=False)
+    monkeypatch.setattr(io_atomic, "open", full_disk, raising=False)
     with pytest.raises(SystemExit) as e:
         convert(["--load_dir", str(root), "--save_dir", str(out)])
     assert f"error: writing to {out} failed: [Errno {errno.ENOSPC}]" in str(e.value.code)

@@ -28,7 +28,7 @@ def _install_fault(fault: str) -> None:
     import builtins
     import os as real_os
 
-    from mindspeed_mm_osp.checkpoint import io as ckpt_io
+    from mindspeed_mm_osp import io_atomic
 
     def hit(path) -> bool:
         path = Path(path)
@@ -55,8 +55,8 @@ def _install_fault(fault: str) -> None:
                 raise OSError(errno.EIO, "Input/output error", str(src), None, str(dst))
             return real_os.replace(src, dst)
 
-    ckpt_io.open = fake_open
-    ckpt_io.os = Os()
+    io_atomic.open = fake_open
+    io_atomic.os = Os()
 
 
 def _faulty_run(rank, world_size, argv, fault: str, fail_rank: int) -> dict:

@@ -31,7 +31,7 @@ from reliability_harness import start_ranks, train, train_argv
 pytestmark = pytest.mark.slow
 
 ITERS = 2
-# Points of `checkpoint.io._atomic_write` where the internal trials kill, in the order a save passes them.
+# Points of `io_atomic.atomic_write` where the internal trials kill, in the order a save passes them.
 POINTS = ("payload_bytes", "payload_fsync", "payload_replace", "payload_replaced", "payload_dir_fsync",
           "tracker_fsync", "tracker_replace", "tracker_replaced")
 
@@ -44,6 +44,7 @@ def _train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fra
     """Train; SIGKILL this process at `point` of the save of `iteration` (`fraction` of the payload bytes)."""
     import os as real_os
 
+    from mindspeed_mm_osp import io_atomic
     from mindspeed_mm_osp.checkpoint import io as ckpt_io
 
     state = {"iteration": None}
@@ -81,7 +82,7 @@ def _train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fra
         write_payload(obj, f)
 
     class Os:
-        """`os` as seen by checkpoint.io, with kill points around fsync and replace."""
+        """`os` as seen by io_atomic, with kill points around fsync and replace."""
 
         def __getattr__(self, name):
             return getattr(real_os, name)
@@ -101,7 +102,7 @@ def _train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fra
             at(f"{kind}_replaced")
 
     ckpt_io._write_payload = payload
-    ckpt_io.os = Os()
+    io_atomic.os = Os()
     return train(rank, world_size, argv)
 
 

@@ -8,15 +8,10 @@ import shutil
 import pytest
 import torch
 
-from mindspeed_mm_osp.checkpoint.convert import (
-    load_weights,
-    main,
-    merge_checkpoint,
-    save_split_checkpoint,
-    split_weights,
-)
+from mindspeed_mm_osp.checkpoint.convert import main, merge_checkpoint, save_split_checkpoint, split_weights
 from mindspeed_mm_osp.checkpoint.io import atomic_save
 from mindspeed_mm_osp.checkpoint.layout import CheckpointError, iteration_dir, read_tracker
+from mindspeed_mm_osp.checkpoint.reader import load_weights
 from mindspeed_mm_osp import testing
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig

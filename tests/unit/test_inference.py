@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mindspeed_mm_osp.checkpoint.convert import load_predictor_weights, save_split_checkpoint
+from mindspeed_mm_osp.checkpoint.convert import save_split_checkpoint
+from mindspeed_mm_osp.checkpoint.weights import load_predictor_weights
 from mindspeed_mm_osp.config import from_dict, load_inference_config
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference import cli

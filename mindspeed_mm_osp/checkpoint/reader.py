@@ -1,0 +1,180 @@
+"""Reading checkpoints: the one place that opens a training checkpoint or a weights file.
+
+Used by resume (`checkpointing.load_checkpoint`), by the converter (`convert`) and by runtime weight loading
+(`weights`, training's `from_pretrained` and inference). Two formats (docs/checkpoints.md):
+
+* a training checkpoint in the Megatron legacy layout, read as a `SavedCheckpoint` (every TP rank of one
+  iteration) or, for resume, as one `RankFile`. Checked here, with errors naming the file: every rank folder
+  and file present, each file holding a `model` entry, and the TP size and iteration it records equal to its
+  folder's;
+* a flat weights file (`load_weights`): safetensors, or a torch file holding a state dict, possibly wrapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from .layout import (ITER_DIR, MODEL_FILE, MP_DIR, RELEASE, CheckpointError, iteration_dir, model_file, read_tracker,
+                     saved_tp_size, tracker_path)
+
+
+@dataclass(frozen=True)
+class RankFile:
+    """One `mp_rank_XX/model_optim_rng.pt`: its path and the dict saved in it."""
+
+    path: Path
+    state: dict
+
+    def weights(self, key: str) -> dict[str, torch.Tensor]:
+        """The tensors of entry `key` ("model" or "ema_model"), without `_extra_state` placeholders."""
+        if key not in self.state:
+            raise CheckpointError(f"{self.path}: no '{key}' entry (was the run trained with the EMA optimizer?); "
+                                  "drop --ema to export the model weights")
+        weights = {k: v for k, v in self.state[key].items() if not k.endswith("_extra_state")}
+        bad = [k for k, v in weights.items() if not torch.is_tensor(v)]
+        if bad:
+            raise CheckpointError(f"{self.path}: '{key}' has non-tensor entries {bad[:5]}")
+        return weights
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """Every TP rank file of one iteration of a training checkpoint, in rank order."""
+
+    directory: Path  # the iteration folder
+    iteration: int | str
+    ranks: tuple[RankFile, ...]
+
+    @property
+    def tp_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def files(self) -> list[Path]:
+        return [rank.path for rank in self.ranks]
+
+    @property
+    def lora(self) -> Optional[dict]:
+        """The LoRA metadata of an adapter checkpoint (None for a full-model checkpoint)."""
+        return self.ranks[0].state.get("lora")
+
+    def has(self, key: str) -> bool:
+        return all(key in rank.state for rank in self.ranks)
+
+
+def locate_iteration(load_dir: Path | str, iteration: Optional[int | str] = None) -> tuple[Path, int | str]:
+    """(iteration folder, iteration) for a checkpoint root (tracker or `iteration`) or an `iter_XXXXXXX` folder."""
+    load_dir = Path(load_dir)
+    if not load_dir.is_dir():
+        raise CheckpointError(f"{load_dir}: checkpoint directory not found")
+    if ITER_DIR.match(load_dir.name) and any(MP_DIR.match(d.name) for d in load_dir.iterdir()):
+        it = RELEASE if load_dir.name == RELEASE else int(load_dir.name[len("iter_"):])
+        if iteration is not None and str(iteration) != str(it):
+            raise CheckpointError(f"{load_dir}: is iteration {it}, but --iteration {iteration} was asked")
+        return load_dir, it
+    if iteration is None:
+        iteration = read_tracker(load_dir)
+        if iteration is None:
+            raise CheckpointError(f"{load_dir}: no {tracker_path(load_dir).name} and not an iter_XXXXXXX folder; "
+                                  "pass a checkpoint root written by pretrain.py (or one iteration folder)")
+    it_dir = iteration_dir(load_dir, iteration)
+    if not it_dir.is_dir():
+        raise CheckpointError(f"{it_dir}: iteration {iteration} not found in {load_dir}")
+    return it_dir, iteration
+
+
+def _rank_files(root: Path, iteration: int | str) -> list[Path]:
+    """`mp_rank_XX/model_optim_rng.pt` for ranks 0..TP-1; any other layout or a missing rank raises."""
+    it_dir = iteration_dir(root, iteration)
+    subdirs = [d for d in sorted(it_dir.iterdir()) if d.is_dir()]
+    unknown = [d.name for d in subdirs if not MP_DIR.match(d.name)]
+    if unknown:
+        raise CheckpointError(f"{it_dir}: unknown checkpoint layout, folders {unknown} are not mp_rank_XX "
+                              "(pipeline/expert-parallel checkpoints are not supported)")
+    ranks = sorted(int(MP_DIR.match(d.name).group(1)) for d in subdirs)
+    if not ranks:
+        raise CheckpointError(f"{it_dir}: no mp_rank_XX folders (incomplete save or not a checkpoint)")
+    missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+    if missing:
+        raise CheckpointError(f"{it_dir}: TP rank folder(s) {['mp_rank_%02d' % r for r in missing]} missing "
+                              f"(found {['mp_rank_%02d' % r for r in ranks]}); the checkpoint is incomplete")
+    files = [model_file(root, iteration, r) for r in ranks]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{absent[0]}: checkpoint file missing ({len(absent)} rank(s) without {MODEL_FILE})")
+    return files
+
+
+def read_rank_file(path: Path, tp_size: int, iteration: int | str,
+                   required: Sequence[str] = ("model",)) -> RankFile:
+    """Load one rank file and check it against its folder (TP size, iteration) and the entries `required`."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found (incomplete save or wrong --load directory)")
+    try:
+        # Our own files hold python/numpy RNG states and args: not loadable with weights_only.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file): {exc}") from exc
+    absent = [key for key in required if not isinstance(state, dict) or key not in state]
+    if absent:
+        raise CheckpointError(f"{path}: unknown layout, not a {MODEL_FILE} (no '{absent[0]}' entry)")
+    file_tp = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
+    if file_tp != tp_size:
+        raise CheckpointError(f"{path}: written by a run with tensor-parallel size {file_tp}, but the folder has "
+                              f"{tp_size} mp_rank_XX folders")
+    file_it = state.get("iteration")
+    if iteration != RELEASE and file_it is not None and int(file_it) != int(iteration):
+        raise CheckpointError(f"{path}: holds iteration {file_it}, expected {iteration}")
+    return RankFile(path, state)
+
+
+def read_checkpoint(load_dir: Path | str, iteration: Optional[int | str] = None) -> SavedCheckpoint:
+    """Every TP rank of one iteration (the tracker's by default) of a root or of one `iter_XXXXXXX` folder."""
+    it_dir, it = locate_iteration(load_dir, iteration)
+    files = _rank_files(it_dir.parent, it)
+    return SavedCheckpoint(it_dir, it, tuple(read_rank_file(path, len(files), it) for path in files))
+
+
+def read_rank(load_dir: Path | str, iteration: int | str, tp_rank: int, tp_size: int) -> RankFile:
+    """This TP rank's file of `iteration`, for resuming a run of TP size `tp_size`."""
+    saved_tp = saved_tp_size(load_dir, iteration)
+    if saved_tp != tp_size:
+        raise CheckpointError(f"{iteration_dir(load_dir, iteration)}: saved with tensor-parallel size {saved_tp}, "
+                              f"this run uses {tp_size}; resume with --tensor-model-parallel-size {saved_tp} or "
+                              "re-split it")
+    return read_rank_file(model_file(load_dir, iteration, tp_rank), tp_size, iteration, ("model", "iteration"))
+
+
+def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """Merged or released predictor weights (.safetensors, or a torch file possibly wrapped in
+    `ema_state_dict`/`model`/`state_dict`), without `_extra_state` entries."""
+    from ..models.predictor import strip_extra_state, unwrap_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: unknown layout, expected a state dict, got {type(state).__name__}")
+    state = strip_extra_state(unwrap_state_dict(state))
+    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if bad or not state:
+        raise CheckpointError(f"{path}: unknown layout, not a flat state dict of tensors "
+                              f"({'empty' if not state else f'non-tensor entries {bad[:5]}'})")
+    return state
+
+
+__all__ = ["RankFile", "SavedCheckpoint", "load_weights", "locate_iteration", "read_checkpoint", "read_rank",
+           "read_rank_file"]
