@@ -205,12 +205,13 @@ class DataConfig:
     dataloader_param: DataloaderParam = field(default_factory=DataloaderParam)
 
     def validate(self, file, path: str) -> None:
-        pp = self.dataset_param.preprocess_parameters
+        preprocess = self.dataset_param.preprocess_parameters
         cp = self.dataloader_param.collate_param
-        require(cp.num_frames == pp.num_frames, file, "dataloader_param.collate_param.num_frames",
-                f"must equal dataset_param.preprocess_parameters.num_frames={pp.num_frames}, got {cp.num_frames}")
-        require(cp.ae_stride_t == pp.ae_stride_t, file, "dataloader_param.collate_param.ae_stride_t",
-                f"must equal dataset_param.preprocess_parameters.ae_stride_t={pp.ae_stride_t}")
+        require(cp.num_frames == preprocess.num_frames, file, "dataloader_param.collate_param.num_frames",
+                f"must equal dataset_param.preprocess_parameters.num_frames={preprocess.num_frames}, "
+                f"got {cp.num_frames}")
+        require(cp.ae_stride_t == preprocess.ae_stride_t, file, "dataloader_param.collate_param.ae_stride_t",
+                f"must equal dataset_param.preprocess_parameters.ae_stride_t={preprocess.ae_stride_t}")
 
 
 def load_data_config(path: str | Path) -> DataConfig:

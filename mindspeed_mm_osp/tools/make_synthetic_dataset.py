@@ -146,18 +146,19 @@ class SyntheticDataset:
 
 def data_json_dict(data_txt: str | Path, **preprocess_overrides) -> dict:
     """data.json content for config A (plus overrides), pointing at `data_txt`."""
-    pp = {**CONFIG_A, **preprocess_overrides}
+    preprocess = {**CONFIG_A, **preprocess_overrides}
     return {
         "dataset_param": {
             "dataset_type": "t2v",
             "basic_parameters": {"data_path": str(data_txt), "data_storage_mode": "combine"},
-            "preprocess_parameters": pp,
+            "preprocess_parameters": preprocess,
             "use_text_processer": True, "enable_text_preprocess": True, "model_max_length": 32,
         },
         "dataloader_param": {
             "batch_size": 1, "num_workers": 0, "group_data": True,
-            "collate_param": {"model_name": "GroupLength", "batch_size": 1, "num_frames": pp["num_frames"],
-                              "ae_stride": 8, "ae_stride_t": pp["ae_stride_t"], "patch_size": 2, "patch_size_t": 1},
+            "collate_param": {"model_name": "GroupLength", "batch_size": 1, "num_frames": preprocess["num_frames"],
+                              "ae_stride": 8, "ae_stride_t": preprocess["ae_stride_t"], "patch_size": 2,
+                              "patch_size_t": 1},
         },
     }
 

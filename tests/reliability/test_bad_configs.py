@@ -119,22 +119,22 @@ def model_violations(cfg) -> list[str]:
 
 
 def data_violations(cfg) -> list[str]:
-    pp = cfg.dataset_param.preprocess_parameters
+    prep = cfg.dataset_param.preprocess_parameters
     cp = cfg.dataloader_param.collate_param
-    bad = _below(pp, 1, "num_frames", "ae_stride_t", "train_fps", "sp_size")
+    bad = _below(prep, 1, "num_frames", "ae_stride_t", "train_fps", "sp_size")
     bad += _below(cp, 1, "patch_size", "patch_size_t", "ae_stride") + _below(cfg.dataset_param, 1, "model_max_length")
-    bad += _below(pp, 0, "max_read_retries") + _below(cfg.dataloader_param, 0, "num_workers")
-    if pp.ae_stride_t >= 1 and (pp.num_frames - 1) % pp.ae_stride_t or not 0 <= pp.cfg <= 1:
+    bad += _below(prep, 0, "max_read_retries") + _below(cfg.dataloader_param, 0, "num_workers")
+    if prep.ae_stride_t >= 1 and (prep.num_frames - 1) % prep.ae_stride_t or not 0 <= prep.cfg <= 1:
         bad.append("num_frames = k*ae_stride_t+1, cfg in [0, 1]")
-    if not pp.min_h_div_w_ratio <= pp.max_h_div_w_ratio:
+    if not prep.min_h_div_w_ratio <= prep.max_h_div_w_ratio:
         bad.append("min_h_div_w_ratio <= max_h_div_w_ratio")
-    if pp.force_resolution and (pp.max_height < 16 or pp.max_width < 16 or pp.max_height % 16 or pp.max_width % 16):
+    if prep.force_resolution and (prep.max_height < 16 or prep.max_width < 16 or prep.max_height % 16 or prep.max_width % 16):
         bad.append("max_height/max_width positive multiples of 16")
-    if not pp.force_resolution and (pp.hw_stride < 16 or pp.hw_stride % 16 or not pp.max_hxw or pp.max_hxw < 1):
+    if not prep.force_resolution and (prep.hw_stride < 16 or prep.hw_stride % 16 or not prep.max_hxw or prep.max_hxw < 1):
         bad.append("hw_stride, max_hxw positive")
-    if not (pp.speed_factor > 0 and math.isfinite(pp.speed_factor)):
+    if not (prep.speed_factor > 0 and math.isfinite(prep.speed_factor)):
         bad.append("speed_factor finite > 0")
-    if cp.num_frames != pp.num_frames or cp.ae_stride_t != pp.ae_stride_t:
+    if cp.num_frames != prep.num_frames or cp.ae_stride_t != prep.ae_stride_t:
         bad.append("collate matches preprocess")
     return bad
 

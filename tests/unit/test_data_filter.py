@@ -30,7 +30,7 @@ def synth(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_videos=0, num_images=0)
 
 
-def _pp(**over) -> PreprocessParameters:
+def _preprocess(**over) -> PreprocessParameters:
     from mindspeed_mm_osp.config import from_dict
     from mindspeed_mm_osp.tools.make_synthetic_dataset import CONFIG_A
 
@@ -79,22 +79,23 @@ def test_config_a_every_record(synth):
 
 def test_config_a_prime_short_clips_and_minority(synth):
     loaded = load_annotations(synth.data_txt)
-    pp = _pp(drop_short_ratio=0.0)
-    index, stats = build_index(loaded.records, pp, global_batch_size=1)
+    preprocess = _preprocess(drop_short_ratio=0.0)
+    index, stats = build_index(loaded.records, preprocess, global_batch_size=1)
     got = _outcomes(loaded.records, stats, index)
     for k in ("V3", "V7", "D1"):
         assert got[k] == {"9x64x128"}
     assert got["V8"] == {"below_min_num_frames"}
     # Without one D1 the 9-frame bucket has 3 < 4 members and is removed.
     records = [r for i, r in enumerate(loaded.records) if i != max(j for j, r in enumerate(loaded.records) if r["id"] == "D1")]
-    index, stats = build_index(records, pp, global_batch_size=1)
+    index, stats = build_index(records, preprocess, global_batch_size=1)
     assert stats.counters["filter_minority"] == 3
     assert all(s.frames != 9 for s in index.shapes)
 
 
 def test_nothing_survives_is_a_clean_error():
     with pytest.raises(ValueError, match="no annotation record survived"):
-        build_index([{"path": "a.jpg", "cap": "x", "resolution": {"height": 8, "width": 8}}], _pp(), global_batch_size=1)
+        build_index([{"path": "a.jpg", "cap": "x", "resolution": {"height": 8, "width": 8}}], _preprocess(),
+                    global_batch_size=1)
 
 
 @pytest.mark.parametrize("src,ratio_ok,passes", [
@@ -124,16 +125,16 @@ def test_multires_index_counters_and_invariant():
             for (h, w) in sizes for k in range(4 if (h, w) != (320, 240) else 3)]
     recs += [{"id": "vid", "path": f"v{k}.MP4", "cap": "c", "resolution": {"height": 288, "width": 512},
               "num_frames": 40, "fps": 24} for k in range(4)]
-    pp = _pp(force_resolution=False, force_5_ratio=True, max_hxw=65536, min_hxw=None, max_h_div_w_ratio=2.0,
-             min_h_div_w_ratio=0.5)
-    index, stats = build_index(recs, pp, global_batch_size=1)
+    preprocess = _preprocess(force_resolution=False, force_5_ratio=True, max_hxw=65536, min_hxw=None,
+                             max_h_div_w_ratio=2.0, min_h_div_w_ratio=0.5)
+    index, stats = build_index(recs, preprocess, global_batch_size=1)
     assert stats.counters["img_res_too_small"] == 4 and stats.counters["filter_minority"] == 3
     assert set(map(str, stats.shapes)) == {"1x144x256", "1x192x256", "1x256x256", "1x256x144", "17x144x256"}
     assert stats.shapes[(1, 192, 256)] == 8  # 240x320 and 200x300 share the 3:4 bucket
     assert all(16384 <= s.height * s.width <= 65536 for s in index.shapes)
     # Plain mode with min_hxw 1: an 8x12 image floors to 0x0 -> stride mismatch.
     tiny = [{"path": "t.jpg", "cap": "c", "resolution": {"height": 8, "width": 12}}] + recs
-    _, stats = build_index(tiny, _pp(force_resolution=False, max_hxw=65536, min_hxw=1, max_h_div_w_ratio=2.0,
+    _, stats = build_index(tiny, _preprocess(force_resolution=False, max_hxw=65536, min_hxw=1, max_h_div_w_ratio=2.0,
                                      min_h_div_w_ratio=0.5), global_batch_size=1)
     assert stats.counters["img_res_mismatch_stride"] == 1
 
@@ -165,13 +166,13 @@ def test_frame_math_tables():
 
 
 def test_speed_factor_filter_and_reader_agree():
-    pp = _pp(speed_factor=2.0, num_frames=17, too_long_factor=10.0)
+    preprocess = _preprocess(speed_factor=2.0, num_frames=17, too_long_factor=10.0)
     recs = [{"path": f"v{k}.mp4", "cap": "c", "resolution": {"height": 128, "width": 256}, "num_frames": n, "fps": 24}
             for k, n in enumerate([40, 40, 40, 40, 30, 30, 30, 30])]
-    index, _ = build_index(recs, pp, global_batch_size=1)
+    index, _ = build_index(recs, preprocess, global_batch_size=1)
     rng = np.random.default_rng(0)
     for i in range(len(index)):
-        idx = index.frame_indices(i, pp, rng)
+        idx = index.frame_indices(i, preprocess, rng)
         assert len(idx) == index.shape(i).frames == 17
         assert np.all(np.diff(idx) >= 1) and idx[-1] < index.num_frames[i]
 
@@ -206,9 +207,10 @@ def test_filter_200k_records_fast():
              "resolution": {"height": int(h), "width": 1920 if h != 1920 else 1080},
              "num_frames": int(m), "fps": float(f), "cut": [3, int(m) + 3]}
             for i, (h, f, m) in enumerate(zip(hs, fps, nf))]
-    pp = _pp(num_frames=121, min_num_frames=29, max_height=576, max_width=1024, max_hxw=589824, min_hxw=589824)
+    preprocess = _preprocess(num_frames=121, min_num_frames=29, max_height=576, max_width=1024, max_hxw=589824,
+                             min_hxw=589824)
     t0 = time.perf_counter()
-    index, stats = build_index(recs, pp, global_batch_size=8)
+    index, stats = build_index(recs, preprocess, global_batch_size=8)
     elapsed = time.perf_counter() - t0
     assert stats.kept == len(index) > 0
     assert sum(stats.counters.values()) + stats.kept == n

@@ -52,9 +52,9 @@ def _position(ds, name):
                                   "v24_crop.mp4", "v_43_ok.mp4", "v_square.mp4"])
 def test_decoded_frames_are_the_planned_indices(dataset, name):
     i = _position(dataset, name)
-    pp = dataset.pp
+    preprocess = dataset.preprocess
     for seed in range(3):
-        planned = dataset.index.frame_indices(i, pp, np.random.default_rng(seed))
+        planned = dataset.index.frame_indices(i, preprocess, np.random.default_rng(seed))
         video = dataset.load_video(i, np.random.default_rng(seed))
         assert video.shape == (3, 17, 64, 128)
         assert [decode_frame_index(video[:, t].numpy()) for t in range(17)] == planned.tolist()
@@ -184,7 +184,7 @@ def test_use_img_from_vid_adds_one_frame_per_video(synth, tokenizers):
 def test_plans_match_what_the_dataset_decodes(synth, dataset):
     from mindspeed_mm_osp.data import iter_plans, plan_rng
 
-    for plan in list(iter_plans(dataset.index, dataset.pp, seed=9))[:8]:
+    for plan in list(iter_plans(dataset.index, dataset.preprocess, seed=9))[:8]:
         if not plan.path.endswith(("corrupt.mp4", "missing.mp4", "empty.mp4", "v24_10.mp4")):
             video = dataset.load_video(plan.position, plan_rng(9, plan.position))
             assert tuple(video.shape[1:]) == tuple(plan.shape)
