@@ -98,14 +98,14 @@ class SampleIndex:
         bounds = np.searchsorted(self.shape_id[order], np.arange(len(self.shapes) + 1))
         return [order[bounds[s]:bounds[s + 1]] for s in range(len(self.shapes))]
 
-    def frame_indices(self, i: int, pp: PreprocessParameters, rng: np.random.Generator) -> np.ndarray:
+    def frame_indices(self, i: int, preprocess: PreprocessParameters, rng: np.random.Generator) -> np.ndarray:
         """Source frame indices of sample `i` for one read (random window drawn from `rng`)."""
         t = self.shape(i).frames
         if self.kind[i] == KIND_IMAGE:
             return np.zeros(1, dtype=np.int64)
-        target = 1 if self.kind[i] == KIND_VIDEO_FRAME else pp.num_frames
+        target = 1 if self.kind[i] == KIND_VIDEO_FRAME else preprocess.num_frames
         return F.sample_frame_indices(int(self.start[i]), int(self.num_frames[i]), float(self.interval[i]),
-                                      target, t, pp.speed_factor, rng)
+                                      target, t, preprocess.speed_factor, rng)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def _columns(records: list[dict]) -> _Columns:
                     np.array(start, np.float64).astype(np.int64), crop, np.array(aes, np.float64))
 
 
-def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: int):
+def _buckets(h: np.ndarray, w: np.ndarray, preprocess: PreprocessParameters, min_hxw: int):
     """Per-record (sample_h, sample_w, reason) with reason 0 ok, 1 too small, 2 stride mismatch."""
     sh = np.zeros(len(h), np.int64)
     sw = np.zeros(len(h), np.int64)
@@ -228,12 +228,12 @@ def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: in
     usw = np.zeros(len(uniq), np.int64)
     ureason = np.zeros(len(uniq), np.int8)
     for u, (hh, ww) in enumerate(uniq.tolist()):
-        if pp.force_resolution:
-            ush[u], usw[u] = pp.max_height, pp.max_width
-            if hh * ww < force_resolution_min_area(hh, ww, pp.max_height, pp.max_width, min_hxw):
+        if preprocess.force_resolution:
+            ush[u], usw[u] = preprocess.max_height, preprocess.max_width
+            if hh * ww < force_resolution_min_area(hh, ww, preprocess.max_height, preprocess.max_width, min_hxw):
                 ureason[u] = 1
         else:
-            bh, bw = multires_bucket(hh, ww, pp.max_hxw, pp.force_5_ratio, pp.hw_stride)
+            bh, bw = multires_bucket(hh, ww, preprocess.max_hxw, preprocess.force_5_ratio, preprocess.hw_stride)
             ush[u], usw[u] = bh, bw
             if bh <= 0 or bw <= 0:
                 ureason[u] = 2
@@ -242,9 +242,9 @@ def _buckets(h: np.ndarray, w: np.ndarray, pp: PreprocessParameters, min_hxw: in
     return ush[inv], usw[inv], ureason[inv]
 
 
-def effective_min_hxw(pp: PreprocessParameters) -> int:
+def effective_min_hxw(preprocess: PreprocessParameters) -> int:
     """`min_hxw`, defaulting to `max_hxw // 4` as the reference does."""
-    return pp.min_hxw if pp.min_hxw is not None else pp.max_hxw // 4
+    return preprocess.min_hxw if preprocess.min_hxw is not None else preprocess.max_hxw // 4
 
 
 class _Filter:
@@ -261,7 +261,7 @@ class _Filter:
         self.alive &= ~hit
 
 
-def _drop_unusable(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: int) -> None:
+def _drop_unusable(f: _Filter, c: _Columns, preprocess: PreprocessParameters, min_hxw: int) -> None:
     """Unsupported files, missing fields, out-of-range aspect ratios and too-small resolutions."""
     is_vid, is_img = c.kind == KIND_VIDEO, c.kind == KIND_IMAGE
     f.drop(c.kind < 0, "unsupported_ext")
@@ -269,7 +269,7 @@ def _drop_unusable(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: i
     f.drop((c.h <= 0) | (c.w <= 0), "no_resolution")
     f.drop(is_vid & (c.nf <= 0), "no_num_frames")
     ratio = c.h / np.maximum(c.w, 1)
-    bad_aspect = (ratio < pp.min_h_div_w_ratio) | (ratio > pp.max_h_div_w_ratio)
+    bad_aspect = (ratio < preprocess.min_h_div_w_ratio) | (ratio > preprocess.max_h_div_w_ratio)
     f.drop(bad_aspect & is_vid, "vid_aspect_mismatch")
     f.drop(bad_aspect & is_img, "img_aspect_mismatch")
     small = c.h * c.w < min_hxw
@@ -277,13 +277,13 @@ def _drop_unusable(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: i
     f.drop(small & is_img, "img_res_too_small")
 
 
-def _drop_by_bucket(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: int):
+def _drop_by_bucket(f: _Filter, c: _Columns, preprocess: PreprocessParameters, min_hxw: int):
     """(sample height, sample width) per record, dropping records whose bucket is empty or too small."""
     is_vid, is_img = c.kind == KIND_VIDEO, c.kind == KIND_IMAGE
     n = len(c.kind)
     sh, sw = np.zeros(n, np.int64), np.zeros(n, np.int64)
     pos = np.flatnonzero(f.alive)
-    bh, bw, reason = _buckets(c.h[pos], c.w[pos], pp, min_hxw)
+    bh, bw, reason = _buckets(c.h[pos], c.w[pos], preprocess, min_hxw)
     sh[pos], sw[pos] = bh, bw
     r_all = np.zeros(n, np.int8)
     r_all[pos] = reason
@@ -294,22 +294,24 @@ def _drop_by_bucket(f: _Filter, c: _Columns, pp: PreprocessParameters, min_hxw: 
     return sh, sw
 
 
-def _drop_by_duration(f: _Filter, c: _Columns, pp: PreprocessParameters):
+def _drop_by_duration(f: _Filter, c: _Columns, preprocess: PreprocessParameters):
     """(frames per sample, resampling interval) per record, dropping videos by the temporal rules."""
     is_vid = c.kind == KIND_VIDEO
-    R, Fn, sigma = pp.train_fps, pp.num_frames, pp.speed_factor
-    f.drop(is_vid & (c.nf > pp.too_long_factor * (Fn * c.fps / R * sigma)), "too_long")
+    R, Fn, sigma = preprocess.train_fps, preprocess.num_frames, preprocess.speed_factor
+    f.drop(is_vid & (c.nf > preprocess.too_long_factor * (Fn * c.fps / R * sigma)), "too_long")
     interval = F.resample_interval(c.fps, R)
     f.drop(is_vid & (interval < 1), "fps_too_low")
     length = F.speed_up_length(F.num_candidates(np.maximum(c.nf, 0), interval), Fn, sigma)
-    f.drop(is_vid & (length < pp.min_num_frames), "below_min_num_frames")
+    f.drop(is_vid & (length < preprocess.min_num_frames), "below_min_num_frames")
     short = np.flatnonzero(f.alive & is_vid & (length < Fn))
     # Drawn in record order from a dedicated seeded stream, as the reference does; only short clips draw.
-    u = np.random.default_rng(pp.seed).random(len(short))
+    u = np.random.default_rng(preprocess.seed).random(len(short))
     rand_drop = np.zeros(len(c.kind), bool)
-    rand_drop[short[u < pp.drop_short_ratio]] = True
+    rand_drop[short[u < preprocess.drop_short_ratio]] = True
     f.drop(rand_drop, "too_short")
-    t = np.where(is_vid, F.valid_frame_count(np.minimum(length, Fn), pp.ae_stride_t, pp.sp_size, pp.min_num_frames), 1)
+    valid = F.valid_frame_count(np.minimum(length, Fn), preprocess.ae_stride_t, preprocess.sp_size,
+                                preprocess.min_num_frames)
+    t = np.where(is_vid, valid, 1)
     f.drop(t < 0, "no_valid_frame_count")
     return t, interval
 
@@ -352,7 +354,7 @@ def _summarize(stats: FilterStats, kinds: np.ndarray, shape_id: np.ndarray, shap
                            "min": float(scores.min()), "max": float(scores.max())}
 
 
-def build_index(records: list[dict], pp: PreprocessParameters, *, global_batch_size: int,
+def build_index(records: list[dict], preprocess: PreprocessParameters, *, global_batch_size: int,
                 use_img_from_vid: bool = False, malformed: int = 0) -> tuple[SampleIndex, FilterStats]:
     """Filter `records` (from `load_annotations`) and bucket the survivors.
 
@@ -362,10 +364,10 @@ def build_index(records: list[dict], pp: PreprocessParameters, *, global_batch_s
     c = _columns(records)
     stats.videos_in, stats.images_in = int((c.kind == KIND_VIDEO).sum()), int((c.kind == KIND_IMAGE).sum())
     f = _Filter(stats, len(records))
-    min_hxw = effective_min_hxw(pp)
-    _drop_unusable(f, c, pp, min_hxw)
-    sh, sw = _drop_by_bucket(f, c, pp, min_hxw)
-    frames, interval = _drop_by_duration(f, c, pp)
+    min_hxw = effective_min_hxw(preprocess)
+    _drop_unusable(f, c, preprocess, min_hxw)
+    sh, sw = _drop_by_bucket(f, c, preprocess, min_hxw)
+    frames, interval = _drop_by_duration(f, c, preprocess)
     keep, kinds, shape_id, shapes = _group_shapes(f, c.kind, frames, sh, sw, use_img_from_vid=use_img_from_vid,
                                                   global_batch_size=global_batch_size)
     _summarize(stats, kinds, shape_id, shapes, c.aes)
@@ -395,11 +397,11 @@ def plan_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng((seed, position))
 
 
-def iter_plans(index: SampleIndex, pp: PreprocessParameters, seed: int) -> Iterator[SamplePlan]:
+def iter_plans(index: SampleIndex, preprocess: PreprocessParameters, seed: int) -> Iterator[SamplePlan]:
     """Every sample with its final (frames, h, w) and frame indices, reproducible by seed."""
     for i in range(len(index)):
         yield SamplePlan(i, index.paths[i], index.captions[i], index.shape(i),
-                         index.frame_indices(i, pp, plan_rng(seed, i)))
+                         index.frame_indices(i, preprocess, plan_rng(seed, i)))
 
 
 __all__ = ["COUNTER_NAMES", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
