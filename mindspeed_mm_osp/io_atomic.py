@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,4 +58,14 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-__all__ = ["atomic_write", "atomic_write_text"]
+def atomic_save_safetensors(tensors: Mapping[str, "torch.Tensor"], path: Path | str,
+                           metadata: dict[str, str]) -> Path:
+    """A safetensors file (weights, latents, feature shards), written by name so the library streams the tensors
+    to disk instead of building the whole file in memory first."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda f: save_file(contiguous, f.name, metadata=metadata))
+
+
+__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_text"]

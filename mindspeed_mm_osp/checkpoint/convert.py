@@ -31,9 +31,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..io_atomic import atomic_write_text
+from ..io_atomic import atomic_save_safetensors, atomic_write_text
 from .checkpointing import CHECKPOINT_VERSION
-from .io import atomic_save, atomic_save_safetensors
+from .io import atomic_save
 from .layout import RELEASE, CheckpointError, model_file, tracker_path
 from .reader import SavedCheckpoint, load_weights, read_checkpoint
 

@@ -187,13 +187,6 @@ class TensorFiles:
         return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(entry["shape"])
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 __all__ = ["CacheMismatchError", "EMPTY_CAPTION_FILE", "FORMAT_VERSION", "INDEX_FILE", "TensorFiles",
            "caption_key", "caption_options", "check_provenance", "file_sha256", "provenance", "safetensors_offsets",
-           "sample_id", "shard_name", "write_json_atomic"]
+           "sample_id", "shard_name"]

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -36,8 +35,9 @@ from ..config import DataConfig, ModelConfig
 from ..data import CaptionProcessor, GroupLengthCollate, SamplePlan, T2VDataset, build_index_from_config, iter_plans
 from ..data import make_video_reader, plan_rng
 from ..data.readers import ReadError
+from ..io_atomic import atomic_save_safetensors, atomic_write_text
 from .format import (EMPTY_CAPTION_FILE, FORMAT_VERSION, INDEX_FILE, TensorFiles, caption_key, caption_options,
-                     file_sha256, provenance, safetensors_offsets, sample_id, shard_name, write_json_atomic)
+                     file_sha256, provenance, safetensors_offsets, sample_id, shard_name)
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ class _Encoders:
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], prov_sha: str) -> dict[str, dict]:
     """Write a safetensors file atomically (provenance hash in its metadata); returns its per-tensor offsets."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"provenance_sha256": prov_sha})
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, {"provenance_sha256": prov_sha})
     return safetensors_offsets(path)
 
 
@@ -111,7 +107,8 @@ class _ShardWriter:
         self.out, self.enc, self.dataset, self.collate = out, encoders, dataset, collate
         self.seed, self.batch_size, self.text_batch_size, self.prov_sha = seed, batch_size, text_batch_size, prov_sha
         dp = data_config.dataset_param
-        # One option and cfg=0: `choose` is then exactly the online cleaning (twice, as REF) and never drops.
+        # One option and cfg=0: `choose` is then exactly the online cleaning (which, like the reference loader,
+        # cleans a caption twice) and never drops it.
         self._cleaner = CaptionProcessor(None, None, max_length=dp.model_max_length, cfg=0.0,
                                          clean=dp.enable_text_preprocess)
 
@@ -185,11 +182,11 @@ class _ShardWriter:
         text_records = {key: {"length": int(offsets[f"text/{key}/hidden"]["shape"][0]),
                               "tensors": {name: offsets[f"text/{key}/{name}"] for name in ("hidden", "pooled")
                                           if f"text/{key}/{name}" in offsets}} for key in keys}
-        write_json_atomic(self.out / f"{shard_name(k)}.json", {
+        atomic_write_text(self.out / f"{shard_name(k)}.json", json.dumps({
             "format_version": FORMAT_VERSION, "provenance_sha256": self.prov_sha, "shard": k, "file": file,
             "bytes": (self.out / file).stat().st_size, "sha256": file_sha256(self.out / file),
             "ids": [sample_id(index, p.position) for p in plans], "samples": samples, "texts": text_records,
-            "failed": failed})
+            "failed": failed}))
 
 
 def _write_empty_caption(out: Path, writer: _ShardWriter) -> dict:
@@ -257,11 +254,62 @@ def _finalize(out: Path, num_shards: int, num_samples: int, prov: dict, prov_sha
                  "pooled_dim": encoders.text.pooled_size},
         "num_samples": num_samples, "shards": shards, "samples": samples, "texts": texts, "failed": failed,
     }
-    write_json_atomic(out / INDEX_FILE, index)
+    atomic_write_text(out / INDEX_FILE, json.dumps(index))
     logger.info("feature cache %s: %d samples (%d unreadable, skipped), %d captions, %d shards, %.1f MiB",
                 out, len(samples), len(failed), len(texts), num_shards,
                 sum(s["bytes"] for s in shards) / 2 ** 20)
     return out / INDEX_FILE
+
+
+def _shard_positions(k: int, shard_size: int, n: int) -> range:
+    return range(k * shard_size, min((k + 1) * shard_size, n))
+
+
+def _build_writer(data_config: DataConfig, model_config: ModelConfig, out: Path, index, *, seed: int,
+                  batch_size: int, text_batch_size: int, prov_sha: str) -> _ShardWriter:
+    """The dataset (decoding as training does), the encoders and the collate that shards are written with."""
+    dp = data_config.dataset_param
+    dataset = T2VDataset(index, dp, tokenizer=None, tokenizer_2=None,
+                         video_reader=make_video_reader(dp.preprocess_parameters.video_reader_type), seed=seed)
+    return _ShardWriter(out, data_config, _Encoders(data_config, model_config), dataset,
+                        GroupLengthCollate(data_config.dataloader_param.collate_param),
+                        seed=seed, batch_size=batch_size, text_batch_size=text_batch_size, prov_sha=prov_sha)
+
+
+def _shards_to_encode(writer: _ShardWriter, index, shard_size: int, rank: int, world: int,
+                      result: ExtractResult) -> list[int]:
+    """This rank's shards (k mod world == rank) not already finished on disk; the finished go to `result.reused`."""
+    todo: list[int] = []
+    for k in range(rank, math.ceil(len(index) / shard_size), world):
+        ids = [sample_id(index, p) for p in _shard_positions(k, shard_size, len(index))]
+        (result.reused if writer.finished(k, ids) else todo).append(k)
+    if result.reused:
+        logger.info("rank %d: %d finished shards found, not recomputed: %s", rank, len(result.reused), result.reused)
+    return todo
+
+
+def _encode_shards(writer: _ShardWriter, index, preprocess, todo: list[int], *, shard_size: int, seed: int,
+                   rank: int, world: int, progress: bool, result: ExtractResult) -> dict:
+    """Encode and write the shards `todo` (rank 0 also the empty caption); returns the empty caption's offsets."""
+    from tqdm import tqdm
+
+    n = len(index)
+    total = sum(len(_shard_positions(k, shard_size, n)) for k in todo)
+    todo_set = set(todo)
+    with torch.no_grad(), tqdm(total=total, desc=f"extract features (rank 0 of {world})", unit="sample",
+                               disable=rank != 0 or not progress, dynamic_ncols=True) as bar:
+        empty_offsets = _write_empty_caption(writer.out, writer) if rank == 0 else {}
+        plans: list[SamplePlan] = []
+        for plan in iter_plans(index, preprocess, seed):
+            k = plan.position // shard_size
+            if k not in todo_set:
+                continue
+            plans.append(plan)
+            if plan.position == _shard_positions(k, shard_size, n)[-1]:
+                writer.write(k, plans, index, bar)
+                result.computed.append(k)
+                plans = []
+    return empty_offsets
 
 
 def extract_features(data_config: DataConfig, model_config: ModelConfig, out_dir: str | Path, *,
@@ -276,8 +324,6 @@ def extract_features(data_config: DataConfig, model_config: ModelConfig, out_dir
     `stop_after_shards` stops after encoding that many shards, without writing the index (tests:
     an interrupted run). Returns what was computed/reused; rank 0's result says where index.json is.
     """
-    from tqdm import tqdm
-
     if shard_size < 1 or batch_size < 1:
         raise ValueError("shard_size and batch_size must be >= 1")
     distributed = dist.is_available() and dist.is_initialized()
@@ -288,48 +334,23 @@ def extract_features(data_config: DataConfig, model_config: ModelConfig, out_dir
     prov["extraction"] = {"global_batch_size": global_batch_size, "plan_seed": seed, "shard_size": shard_size}
     prov_sha = _sha(prov)
 
-    dp = data_config.dataset_param
     index, _ = build_index_from_config(data_config, global_batch_size=global_batch_size)
-    dataset = T2VDataset(index, dp, tokenizer=None, tokenizer_2=None,
-                         video_reader=make_video_reader(dp.preprocess_parameters.video_reader_type), seed=seed)
-    encoders = _Encoders(data_config, model_config)
-    collate = GroupLengthCollate(data_config.dataloader_param.collate_param)
-    writer = _ShardWriter(out, data_config, encoders, dataset, collate,
-                          seed=seed, batch_size=batch_size, text_batch_size=text_batch_size, prov_sha=prov_sha)
-
-    n = len(index)
-    num_shards = math.ceil(n / shard_size)
+    writer = _build_writer(data_config, model_config, out, index, seed=seed, batch_size=batch_size,
+                           text_batch_size=text_batch_size, prov_sha=prov_sha)
     result = ExtractResult()
-    todo: list[int] = []
-    for k in range(rank, num_shards, world):
-        ids = [sample_id(index, p) for p in range(k * shard_size, min((k + 1) * shard_size, n))]
-        (result.reused if writer.finished(k, ids) else todo).append(k)
-    if result.reused:
-        logger.info("rank %d: %d finished shards found, not recomputed: %s", rank, len(result.reused), result.reused)
+    todo = _shards_to_encode(writer, index, shard_size, rank, world, result)
     if stop_after_shards is not None:
         todo = todo[:stop_after_shards]
-
-    total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in todo)
-    todo_set = set(todo)
-    with torch.no_grad(), tqdm(total=total, desc=f"extract features (rank 0 of {world})", unit="sample",
-                               disable=rank != 0 or not progress, dynamic_ncols=True) as bar:
-        empty_offsets = _write_empty_caption(out, writer) if rank == 0 else {}
-        plans: list[SamplePlan] = []
-        for plan in iter_plans(index, dp.preprocess_parameters, seed):
-            k = plan.position // shard_size
-            if k not in todo_set:
-                continue
-            plans.append(plan)
-            if plan.position == min((k + 1) * shard_size, n) - 1:
-                writer.write(k, plans, index, bar)
-                result.computed.append(k)
-                plans = []
+    empty_offsets = _encode_shards(writer, index, data_config.dataset_param.preprocess_parameters, todo,
+                                   shard_size=shard_size, seed=seed, rank=rank, world=world, progress=progress,
+                                   result=result)
     if stop_after_shards is not None:
         return result
     if distributed:
         dist.barrier()
     if rank == 0:
-        _finalize(out, num_shards, n, prov, prov_sha, model_config, encoders, empty_offsets)
+        _finalize(out, math.ceil(len(index) / shard_size), len(index), prov, prov_sha, model_config, writer.enc,
+                  empty_offsets)
     if distributed:
         dist.barrier()
     result.complete, result.index_path = True, out / INDEX_FILE

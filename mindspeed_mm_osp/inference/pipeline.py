@@ -156,7 +156,7 @@ class SavedLatents:
 
 def save_latents(path: Path, latents: torch.Tensor, record: dict) -> Path:
     """One sample's latents (C, t, h, w) as safetensors; prompt and settings as JSON in the metadata."""
-    from ..checkpoint.io import atomic_save_safetensors
+    from ..io_atomic import atomic_save_safetensors
 
     atomic_save_safetensors({LATENTS_KEY: latents.detach().float().cpu()}, path, {"record": json.dumps(record)})
     return path

@@ -1,19 +1,21 @@
 """Writing generated videos: H.264 mp4 through PyAV, atomically, with a JSON sidecar.
 
-A file appears under its final name only once it is complete (written to a temporary
-name in the same folder, then renamed), so an interrupted job never leaves a truncated
-mp4 that looks finished, and a later failure never deletes a good one.
+A file appears under its final name only once it is complete (`io_atomic.atomic_write`), so an
+interrupted job never leaves a truncated mp4 that looks finished, and a later failure never deletes
+a good one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from ..io_atomic import atomic_write, atomic_write_text
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -26,42 +28,33 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
     """Encode (T, H, W, 3) uint8 frames as H.264 (yuv420p) at `fps`; returns the final path."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    t, h, w, _ = frames.shape
+    h, w = frames.shape[1:3]
     if h % 2 or w % 2:  # yuv420p needs even sides
         frames = frames[:, : h - h % 2, : w - w % 2]
-        h, w = frames.shape[1:3]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            # one x264 thread: frame-threaded encoding is not bit-reproducible from run to run
-            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    return atomic_write(path, lambda f: _encode_h264(f, frames, fps, crf))
+
+
+def _encode_h264(f: BinaryIO, frames: np.ndarray, fps: float, crf: int) -> None:
+    import av
+
+    with av.open(f, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        # one x264 thread: frame-threaded encoding is not bit-reproducible from run to run
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    """A JSON sidecar or report (indented; paths and other objects as strings)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:

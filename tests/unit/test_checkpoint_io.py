@@ -1,4 +1,5 @@
-"""Checkpoint files: layout, atomic writes, clear errors (single process, no optimizer)."""
+"""Checkpoint files: layout, atomic writes, clear errors (single process, no optimizer); the package's one atomic
+write (`io_atomic`)."""
 
 import errno
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, read_tracker, save_checkpoint
+from mindspeed_mm_osp import io_atomic
 from mindspeed_mm_osp.checkpoint import io as ckpt_io
+from mindspeed_mm_osp.checkpoint.reader import read_checkpoint
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -83,3 +86,48 @@ def test_model_mismatch_is_reported(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(4, 7))
     with pytest.raises(CheckpointError, match="model_optim_rng.pt: model weights do not fit"):
         load_checkpoint(tmp_path, other)
+
+
+def test_checkpoint_reader_returns_every_rank_of_an_iteration(tmp_path):
+    save_checkpoint(tmp_path, 4, _model(0), consumed_train_samples=8)
+    saved = read_checkpoint(tmp_path)
+    assert (saved.iteration, saved.tp_size, saved.directory.name, saved.lora) == (4, 1, "iter_0000004", None)
+    assert saved.files == [tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt"]
+    assert saved.has("model") and not saved.has("ema_model")
+    assert torch.equal(saved.ranks[0].weights("model")["0.weight"], _model(0)[0].weight)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp_file(tmp_path, failure):
+    path = tmp_path / "out" / "report.json"
+    io_atomic.atomic_write_text(path, "old")
+
+    def half_then_fail(f):
+        f.write(b"half of the new ")
+        f.flush()
+        raise failure
+
+    with pytest.raises(type(failure)):
+        io_atomic.atomic_write(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_atomic_write_replaces_and_clears_temp_files_of_killed_writers(tmp_path):
+    path = tmp_path / "video.mp4"
+    stale = tmp_path / ".video.mp4.tmp-999999"  # what a SIGKILLed writer leaves behind
+    stale.write_bytes(b"partial")
+    assert io_atomic.atomic_write(path, lambda f: f.write(b"new")) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+    assert path.read_bytes() == b"new"
+
+
+def test_atomic_safetensors_written_by_name_round_trips(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3).t(), "b": torch.ones(4, dtype=torch.bfloat16)}
+    path = io_atomic.atomic_save_safetensors(tensors, tmp_path / "w.safetensors", {"k": "v"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -1,4 +1,4 @@
-"""A tiny random-init WF-VAE (spec §6.2) saved as a real checkpoint, for CPU tests and demos.
+"""A tiny random-init WF-VAE saved as a real checkpoint, for CPU tests and demos.
 
 Same module tree and 252 key names as the release, 630,464 parameters; distinct widths
 (Z=4, Ee=4, Ed=12) catch channel-slicing mix-ups.
@@ -14,6 +14,7 @@ import torch
 
 from ...config.ae import AEConfig
 from ...config.loader import from_dict
+from ...io_atomic import atomic_write
 from .wfvae import WFVAE
 
 # First four channels of the release normalisation vectors: realistic, non-trivial values.
@@ -22,7 +23,7 @@ _TINY_SHIFT = [-0.2129, 0.1226, 1.6328, 0.6211]
 
 
 def tiny_ae_config_dict() -> dict[str, Any]:
-    """The spec §6.2 tiny config as an `ae` JSON block (set `from_pretrained` to a checkpoint path)."""
+    """The tiny config as an `ae` JSON block (set `from_pretrained` to a checkpoint path)."""
     return {
         "model_id": "wfvae",
         "base_channels": 8,
@@ -73,10 +74,4 @@ def write_tiny_wfvae(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         "state_dict": {"gen_model": model.state_dict()},
         "ema_state_dict": ema,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "merged.ckpt"
-    tmp = path.with_suffix(".ckpt.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(out_dir) / "merged.ckpt", lambda f: torch.save(checkpoint, f))
