@@ -1,4 +1,4 @@
-"""Startup filter (spec data.md §2, synthetic set §8): every record's outcome, frame math, buckets."""
+"""Startup filter (docs/data.md) on the synthetic dataset's cases: every record's outcome, frame math, buckets."""
 
 import json
 import time
@@ -13,7 +13,7 @@ from mindspeed_mm_osp.data import frames as F
 from mindspeed_mm_osp.data.geometry import force_resolution_min_area, multires_bucket
 from mindspeed_mm_osp.tools.make_synthetic_dataset import data_json_dict, make_synthetic_dataset
 
-# Expected outcome per case id in config A (spec §8.2; V21 = zero-byte file, U1 = .txt).
+# Expected outcome per case id in config A (V21 = zero-byte file, U1 = .txt).
 KEPT_VIDEO = {"V1", "V2", "V5", "V6", "V10", "V11", "V15", "V17", "V18", "V19", "V20", "V21"}
 KEPT_IMAGE = {"I1", "I2", "I5", "I6", "I7"}
 DROPPED = {
@@ -159,7 +159,7 @@ def test_frame_math_tables():
     assert valid(4, 1)[:4] == [29, 33, 37, 41]
     assert valid(8, 2) == [41, 57, 73, 89, 105, 121]
     assert F.valid_frame_count(28, 8, 1, 29) == -1
-    # Window starts cover every position, including the last (B17 fixed).
+    # Window starts cover every position, including the last (the reference never picks it).
     rng = np.random.default_rng(0)
     starts = {int(F.sample_frame_indices(0, 40, 1.0, 17, 17, 1.0, rng)[0]) for _ in range(400)}
     assert starts == set(range(24))

@@ -1,4 +1,4 @@
-"""Loader sharding of `pretrain.py`: plain DP and encoder DP (reference §5.4), and where a resume restarts."""
+"""Loader sharding of `pretrain.py`: plain DP and encoder DP, and where a resume restarts."""
 
 from mindspeed_mm_osp.training.batches import LoaderShard
 

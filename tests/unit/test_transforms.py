@@ -1,4 +1,4 @@
-"""Transforms: exact crop offsets and sizes (spec §4), ranges, multi-res plan == filter bucket; collate."""
+"""Transforms: exact crop offsets and sizes (docs/data.md), ranges, multi-res plan == filter bucket; collate."""
 
 import pytest
 import torch
