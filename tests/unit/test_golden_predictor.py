@@ -80,7 +80,8 @@ def test_state_dict_keys_and_shapes_are_the_reference_ones(golden):
 
 def test_every_block_follows_the_reference_trace(golden):
     """Hidden states after each block of the skiparse run equal the reference's (first differing block named)."""
-    assert _first_divergence(_model(golden, sparse1d=True), golden) == "none"
+    divergence = _first_divergence(_model(golden, sparse1d=True), golden)
+    assert divergence == "none", f"first block off the reference trace: {divergence}"
 
 
 @pytest.mark.parametrize("sparse1d", [True, False], ids=["sparse", "dense"])
