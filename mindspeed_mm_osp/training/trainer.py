@@ -36,7 +36,7 @@ from ..models.lora import apply_lora, lora_metadata
 from ..models.predictor import build_predictor
 from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer
 from ..optim import clip_and_step
-from ..parallel import initialize_distributed
+from ..parallel import ParallelDims, initialize_distributed
 from ..parallel.context_parallel import loss_scale_for_grads
 from .args import TrainingArgs
 from .arguments import parse_fault_spec
@@ -96,12 +96,10 @@ def _inject(ddp, kind: str) -> None:
             return
 
 
-def _dp_mean(value: torch.Tensor) -> float:
-    from megatron.core import parallel_state as ps
-
+def _dp_mean(value: torch.Tensor, dims: ParallelDims) -> float:
     value = value.detach().float().reshape(1).clone()
-    dist.all_reduce(value, group=ps.get_data_parallel_group())
-    return float(value) / ps.get_data_parallel_world_size()
+    dist.all_reduce(value, group=dims.dp_group)
+    return float(value) / dims.dp
 
 
 class Trainer:
@@ -138,17 +136,14 @@ class Trainer:
         self.diffusion = FlowMatchingScheduler(self.model_cfg.diffusion)
 
     def _init_distributed(self) -> None:
-        from megatron.core import parallel_state as ps
-
         args = self.args
-        initialize_distributed(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                               cp=args.context_parallel_size, seed=args.seed,
-                               timeout_minutes=args.distributed_timeout_minutes,
-                               data_parallel_random_init=args.data_parallel_random_init)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dims = initialize_distributed(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                           cp=args.context_parallel_size, seed=args.seed,
+                                           timeout_minutes=args.distributed_timeout_minutes,
+                                           data_parallel_random_init=args.data_parallel_random_init)
+        self.rank, self.world_size = self.dims.rank, self.dims.world_size
         setup_logging(self.rank)
-        self.tp, self.dp = ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()
-        self.cp = ps.get_context_parallel_world_size()
+        self.tp, self.dp, self.cp = self.dims.tp, self.dims.dp, self.dims.cp
         logger.info("world %d = TP %d x CP %d x DP %d; sequence parallel %s; %s; accelerator %s", self.world_size,
                     self.tp, self.cp, self.dp, args.sequence_parallel,
                     "distributed optimizer" if args.use_distributed_optimizer else "optimizer", platform.accelerator())
@@ -171,7 +166,7 @@ class Trainer:
         except CheckpointError as exc:
             raise ConfigError(self.args.mm_model, key, str(exc)) from exc
         model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
-                                recompute=self.args.recompute_config(), train=True)
+                                recompute=self.args.recompute_config(), train=True, dims=self.dims)
         if state is not None:
             logger.info("predictor weights loaded from %s", source)
         if lora:
@@ -223,7 +218,7 @@ class Trainer:
             self._count_skip(result)
         self.state.iteration += 1
         self.state.consumed_samples += self.args.global_batch_size
-        loss = _dp_mean(torch.stack(losses).mean())
+        loss = _dp_mean(torch.stack(losses).mean(), self.dims)
         self.state.losses.append(loss)
         return StepOutcome(loss=loss, clip=result, flops=flops, elapsed_s=time.monotonic() - t0)
 
