@@ -44,11 +44,13 @@ def _check(obj, sizes: dict[str, int]) -> None:
             raise ValueError(f"{name}: expected a tensor of shape ({', '.join(dims)}), got {got}")
         if (value.dtype != dtype) if dtype is not None else not value.dtype.is_floating_point:
             raise ValueError(f"{name}: expected dtype {dtype or 'floating point'}, got {value.dtype}")
-        for dim, size in zip(dims, value.shape):
-            expected = int(dim) if dim.isdigit() else sizes.setdefault(dim, size)
-            if size != expected:
-                raise ValueError(f"{name}: dimension {dim} is {size}, other tensors of the batch make it {expected} "
-                                 f"(shape {tuple(value.shape)})")
+        shape = tuple(value.shape)
+        for dim, size in zip(dims, shape):
+            if dim.isdigit() and size != int(dim):
+                raise ValueError(f"{name}: a dimension is {size}, the contract fixes it at {dim} (shape {shape})")
+            if not dim.isdigit() and size != sizes.setdefault(dim, size):
+                raise ValueError(f"{name}: dimension {dim} is {size}, other tensors of the batch make it {sizes[dim]} "
+                                 f"(shape {shape})")
 
 
 class _Contract:

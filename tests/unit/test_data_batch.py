@@ -30,7 +30,7 @@ def test_a_well_formed_batch_lists_its_tensors():
                                               "make it 2"),
     ({"text": _ids(3)}, "TokenIds.input_ids: dimension B is 3, other tensors of the batch make it 2"),
     ({"video": torch.zeros(2, 3, 17, 16, 16, dtype=torch.float64)}, "PixelBatch.video: expected dtype torch.float32"),
-    ({"video": torch.zeros(2, 4, 17, 16, 16)}, "PixelBatch.video: dimension 3 is 4"),
+    ({"video": torch.zeros(2, 4, 17, 16, 16)}, "PixelBatch.video: a dimension is 4, the contract fixes it at 3"),
     ({"latent_mask": torch.ones(2, 2, 2)}, r"PixelBatch.latent_mask: expected a tensor of shape \(B, t, h, w\)"),
 ])
 def test_a_batch_off_its_contract_is_refused_where_it_is_built(over, message):
@@ -39,7 +39,7 @@ def test_a_batch_off_its_contract_is_refused_where_it_is_built(over, message):
 
 
 def test_optional_fields_and_the_kinds():
-    with pytest.raises(ValueError, match="TokenIds.input_ids_2: dimension 77 is 76"):
+    with pytest.raises(ValueError, match="TokenIds.input_ids_2: a dimension is 76, the contract fixes it at 77"):
         dataclasses.replace(_ids(1), input_ids_2=torch.zeros(1, 1, 76, dtype=torch.int64))
     with pytest.raises(ValueError, match="TextFeatures.hidden: expected dtype floating point, got torch.int64"):
         TextFeatures(hidden=torch.zeros(1, 8, 4, dtype=torch.int64), mask=torch.ones(1, 8, dtype=torch.int64))
