@@ -165,26 +165,74 @@ def _convert_sequence(value: Any, tp: Any, file, path: str) -> tuple:
     return tuple(_convert(v, item, file, f"{path}[{i}]") for i, v in enumerate(value))
 
 
+# Keys of the reference's JSON configs that are accepted and type-checked but never read, with the reason (a
+# misspelt key is still warned about as unknown); docs/configuration.md shows this table to users. A key is its
+# JSON path from the top level of the model, data or inference file; `text_encoder` keys hold for
+# `text_encoder_2` too, `dataset_param.tokenizer_config` keys for `tokenizer_config_2` and for the inference
+# file's `tokenizer` / `tokenizer_2`.
+IGNORED_CONFIG_KEYS = {
+    "allow_tf32": "matmul precision stays at torch's default",
+    "allow_internal_format": "Ascend switch for NPU private tensor formats; not used",
+    "predictor.norm_elementwise_affine": "the released model's LayerNorms are always affine",
+    "predictor.norm_cls": "LayerNorms are always computed in fp32 and cast back",
+    "text_encoder.hub_backend": "only \"hf\": text encoders load with transformers from a local folder",
+    "text_encoder.low_cpu_mem_usage": "transformers loads the weights lazily anyway",
+    "dataset_param.dataset_type": "only \"t2v\"; image-to-video samples are selected by dataset_param.mask_config",
+    "dataset_param.use_feature_data": "cached features are selected by the model file's load_video_features / "
+                                      "load_text_features and dataset_param.feature_cache_dir",
+    "dataset_param.basic_parameters.data_folder": "each line of the data_path file names its own media folder",
+    "dataset_param.basic_parameters.data_storage_mode": "only \"combine\" (folder,annotation lines)",
+    "dataset_param.preprocess_parameters.frame_interval": "must be 1: clips are resampled to train_fps and the "
+                                                          "window is num_frames long",
+    "dataset_param.preprocess_parameters.image_reader_type": "only \"Image\" (Pillow)",
+    "dataset_param.preprocess_parameters.image_processer_type": "images go through train_pipeline.image (or the "
+                                                                "default pipeline)",
+    "dataset_param.preprocess_parameters.batch_size": "batch sizes come from --micro-batch-size and "
+                                                      "--global-batch-size",
+    "dataset_param.preprocess_parameters.gradient_accumulation_size": "accumulation is --global-batch-size / "
+                                                                      "(--micro-batch-size x data-parallel size)",
+    "dataset_param.preprocess_parameters.max_workers": "no per-sample watchdog thread; a failed read is retried "
+                                                       "max_read_retries times",
+    "dataset_param.preprocess_parameters.timeout": "no per-sample watchdog thread; a failed read is retried "
+                                                   "max_read_retries times",
+    "dataset_param.tokenizer_config.hub_backend": "only \"hf\": tokenizers load with transformers from a local folder",
+    "dataset_param.tokenizer_config.autotokenizer_name": "only \"AutoTokenizer\"",
+    "dataset_param.tokenizer_config.low_cpu_mem_usage": "tokenizers hold no weights",
+    "dataloader_param.dataloader_mode": "only \"sampler\"",
+    "dataloader_param.sampler_type": "only \"LengthGroupedSampler\"",
+    "dataloader_param.batch_size": "batch sizes come from --micro-batch-size and --global-batch-size",
+    "dataloader_param.shuffle": "the sampler always shuffles, seeded by (seed, epoch)",
+    "dataloader_param.drop_last": "each shape's remainder short of a global batch is always left out of an epoch",
+    "dataloader_param.group_data": "samples are always grouped by shape",
+    "dataloader_param.initial_global_step_for_sampler": "a resume starts from the checkpoint's consumed samples",
+    "dataloader_param.gradient_accumulation_size": "accumulation is --global-batch-size / "
+                                                   "(--micro-batch-size x data-parallel size)",
+    "dataloader_param.collate_param.model_name": "only \"GroupLength\"",
+    "dataloader_param.collate_param.batch_size": "batch sizes come from --micro-batch-size and --global-batch-size",
+    "dataloader_param.collate_param.group_data": "a micro-batch always holds one shape",
+    "pipeline_config.model_type": "only \"t2v\"; image-to-video follows the predictor's model_id",
+    "device": "the device is chosen automatically: the accelerator if there is one, else the CPU",
+}
+
+
 def from_dict(cls, data: dict, *, file=None, path: str = ""):
     """Build dataclass `cls` from `data`.
 
-    Unknown keys warn with a did-you-mean (the reference's JSON carries keys we do not
-    use); missing required keys and wrong types raise ConfigError. A dataclass may define
-    `_aliases` (json name -> field name) and `validate(self, file, path)`.
+    Unknown keys warn with a did-you-mean; missing required keys and wrong types raise ConfigError. A dataclass
+    may define `_aliases` (json name -> field name) and `validate(self, file, path)`. Keys that are accepted but
+    never read are listed in `IGNORED_CONFIG_KEYS`.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     aliases: dict = getattr(cls, "_aliases", {})
-    ignored: frozenset = getattr(cls, "_ignored_keys", frozenset())
     kwargs = {}
     for key, value in data.items():
         name = aliases.get(key, key)
         sub = f"{path}.{key}" if path else key
         if name not in fields:
-            if key not in ignored:
-                close = difflib.get_close_matches(key, list(fields) + list(aliases), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                logger.warning("%s: %s: unknown key, ignored%s", file or "<config>", sub, hint)
+            close = difflib.get_close_matches(key, list(fields) + list(aliases), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            logger.warning("%s: %s: unknown key, ignored%s", file or "<config>", sub, hint)
             continue
         kwargs[name] = _convert(value, hints[name], file, sub)
     for name, f in fields.items():

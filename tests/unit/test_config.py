@@ -1,7 +1,11 @@
 """Config loading: shipped JSONs round trip; every validation error names file, key and fix."""
 
+import dataclasses
 import json
 import logging
+import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ from mindspeed_mm_osp.config import (
     ConfigError, DataConfig, InferenceConfig, ModelConfig, PredictorConfig, from_dict,
     load_data_config, load_inference_config, load_model_config, read_json, to_dict,
 )
-from mindspeed_mm_osp.config.loader import strip_json_comments
+from mindspeed_mm_osp.config.loader import IGNORED_CONFIG_KEYS, strip_json_comments
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.json"))
@@ -44,6 +48,31 @@ def test_tiny_model_config_is_the_shipped_tiny_example():
     paths = {"vae": shipped["ae"]["from_pretrained"], "t5": shipped["text_encoder"]["from_pretrained"],
              "clip": shipped["text_encoder_2"]["from_pretrained"]}
     assert tiny_model_config(paths) == shipped
+
+
+def _field_at(json_path: str):
+    """The dataclass field a JSON path names, from the model, data or inference file's top level (or None)."""
+    for cls in (ModelConfig, DataConfig, InferenceConfig):
+        for key in json_path.split("."):
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            if key not in hints:
+                break
+            tp = hints[key]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            cls = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+        else:
+            return cls
+    return None
+
+
+def test_ignored_keys_are_fields_and_documented():
+    """Every key of the ignored-keys table is a real config key (so it is accepted, not warned about) and
+    docs/configuration.md lists exactly the table's keys."""
+    missing = [key for key in IGNORED_CONFIG_KEYS if _field_at(key) is None]
+    assert not missing, f"not config keys: {missing}"
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    documented = re.findall(r"^\| `([^`]+)` \|", doc.split("## Keys accepted and ignored", 1)[1], flags=re.M)
+    assert documented == list(IGNORED_CONFIG_KEYS)
 
 
 def test_comments_are_stripped_but_not_inside_strings():
