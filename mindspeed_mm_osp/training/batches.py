@@ -107,8 +107,9 @@ class EncodedStream:
 
     def _fetch(self) -> list[EncodedBatch]:
         batch = next(self.loader_iter)
-        fetch_round = self.ordinal // self.group_size
-        gen = keyed_generator(self.seed, "vae", fetch_round, self.dp_rank, self.group_rank)
+        # keyed by the replica micro-batch this rank encodes, so encoder DP draws what the run without it draws
+        micro_batch = self.ordinal // self.group_size * self.group_size + self.group_rank
+        gen = keyed_generator(self.seed, "vae", micro_batch, self.dp_rank)
         enc = encode_batch(self.encoders, batch, gen)
         if self.group_size == 1:
             return [enc]
