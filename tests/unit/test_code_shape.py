@@ -55,8 +55,13 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
+def _shown(path) -> Path:
+    path = Path(path)
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def _long_functions(paths) -> list[str]:
-    return [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+    return [f"{_shown(path)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for path in paths for node in ast.walk(ast.parse(Path(path).read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_LINES]
@@ -94,10 +99,10 @@ def _outside_references(paths) -> list[str]:
         text = path.read_text(errors="replace")
         rules = [(SECTION_SIGN, "section sign"), (OUTSIDE_DOCUMENT, "outside document")]
         lines = list(enumerate(text.splitlines(), 1))
-        found += [f"{path}:{n}: {what}" for n, line in lines for rule, what in rules if rule.search(line)]
+        found += [f"{_shown(path)}:{n}: {what}" for n, line in lines for rule, what in rules if rule.search(line)]
         if path.suffix in PROSE_SUFFIXES:
             rules = [(OUTSIDE_CODE, "outside code"), (MACHINE_PATH, "machine path")]
-            found += [f"{path}:{n}: {what}" for n, line in _prose(path, text) for rule, what in rules
+            found += [f"{_shown(path)}:{n}: {what}" for n, line in _prose(path, text) for rule, what in rules
                       if rule.search(line)]
     return found
 
