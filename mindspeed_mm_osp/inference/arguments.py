@@ -1,9 +1,10 @@
 """`inference.py` flags: parsed once into a frozen `InferenceArgs`, merged into the inference JSON by `build_config`.
 
 Flags come in two kinds. Overrides of the JSON (prompt, seed, sampler settings, size, dtype, save path) are
-applied by `build_config`, and the merged `InferenceConfig` is validated again as a whole. Run options (TP/CP sizes,
-weights, which stage to run, benchmark counts) stay in `InferenceArgs` and are read by `cli.run`. A new sampling
-option (e.g. `--cfg-parallel`, `--cache-threshold`, `--compile`) is a field here plus its flag in `build_parser`.
+applied by `build_config`, and the merged `InferenceConfig` is validated again as a whole. Run options (TP/CP
+sizes, weights, which stage to run, benchmark counts) stay in `InferenceArgs` and are read by
+`runner.InferenceRunner`. A new sampling option (e.g. `--cfg-parallel`, `--cache-threshold`, `--compile`) is a field
+here plus its flag in `build_parser`, read where the runner builds the model or runs its stage.
 """
 
 from __future__ import annotations

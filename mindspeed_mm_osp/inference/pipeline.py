@@ -1,10 +1,10 @@
-"""Text-to-video sampling, stage by stage (vae_diffusion_inference.md §5): prompts -> T5/CLIP conditioning ->
-seeded noise -> Euler CFG denoising with the (TP-sharded) SparseUMMDiT -> chunked WF-VAE decode -> mp4.
+"""The building blocks of text-to-video sampling that `runner.InferenceRunner` calls stage by stage: prompt files,
+T5/CLIP conditioning, seeded noise, Euler CFG denoising with the (TP-sharded) SparseUMMDiT, latents files.
 
-Each stage is a function so the CLI can stop after denoising (`--save-latents`), decode later without text
-encoders or predictor (`--decode-latents`), and time every stage (`--benchmark`).
+Each block takes plain values (texts, tensors, sigmas, scales), not the config: the runner reads the config and
+hands every block what it needs, so a setting can be followed from the flags to its use in one file.
 
-Differences from the reference, on purpose:
+Differences from the reference implementation, on purpose:
 * noise comes from a CPU generator seeded with `seed + prompt_index`, in fp32, then moved: identical on every
   TP rank by construction and independent of batch size, DP size and device;
 * latents stay fp32 between steps (the predictor runs in `weight_dtype`); guidance and the Euler step are fp32;
@@ -16,7 +16,6 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import InferenceConfig
-from ..diffusion import FlowMatchingScheduler, sample
+from ..diffusion import sample
 from ..diffusion.step_cache import StepCache
 from .cfg_parallel import CfgParallelGroup, cfg_parallel_model_fn
 from .conditioning import InpaintCondition
@@ -45,28 +43,12 @@ def load_prompts(source: str) -> list[str]:
     return [source]
 
 
-def prepare_texts(prompts: Sequence[str], negative_prompt: Optional[str], version: str) -> tuple[list[str], list[str]]:
-    """(positive, negative) texts after the prompt template and caption cleaning, one pair per prompt."""
-    from ..models.text import apply_prompt_template, clean_caption
-
-    pairs = [apply_prompt_template(p, negative_prompt, version) for p in prompts]
-    return [clean_caption(p) for p, _ in pairs], [clean_caption(n) for _, n in pairs]
-
-
 class TextConditioner:
     """Tokenizers and T5/CLIP encoders: texts -> the predictor's conditioning keywords."""
 
-    def __init__(self, cfg: InferenceConfig, dtype: torch.dtype, device: torch.device):
-        from ..models.text import TextEncoders, load_tokenizer
-
-        if (cfg.text_encoder_2 is None) != (cfg.tokenizer_2 is None):
-            raise ValueError("text_encoder_2 and tokenizer_2 must both be given or both be absent")
-        text_encoder = dataclasses.replace(cfg.text_encoder,
-                                           use_attention_mask=cfg.pipeline_config.use_attention_mask)
-        self.encoders = TextEncoders.from_config(text_encoder, cfg.text_encoder_2, dtype=dtype).to(device)
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.tokenizer_2 = load_tokenizer(cfg.tokenizer_2) if cfg.tokenizer_2 is not None else None
-        self.max_length = cfg.model_max_length  # T5 tokens (512 for the release); CLIP always uses 77
+    def __init__(self, encoders: torch.nn.Module, tokenizer, tokenizer_2, max_length: int):
+        self.encoders, self.tokenizer, self.tokenizer_2 = encoders, tokenizer, tokenizer_2
+        self.max_length = max_length  # T5 tokens (512 for the release); CLIP always uses 77
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -80,27 +62,15 @@ class TextConditioner:
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask, "pooled_projections": pooled}
 
 
-def latent_shape(cfg: InferenceConfig) -> tuple[int, int, int, int]:
-    """(C, t, h, w) of the requested `pipeline_config.input_size`, from the config alone (no VAE needed)."""
-    frames, height, width = cfg.pipeline_config.input_size
-    ft, fh, fw = cfg.ae.vae_scale_factor
-    return cfg.ae.latent_dim, (frames - 1) // ft + 1, height // fh, width // fw
-
-
 def initial_noise(shape: tuple[int, ...], seed: int, indices: Sequence[int]) -> torch.Tensor:
     """(B, *shape) standard normal fp32 on CPU; row b from a generator seeded with `seed + indices[b]`."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in indices])
 
 
-def sampling_sigmas(cfg: InferenceConfig) -> torch.Tensor:
-    _, _, h, w = latent_shape(cfg)
-    return FlowMatchingScheduler(cfg.diffusion).sampling_sigmas(latent_hw=(h, w))
-
-
 @torch.no_grad()
 def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.Tensor],
-            uncond: Optional[dict[str, torch.Tensor]], cfg: InferenceConfig,
-            callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
+            uncond: Optional[dict[str, torch.Tensor]], sigmas: torch.Tensor, guidance_scale: float,
+            guidance_rescale: float = 0.0, callback: Optional[Callable[[int, int, torch.Tensor], None]] = None, *,
             step_cache: Optional[StepCache] = None, cfg_parallel: Optional[CfgParallelGroup] = None,
             condition: Optional[InpaintCondition] = None) -> torch.Tensor:
     """Clean latents (fp32, on the model's device) from `noise`; one forward per step for [uncond; cond].
@@ -112,7 +82,7 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.T
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     predictor = model if step_cache is None else step_cache
-    guided = cfg.diffusion.guidance_scale > 1.0
+    guided = guidance_scale > 1.0
     if cfg_parallel is not None and not (guided and uncond is not None):
         raise ValueError("--cfg-parallel needs classifier-free guidance (guidance_scale > 1 and negative prompts)")
 
@@ -128,21 +98,8 @@ def denoise(model: torch.nn.Module, noise: torch.Tensor, cond: dict[str, torch.T
         model_fn = cfg_parallel_model_fn(model_fn, cfg_parallel)
     return sample(model_fn, noise.to(device=device, dtype=torch.float32), to_model(cond),
                   to_model(uncond) if guided and uncond is not None else None,
-                  sigmas=sampling_sigmas(cfg), guidance_scale=cfg.diffusion.guidance_scale,
-                  guidance_rescale=cfg.diffusion.guidance_rescale, callback=callback,
-                  constrain=None if condition is None else condition.constrain)
-
-
-@torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor,
-           group: Optional["torch.distributed.ProcessGroup"] = None) -> Optional[torch.Tensor]:
-    """(B, C, t, h, w) latents -> (B, 3, T, H, W) videos in [-1, 1] (fp32, CPU).
-
-    With `group` the decode is spread over its ranks (all must call) and the video returned on its rank 0 only.
-    """
-    param = next(vae.parameters())
-    video = vae.decode(latents.to(param.device), group)
-    return None if video is None else video.float().clamp(-1, 1).cpu()
+                  sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                  callback=callback, constrain=None if condition is None else condition.constrain)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -173,14 +130,5 @@ def load_latents(path: Path) -> SavedLatents:
         return SavedLatents(f.get_tensor(LATENTS_KEY), json.loads(meta["record"]))
 
 
-def write_video(save_dir: Path, stem: str, video: torch.Tensor, fps: float, record: dict) -> Path:
-    """`<stem>.mp4` (H.264) and its `<stem>.json` sidecar, each written atomically."""
-    from .video_io import to_uint8_frames, write_json_atomic, write_mp4
-
-    path = write_mp4(save_dir / f"{stem}.mp4", to_uint8_frames(video), fps)
-    write_json_atomic(save_dir / f"{stem}.json", {**record, "video": path.name})
-    return path
-
-
-__all__ = ["LATENTS_KEY", "SavedLatents", "TextConditioner", "decode", "denoise", "initial_noise", "latent_shape",
-           "load_latents", "load_prompts", "prepare_texts", "sampling_sigmas", "save_latents", "write_video"]
+__all__ = ["LATENTS_KEY", "SavedLatents", "TextConditioner", "denoise", "initial_noise", "load_latents", "load_prompts",
+           "save_latents"]

@@ -15,7 +15,8 @@ from mindspeed_mm_osp.checkpoint.weights import load_predictor_weights
 from mindspeed_mm_osp.config import from_dict, load_inference_config
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference import cli
-from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts, prepare_texts
+from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts
+from mindspeed_mm_osp.inference.runner import InferenceRunner, prepare_texts
 from mindspeed_mm_osp.inference.video_io import read_mp4
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, build_predictor, local_state_dict
 from mindspeed_mm_osp.testing import perturb_parameters
@@ -65,13 +66,13 @@ def run(config: Path, *extra: str) -> None:
 
 def test_videos_sidecars_and_two_stage_equal_one_stage(config, tmp_path, monkeypatch):
     decoded = []  # what reaches the VAE, observed (not replaced) in both stages
-    real_decode = cli.decode
+    real_decode = InferenceRunner.decode
 
-    def observed_decode(vae, latents, group=None):
+    def observed_decode(runner, latents):
         decoded.append(latents.clone())
-        return real_decode(vae, latents, group)
+        return real_decode(runner, latents)
 
-    monkeypatch.setattr(cli, "decode", observed_decode)
+    monkeypatch.setattr(InferenceRunner, "decode", observed_decode)
 
     run(config, "--save-path", str(tmp_path / "one"))
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
