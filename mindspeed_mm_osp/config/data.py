@@ -16,7 +16,7 @@ class TransformSpec:
     """One step of a train pipeline; `data.transforms.build_pipeline` turns these into callables.
 
     Only the transforms Open-Sora Plan v1.5 uses are accepted (the reference's unused ones
-    are broken there, spec B21).
+    are broken there: docs/reference_bugs.md, `unused-transforms-broken`).
     """
 
     trans_type: Literal["ToTensorVideo", "CenterCropResizeVideo", "ae_norm",
@@ -59,8 +59,7 @@ class PreprocessParameters:
     drop_short_ratio: float = 1.0
     min_num_frames: int = 29
     cfg: float = 0.1
-    # Stored by the reference inside preprocess_parameters but unused there; the real
-    # accumulation comes from the launcher's batch sizes.
+    # Not read (loader.IGNORED_CONFIG_KEYS): the real accumulation comes from the launcher's batch sizes.
     batch_size: int = 1
     gradient_accumulation_size: int = 1
     use_aesthetic: bool = False
@@ -147,19 +146,19 @@ class DatasetParam:
     # sets load_video_features / load_text_features (see mindspeed_mm_osp.features).
     feature_cache_dir: Optional[str] = None
     # Every kept video also contributes one random frame of itself as an image sample
-    # (REF accepts the key but ignores it).
+    # (the reference accepts the key but ignores it).
     use_img_from_vid: bool = False
     # Image-to-video training (a `SparseUMMDiTInpaint` predictor): every sample also carries a frame mask.
     mask_config: Optional[MaskConfig] = None
 
     # The reference's data.json says `enable_text_preprocess`, its constructor reads
-    # `enable_text_preprocessing` (spec B12): accept both spellings.
+    # `enable_text_preprocessing` (docs/reference_bugs.md, `text-preprocess-key-spelling`): accept both spellings.
     _aliases = {"enable_text_preprocessing": "enable_text_preprocess"}
 
     def validate(self, file, path: str) -> None:
         require(self.model_max_length >= 1, file, f"{path}.model_max_length", "must be >= 1")
         require(self.use_text_processer, file, f"{path}.use_text_processer",
-                "must be true: every sample is tokenized (REF retries forever without it, spec B13)")
+                "must be true: every sample is tokenized (the reference retries forever without it)")
 
 
 @dataclass(frozen=True)
@@ -188,9 +187,8 @@ class DataloaderParam:
     drop_last: bool = True
     pin_memory: bool = False
     group_data: bool = True
-    # Accepted for compatibility, not used: the sampler resumes from the trainer's
-    # consumed_samples and derives gradient accumulation from the trainer's batch sizes
-    # (this copy is stale in the v1.5 example: 4 vs. 1 real, spec bug B11).
+    # Not read (loader.IGNORED_CONFIG_KEYS): the sampler resumes from the trainer's consumed_samples and derives
+    # gradient accumulation from the trainer's batch sizes (docs/reference_bugs.md, `resume-uses-stale-accumulation`).
     initial_global_step_for_sampler: int = 0
     gradient_accumulation_size: int = 1
     collate_param: CollateParam = field(default_factory=CollateParam)

@@ -24,7 +24,7 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     frames: Optional[int] = None
     allow_tf32: bool = False
-    # Ascend-only switch (NPU private formats); accepted, no effect elsewhere.
+    # allow_tf32 and allow_internal_format are not read (loader.IGNORED_CONFIG_KEYS).
     allow_internal_format: bool = False
     load_video_features: bool = False
     load_text_features: bool = False

@@ -28,14 +28,14 @@ class PredictorConfig:
     double_ff: bool = True
     sparse1d: bool = True
     skip_connection: bool = True
-    # The release trains with zero-initialised skip fusion (R1 default when the key is absent).
+    # The release trains with zero-initialised skip fusion (the reference's default when the key is absent).
     skip_connection_zero_init: bool = True
     dropout: float = 0.0
     attention_bias: bool = True
     patch_size: int = 2
     patch_size_t: int = 1
     activation_fn: Literal["gelu-approximate", "gelu"] = "gelu-approximate"
-    # Accepted for compatibility; the release (R1) ignores it and always uses affine LayerNorms.
+    # Not read (loader.IGNORED_CONFIG_KEYS, like norm_cls): the release's LayerNorms are always affine.
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-6
     norm_cls: Literal["layer_norm", "fp32_layer_norm"] = "layer_norm"
@@ -43,8 +43,9 @@ class PredictorConfig:
     interpolation_scale_h: float = 1.0
     interpolation_scale_w: float = 1.0
     from_pretrained: Optional[str] = None
-    # The final block's text-stream parameters (attn1.to_add_out, norm2.norm_enc, ff_enc) exist in R1 only when
-    # the model was built with TP>1, which the release was. They never change the video output. Build them when
+    # The final block's text-stream parameters (attn1.to_add_out, norm2.norm_enc, ff_enc) exist in the reference
+    # only when the model was built with TP>1, which the release was (docs/reference_bugs.md,
+    # `tp-dependent-final-block`). They never change the video output. Build them when
     # the checkpoint to load has them (`models.predictor.has_final_block_text_params(state_dict)`).
     final_block_text_params: bool = False
 
@@ -111,7 +112,7 @@ class RecomputeConfig:
     * `granularity="full", method="block", num_layers=N`: the first N blocks (global order) are recomputed whole.
     * `selective_ffn_layers=N`: only the FFN half (adaLN-2, FFNs, gated residuals) of the first N blocks is
       recomputed; this is what the release trained with (N=32, all blocks).
-    The two are mutually exclusive here (R1 silently combined them, see the predictor spec §5/§7.12).
+    The two are mutually exclusive here (docs/reference_bugs.md, `recompute-modes-combined`).
     """
 
     granularity: Optional[Literal["full"]] = None

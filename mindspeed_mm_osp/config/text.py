@@ -16,7 +16,7 @@ class TextEncoderConfig:
     `model_id` picks the class: "T5" -> T5EncoderModel, "CLIPWithProjection" ->
     CLIPTextModelWithProjection. `dtype` is used when the caller gives no `weight_dtype`.
     `use_attention_mask` (T5 only) feeds the tokenizer mask to the encoder.
-    `low_cpu_mem_usage` is accepted for the reference JSON; transformers 5 always loads lazily.
+    `hub_backend` and `low_cpu_mem_usage` are accepted and not read (`loader.IGNORED_CONFIG_KEYS`).
     """
 
     from_pretrained: str

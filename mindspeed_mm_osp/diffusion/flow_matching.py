@@ -1,6 +1,6 @@
 """Open-Sora Plan v1.5 rectified flow: sigma sampling, shifting, noising, target, loss.
 
-Convention (vae_diffusion_inference spec §3): x_sigma = sigma * eps + (1 - sigma) * x0 with
+Convention (docs/model.md, "Flow matching and sampling"): x_sigma = sigma * eps + (1 - sigma) * x0 with
 sigma in [0, 1] (1 = pure noise), the model predicts the velocity v = eps - x0, and the
 timestep it sees is 1000 * sigma as a float. The scheduler is pure: it draws only from
 the generator it is given, so the training loop decides how TP/CP peers agree on noise
@@ -146,7 +146,7 @@ class FlowMatchingScheduler:
     # ---------------------------------------------------------------- sampling
     def sampling_sigmas(self, num_steps: Optional[int] = None,
                         latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """The S+1 sigmas (fp32, 1 -> 0) of the Euler sampler (spec §4).
+        """The S+1 sigmas (fp32, 1 -> 0) of the Euler sampler.
 
         Default: linspace(1, 0, S+1), shifted when shift > 1 or dynamic shifting is on
         (`latent_hw` of the requested video is then required). With

@@ -1,4 +1,4 @@
-"""Euler sampling of the velocity field with classifier-free guidance (spec §4).
+"""Euler sampling of the velocity field with classifier-free guidance (docs/model.md, "Flow matching and sampling").
 
 The model is any callable `model_fn(x, timestep, **cond) -> velocity`, so inference can
 plug the TP-sharded DiT and tests a closed-form field. Guidance, rescale and the Euler

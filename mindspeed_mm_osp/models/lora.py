@@ -13,7 +13,7 @@
 
 The collectives move r features per token instead of the layer width (r << width). A replicated adapter that
 only sees this rank's tokens is tagged `sequence_parallel=True` so `finalize_model_grads` sums its grad over
-TP (megatron-core integration §4); split adapters carry megatron's `tensor_model_parallel` attributes so the
+TP (docs/optimizer.md, "Inside megatron"); split adapters carry megatron's `tensor_model_parallel` attributes so the
 grad norm counts them on every rank. B starts at zero (the model is the base at step 0); A's init depends only
 on (seed, module name), never on the TP size or rank.
 

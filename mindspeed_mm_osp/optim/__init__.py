@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and gradient clipping for training (training.md §1-2, integration doc §1-3).
+"""Optimizer, LR schedule and gradient clipping for training (docs/optimizer.md).
 
 The public API is what this package exports: checkpoints save and restore optimizer state through
 `optimizer_state_for_save` / `load_optimizer_state` / `reset_optimizer_state`, never through the megatron

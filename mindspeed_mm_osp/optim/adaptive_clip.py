@@ -1,4 +1,4 @@
-"""Adaptive gradient clipping (`--clip_grad_ema_decay`, training.md §2.3) and skipping of bad steps.
+"""Adaptive gradient clipping (`--clip_grad_ema_decay`, docs/optimizer.md) and skipping of bad steps.
 
 With norm `g` (global L2, all-reduced, so every rank decides the same), EMA mean `mu` and variance `var`
 (decay `gamma`):
@@ -6,10 +6,10 @@ With norm `g` (global L2, all-reduced, so every rank decides the same), EMA mean
 * `T_clip = mu + 3 sqrt(var)`, `T_ext = max(mu + 5 sqrt(var), 5)`;
 * `g <= T_clip`: step; `mu <- gamma mu + (1 - gamma) g`; `var <- gamma var + (1 - gamma) (mu_new - g)^2`;
 * `T_clip < g <= T_ext`: scale grads by `1 / (g / T_clip + 1e-6)`, step; statistics unchanged;
-* `g > T_ext` or non-finite: **skip** (fixes §2.7: the reference stepped with the raw grads and saved the
-  corrupted weights). Weights, EMA, optimizer state and step counters stay untouched.
+* `g > T_ext` or non-finite: **skip** (the reference stepped with the raw grads and saved the corrupted weights:
+  docs/reference_bugs.md, `extreme-step-applied`). Weights, EMA, optimizer state and step counters stay untouched.
 With `clip_grad_ema_decay <= 0`, Megatron's constant rule: scale by `clip_grad / (g + 1e-6)` when below 1;
-non-finite norms are skipped there too. The statistics are checkpointed (fixes §2.2).
+non-finite norms are skipped there too. The statistics are checkpointed (`clip-state-not-checkpointed`).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class AdaptiveGradClip:
 
 
 def clip_and_step(optimizer, clipper: AdaptiveGradClip) -> ClipStepResult:
-    """Replacement for megatron `optimizer.step()` (integration doc §3): prepare grads, one all-reduced norm,
+    """Replacement for megatron `optimizer.step()` (docs/optimizer.md): prepare grads, one all-reduced norm,
     then skip / clip / step. Advance the LR scheduler only when `update_successful`."""
 
     def result(ok: bool, g, after, decision) -> ClipStepResult:

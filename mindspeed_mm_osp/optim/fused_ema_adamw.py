@@ -1,4 +1,4 @@
-"""AdamW that also keeps an fp32 EMA of the updated weights as optimizer state (training.md §1).
+"""AdamW that also keeps an fp32 EMA of the updated weights as optimizer state (docs/optimizer.md).
 
 Per step, for every fp32 param `p` with a gradient (exactly `torch.optim.AdamW`, then the EMA):
 
@@ -9,12 +9,13 @@ Per step, for every fp32 param `p` with a gradient (exactly `torch.optim.AdamW`,
 
 Differences from the reference (MindSpeed `FusedEmaAdamW`), on purpose:
 * the warm-up counter `n` is each param's own `step` (saved with the optimizer state), not a Python attribute
-  reset on every restart (training.md §1.7 [BUG]); with all params stepped every iteration it equals the
+  reset on every restart (docs/reference_bugs.md, `ema-warmup-reset-on-restart`); with all params stepped every
+  iteration it equals the
   reference's `num_updates` in an uninterrupted run;
 * `step` is a per-param tensor in torch's layout (CPU float32 scalar; on the param's device when `fused`), so
   torch's and megatron's state handling applies unchanged.
 
-Kernels: MindSpeed's fused op on Ascend (call signature per training.md §1.4; not run in CI, which has no
+Kernels: MindSpeed's fused op on Ascend (call signature in docs/optimizer.md; not run in CI, which has no
 Ascend); torch's fused AdamW kernel plus one `_foreach_lerp_` when `fused=True` (default on CUDA and CPU:
 ~3x faster than foreach on CPU, see bench/bench_ema_optimizer.py; 10 x 4 bytes/param against the 9 x 4 floor);
 otherwise a multi-tensor `torch._foreach_*` sequence per (device, dtype), op for op torch's foreach AdamW.
@@ -154,7 +155,7 @@ def _fused_step(group: dict, params: list, grads: list, exp_avgs: list, exp_avg_
 
 def _npu_step(kernel, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
               emas: list, steps: list) -> None:
-    """MindSpeed `npu_apply_fused_ema_adamw`: one kernel per tensor updating p, m, v, s (training.md §1.4)."""
+    """MindSpeed `npu_apply_fused_ema_adamw`: one kernel per tensor updating p, m, v, s (docs/optimizer.md)."""
     beta1, beta2 = group["betas"]
     torch._foreach_add_(steps, 1)
     for p, g, m, v, s, st in zip(params, grads, exp_avgs, exp_avg_sqs, emas, steps):

@@ -2,9 +2,9 @@
 
 `build_optimizer` builds megatron's optimizer the normal way (`get_megatron_optimizer`: param groups with
 wd/lr multipliers, Float16 / FP32 / Distributed wrappers) and swaps each inner optimizer for `FusedEmaAdamW`
-before the first step (integration doc §1 "(A)"). megatron 0.16.1 has no hook for a custom inner class and its
-own DistributedOptimizer checkpoint paths drop `ema_params`, share one `step` tensor or raise `KeyError: 'step'`
-(integration doc §2), so the state is moved in *model space* here instead (doc §2 (ii)): one full fp32 tensor
+before the first step. megatron 0.16.1 has no hook for a custom inner class and its
+own DistributedOptimizer checkpoint paths drop `ema_params`, share one `step` tensor or raise `KeyError: 'step'`,
+so the state is moved in *model space* here instead (docs/optimizer.md, "Inside megatron"): one full fp32 tensor
 per model parameter and key, gathered from / scattered to the DP shards. That makes optimizer checkpoints
 independent of the DP size (a DP=2 save resumes at DP=1) and gives the fp32 EMA for export.
 """

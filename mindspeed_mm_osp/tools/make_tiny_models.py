@@ -2,7 +2,7 @@
 
 `python -m mindspeed_mm_osp.tools.make_tiny_models OUT` produces
 
-    OUT/vae/merged.ckpt   WF-VAE in the release checkpoint layout (spec tiny config)
+    OUT/vae/merged.ckpt   WF-VAE in the release checkpoint layout (a tiny config)
     OUT/t5/               T5EncoderModel + SentencePiece tokenizer (d_model 32)
     OUT/clip/             CLIPTextModelWithProjection + BPE tokenizer (projection 16)
 

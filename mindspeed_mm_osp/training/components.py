@@ -3,7 +3,7 @@
 The WF-VAE and text encoders are plain eval-mode modules run without autograd, in their
 own dtypes (`--model_custom_precision`), and never checkpointed: they are reloaded from
 their pretrained paths at start-up. Only the SparseUMMDiT is wrapped in megatron-core DDP
-and seen by the optimizer (integration notes §5).
+and seen by the optimizer (frozen parameters get no grad buffer or optimizer state: docs/optimizer.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pretraining loop (reference training.md §5) as a `Trainer` with named phases.
+"""The pretraining loop (docs/training.md) as a `Trainer` with named phases.
 
 `Trainer.fit` runs: `build` (process groups, configs, frozen encoders, predictor, DDP, optimizer) →
 `resume` (a checkpoint, when `--load`) → `build_data` (this rank's loader shard) → per iteration

@@ -2,7 +2,7 @@
 
 Encoder: three causal Haar levels feed "energy-flow" side branches into the main path;
 latent = (B, 2Z, (T-1)/8+1, H/8, W/8) posterior parameters. Decoder mirrors it with inverse
-Haar transforms. Spec: shared/reference/vae_diffusion_inference.md §1 (keys: Appendix A).
+Haar transforms. Facts: docs/model.md, "WF-VAE" (keys: tests/unit/test_wfvae_keys.py).
 
 Chunked ("tiling") coding processes time in chunks `[0,1], [1,1+n], [1+n,1+2n], ...` (frame 0
 alone, as the model treats it as an image frame) with per-module caches, so memory scales

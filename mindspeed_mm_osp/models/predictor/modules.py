@@ -3,9 +3,9 @@
 Activations are (sequence, batch, hidden) like Megatron. Under sequence parallelism (SP) each TP rank holds a
 contiguous slice of the video and of the text sequence between blocks; column-parallel linears all-gather the
 sequence, row-parallel linears reduce-scatter it, so attention (incl. skiparse) always sees full sequences with the
-rank's own heads (predictor spec §4.3). Under context parallelism (CP) each CP rank holds a shard of the video
-sequence; `JointAttention` hands its projections to `parallel.context_parallel`, whose all-to-all gives the full
-sequence with heads / CP heads, so attention below sees the same full sequences.
+rank's own heads (docs/model.md, "Tensor, sequence and context parallelism"). Under context parallelism (CP) each CP
+rank holds a shard of the video sequence; `JointAttention` hands its projections to `parallel.context_parallel`,
+whose all-to-all gives the full sequence with heads / CP heads, so attention below sees the same full sequences.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def gather_last_dim(ctx: ParallelContext, x: torch.Tensor) -> torch.Tensor:
 
 def tag_sequence_parallel(module: nn.Module, ctx: ParallelContext) -> nn.Module:
     """Mark replicated params that only see this rank's tokens under SP; `finalize_model_grads` sums their grads
-    over TP (megatron-core integration §4)."""
+    over TP (docs/optimizer.md, "Inside megatron")."""
     if ctx.sequence_parallel:
         for p in module.parameters():
             p.sequence_parallel = True
@@ -114,8 +114,8 @@ def tag_sequence_parallel(module: nn.Module, ctx: ParallelContext) -> nn.Module:
 
 
 class LayerNorm(nn.Module):
-    """Always-affine LayerNorm computed in fp32 and cast back (R1's legacy LN; `norm_elementwise_affine` is ignored
-    by the release, so every LN has weight and bias)."""
+    """Always-affine LayerNorm computed in fp32 and cast back (the reference's legacy LN; `norm_elementwise_affine`
+    is ignored by the release, so every LN has weight and bias)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -166,7 +166,7 @@ def maybe_clamp(x: torch.Tensor, training: bool) -> torch.Tensor:
 
 
 class AdaNormZero(nn.Module):
-    """adaLN for both streams (R1 `OpenSoraNormZero`, not zero-initialised despite the name).
+    """adaLN for both streams (the reference's `OpenSoraNormZero`, not zero-initialised despite the name).
 
     `linear(SiLU(temb))` -> 6 chunks in the order shift, scale, gate, enc_shift, enc_scale, enc_gate; modulation
     math in fp32. `with_text=False` (final block without text params) builds no `norm_enc`.
@@ -262,9 +262,11 @@ class TimestepTextEmbedding(nn.Module):
 def rope_3d_tables(t: int, h: int, w: int, head_dim: int, scales: tuple[float, float, float],
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (L, head_dim), fp32, for the (t, h, w) raster; chunks t/h/w of 4/6/6 sixteenths of head_dim,
-    base 10000, each chunk's angles duplicated [theta, theta] for the rotate-half convention (spec §2.3).
+    base 10000, each chunk's angles duplicated [theta, theta] for the rotate-half convention (docs/model.md,
+    "3-D RoPE").
 
-    Rebuilt every forward (microseconds): no cache to key by shape/scale/device (R1's cache ignored the scale)."""
+    Rebuilt every forward (microseconds): no cache to key by shape/scale/device (docs/reference_bugs.md,
+    `rope-cache-ignores-scale`)."""
     sizes = rope_chunk_sizes(head_dim)
     grid = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in (t, h, w)), indexing="ij")
     angles = []
@@ -420,8 +422,8 @@ class SparseMMDiTBlock(nn.Module):
 
     `text_out=False` only for the final block when the checkpoint has no final-block text params: its text stream
     output is discarded, so it gets no to_add_out / norm2.norm_enc / ff_enc and no text residuals.
-    With `double_ff=False` one FFN is shared by both streams; unlike R1 the text is normalised and modulated by
-    `norm2.norm_enc` before it (R1 bug, spec §7.1.2).
+    With `double_ff=False` one FFN is shared by both streams; unlike the reference the text is normalised and
+    modulated by `norm2.norm_enc` before it (docs/reference_bugs.md, `double-ff-raw-text`).
     """
 
     def __init__(self, ctx: ParallelContext, cfg: PredictorConfig, sparse_n: int, sparse_group: bool,
@@ -450,7 +452,7 @@ class SparseMMDiTBlock(nn.Module):
         return self.ffn(x, c, temb)
 
     def ffn(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor):
-        """The unit that selective recompute checkpoints (spec §5.3)."""
+        """The unit that selective recompute checkpoints (docs/model.md, "Recompute")."""
         x, c = maybe_clamp(x, self.training), maybe_clamp(c, self.training)
         xn, cn, gate, enc_gate = self.norm2(x, c, temb)
         if cn is None:  # final block without text params

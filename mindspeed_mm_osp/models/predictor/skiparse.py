@@ -1,8 +1,9 @@
 """Skiparse ("sparse1d") token regrouping of Open-Sora Plan v1.5, as pure index maps.
 
-A sparse block with sparse_n = k pads the video sequence to L' (a multiple of k^2, predictor spec §3.1) and splits
-it into k groups of L'/k tokens that attend only among themselves (plus all text). Groups go to the batch dim with
-new batch index g*B + b (group-major). For raster index p:
+A sparse block with sparse_n = k pads the video sequence to L' (a multiple of k^2; docs/model.md, "Skiparse
+attention", has the rules and worked examples) and splits it into k groups of L'/k tokens that attend only among
+themselves (plus all text). Groups go to the batch dim with new batch index g*B + b (group-major). For raster
+index p:
 
 * single skip (even blocks): g = p mod k, q = p div k                       (inverse p = q*k + g)
 * group skip (odd blocks):   p = n*k^2 + m*k + j -> g = m, q = n*k + j      (inverse p = n*k^2 + g*k + j, n = q div k,
@@ -25,7 +26,7 @@ def padded_length(length: int, k: int) -> int:
 
 
 def skiparse_index(k: int, group: bool, p: torch.Tensor | int):
-    """(group g, position q) of raster index p (§3.2 formulas)."""
+    """(group g, position q) of raster index p (formulas in docs/model.md, "Skiparse attention")."""
     if not group:
         return p % k, p // k
     n, m, j = p // (k * k), (p // k) % k, p % k
@@ -82,7 +83,7 @@ def skiparse_groups(length: int, k: int, group: bool) -> list[list[int | None]]:
 
 def skiparse_key_mask(video_valid: torch.Tensor, text_valid: torch.Tensor, k: int, group: bool) -> torch.Tensor:
     """Key-padding mask (k*B, L'/k + S), True = attend: permuted video validity (padding masked), then text
-    validity repeated per group (§3.4). Video and text keys appear in the same order as in the attention."""
+    validity repeated per group. Video and text keys appear in the same order as in the attention."""
     vv = pad_to_skiparse(video_valid.t(), k, value=False)           # (L', B)
     vv = skiparse_permute(vv, k, group).t()                           # (k*B, L'/k)
     return torch.cat([vv, text_valid.repeat(k, 1)], dim=1)

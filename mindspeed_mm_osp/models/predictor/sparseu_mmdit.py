@@ -3,12 +3,13 @@
 Read top to bottom: patchify + conditioning -> encoder stages (pushing skips) -> middle stage -> decoder stages
 (popping skips, LIFO) -> final norms/modulation -> proj_out -> unpatchify. Every block is joint video+text
 attention; blocks of a stage with sparse_n = k > 1 alternate single-skip (even) / group-skip (odd) skiparse.
-`sparse1d=False` is the dense MMDiT with the same weights. State-dict keys follow the release (R1
-`mindspeed_mmdit` branch; see /work/shared/reference/sparseu_mmdit.md §1).
+`sparse1d=False` is the dense MMDiT with the same weights. State-dict keys follow the release (the
+reference's `mindspeed_mmdit` branch; see docs/model.md, "State-dict keys").
 
 Differences from the reference, on purpose:
 * the final block's text params exist by config flag (`final_block_text_params`), not by the TP size;
-* `double_ff=False` normalises/modulates the text before the shared FFN (R1 fed it raw);
+* `double_ff=False` normalises/modulates the text before the shared FFN (the reference fed it raw:
+  docs/reference_bugs.md, `double-ff-raw-text`);
 * masks are key-padding masks, never square; `attention_mask=None` means all valid;
 * sequences not divisible by TP under SP (CP x TP under CP) are padded and the padding is excluded from attention;
 * context parallelism (Ulysses, `parallel/context_parallel.py`) splits the video over CP ranks after patch
@@ -270,7 +271,7 @@ class SparseUMMDiT(nn.Module):
 
 
 def final_block_text_param_keys(config: PredictorConfig) -> list[str]:
-    """Key prefixes of the final block's TP-dependent text params (R1 builds them iff TP>1)."""
+    """Key prefixes of the final block's TP-dependent text params (the reference builds them iff TP>1)."""
     prefix = f"transformer_blocks.{len(config.num_layers) - 1}.{config.num_layers[-1] - 1}."
     keys = [prefix + "attn1.to_add_out.", prefix + "norm2.norm_enc."]
     if config.double_ff:

@@ -1,7 +1,8 @@
 """Tensor-parallel layout of SparseUMMDiT state dicts: the one place that knows which key splits how.
 
 Used by `load_merged_state_dict` (slice a merged/released checkpoint for this rank) and by the checkpoint converter
-(merge per-rank shards back). Rules = predictor spec §4.2 (R1's converter lists, minus its non-existent keys):
+(merge per-rank shards back). Rules (docs/model.md, "Tensor, sequence and context parallelism"): the reference
+converter's lists minus their non-existent keys (docs/reference_bugs.md, `converter-lists-unknown-keys`):
 
 * dim 0 (column-parallel, output features; contiguous heads per rank): attn1 q/k/v and add_q/k/v projections
   (weight and bias), FFN `net.0.proj.weight`, adaLN `norm1.linear`/`norm2.linear`/`norm_out.linear` (weight and bias);
@@ -43,7 +44,7 @@ def tp_split_dim(key: str) -> Optional[int]:
 
 
 def strip_extra_state(sd: Mapping[str, object]) -> dict:
-    """Drop megatron's `*._extra_state` entries (None-valued TE-compat placeholders in R1 checkpoints)."""
+    """Drop megatron's `*._extra_state` entries (None-valued TE-compat placeholders in reference checkpoints)."""
     return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
 
 

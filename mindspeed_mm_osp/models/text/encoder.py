@@ -1,4 +1,4 @@
-"""Frozen T5 and CLIP text encoders (vae_diffusion_inference spec §2).
+"""Frozen T5 and CLIP text encoders (docs/model.md, "Text encoders").
 
 T5 v1.1 gives the token sequence the DiT cross-attends to (last hidden state, after the
 final RMS norm, padding positions left as they are: the DiT gets the mask). CLIP-bigG gives

@@ -1,7 +1,7 @@
 """Caption cleaning and the v1.5 prompt template.
 
 `clean_caption` reproduces the PixArt/DeepFloyd cleaner that Open-Sora Plan applies to
-training captions and inference prompts (data spec §3.6), so that text seen at inference
+training captions and inference prompts (docs/model.md, "Text encoders"), so that text seen at inference
 tokenises like text seen in training. It is pure and deterministic. Known quirks are kept
 on purpose because the released weights were trained on their output: "jpeg artifacts"
 becomes "artifacts", the words "shipping"/"download" vanish anywhere, and "something.its"
@@ -169,7 +169,7 @@ def clean_caption(text: str) -> str:
 
 
 # v1.5 templates, byte for byte (newline + 12-space indentation included): cleaning turns
-# them into the spec's strings, e.g. "high quality, <prompt>".
+# them into the release's strings, e.g. "high quality, <prompt>".
 _POSITIVE_TEMPLATE_V15 = "\n            high quality, {}\n            "
 _NEGATIVE_TEMPLATE_V15 = (
     "\n            Worst quality, Normal quality, Low quality, Low res, Blurry, Jpeg artifacts, Grainy, watermark, banner, \n"
