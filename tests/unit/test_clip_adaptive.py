@@ -1,4 +1,4 @@
-"""Adaptive 3-sigma clipping rule (training.md §2.3) on scripted grad norms."""
+"""Adaptive 3-sigma clipping rule (docs/optimizer.md, "Adaptive gradient clipping") on scripted grad norms."""
 
 import math
 
@@ -8,7 +8,7 @@ from mindspeed_mm_osp.optim.adaptive_clip import AdaptiveGradClip
 
 
 def _expected(norms, gamma):
-    """Straight transcription of §2.3 (with the skip fix) to compare against."""
+    """Straight transcription of the rule in docs/optimizer.md (with the skip fix) to compare against."""
     mu = var = None
     out = []
     for g in norms:

@@ -1,4 +1,4 @@
-"""Sampling schedule, CFG + guidance rescale and the Euler loop (vae_diffusion_inference spec §4)."""
+"""Sampling schedule, CFG + guidance rescale and the Euler loop (docs/model.md, "Flow matching and sampling")."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Flow-matching training maths (vae_diffusion_inference spec §3)."""
+"""Flow-matching training maths (docs/model.md, "Flow matching and sampling")."""
 
 import math
 
@@ -101,7 +101,7 @@ def test_add_noise_target_and_timesteps():
 
 
 def _masked_reference(pred, target, mask, weights=None):
-    """Loop form of the spec: per-element error, mask broadcast over C, global normalisation."""
+    """Loop form of the loss: per-element error, mask broadcast over C, global normalisation."""
     total, count = 0.0, 0.0
     b, c = pred.shape[:2]
     for i in range(b):

@@ -4,7 +4,7 @@ The stand-ins are real packages written to a temporary folder on `sys.path`, so 
 them exactly as it would the real ones. They record how they are called and compute what the real kernels are
 documented to compute (`npu_fusion_attention`: masked softmax attention, True = masked; MindSpeed's
 `npu_apply_fused_ema_adamw(grad, var, m, v, s, step, lr, ema_decay, beta1, beta2, eps, mode, bias_correction,
-weight_decay)`, reference training.md §1.4). Passing proves the wiring: device selection, the backend names,
+weight_decay)`, as in docs/optimizer.md). Passing proves the wiring: device selection, the backend names,
 MindSpeed's megatron adaptor being imported, the attention call (layout, head count, scale, mask polarity) and the
 fused optimizer selection with its argument order. Not proven: the real kernels' numerics (needs an Ascend
 device; see README "What is verified where").

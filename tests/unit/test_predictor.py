@@ -21,7 +21,7 @@ from mindspeed_mm_osp.models.predictor import (
 from mindspeed_mm_osp.testing import perturb_parameters
 from helpers import tiny_config
 
-# predictor block of examples/opensoraplan1.5/model_opensoraplan1_5.json (R1), incl. keys our config ignores
+# predictor block of examples/opensoraplan1.5/model_opensoraplan1_5.json (the release), incl. keys our config ignores
 RELEASE_JSON = """{
   "model_id": "SparseUMMDiT", "num_layers": [2, 4, 6, 8, 6, 4, 2], "sparse_n": [1, 2, 4, 8, 4, 2, 1],
   "double_ff": true, "sparse1d": true, "num_heads": 24, "head_dim": 128, "in_channels": 32, "out_channels": 32,
@@ -46,7 +46,7 @@ def randomize(model, seed=0):
 
 
 def expected_release_keys(cfg: PredictorConfig, final_extras: bool) -> dict:
-    """Key -> shape, written independently from the spec tables (§1.1, §1.2)."""
+    """Key -> shape, written independently from the key layout in docs/model.md ("State-dict keys")."""
     d, e, hd, p = cfg.hidden_size, cfg.timestep_embed_dim, cfg.head_dim, cfg.patch_size
     keys = {"patch_embed.proj.weight": (d, cfg.in_channels, p, p), "patch_embed.proj.bias": (d,),
             "caption_projection.weight": (d, cfg.caption_channels), "caption_projection.bias": (d,),
@@ -198,7 +198,8 @@ def test_recompute_config_validation():
 
 
 def test_final_block_text_params_only_touch_the_text_stream():
-    """Extras present or absent: same video output for the same shared weights (spec §1.2)."""
+    """Extras present or absent: same video output for the same shared weights (docs/model.md, "Final block's text
+    parameters")."""
     torch.manual_seed(0)
     with_extras = randomize(SparseUMMDiT(tiny_config(final_block_text_params=True)))
     sd = local_state_dict(with_extras)
@@ -230,13 +231,15 @@ def test_loader_unwraps_and_drops_extra_state_and_names_bad_keys():
 
 
 def test_bf16_params_keep_fp32_islands():
+    torch.manual_seed(0)
     model = SparseUMMDiT(tiny_config(), params_dtype=torch.bfloat16)
     x, t, enc, vmask, tmask, pooled = tiny_inputs()
     out = model(x.bfloat16(), t, enc.bfloat16(), vmask, tmask, pooled.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     ref = SparseUMMDiT(tiny_config())
     load_merged_state_dict(ref, {k: v.float() for k, v in local_state_dict(model).items()})
-    torch.testing.assert_close(out.float(), ref(x, t, enc, vmask, tmask, pooled), rtol=0.1, atol=0.1)
+    # max |bf16 - fp32| measured 0.0092 (outputs up to 1.7); about 3x that
+    torch.testing.assert_close(out.float(), ref(x, t, enc, vmask, tmask, pooled), rtol=0, atol=0.03)
 
 
 def test_parallel_config_validation():

@@ -1,4 +1,4 @@
-"""Skiparse index maps against the worked examples of the predictor spec (§3.5) and exact inversion."""
+"""Skiparse index maps against the worked examples in docs/model.md ("Skiparse attention") and exact inversion."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from mindspeed_mm_osp.models.predictor import (
     skiparse_unpermute,
 )
 
-P10, P11 = None, None  # padding tokens in the spec's notation
+P10, P11 = None, None  # padding tokens (P in docs/model.md's examples)
 
 
 @pytest.mark.parametrize("length,k,group,expected", [
@@ -93,7 +93,7 @@ def test_attention_key_padding_mask_matches_explicit_removal():
 @pytest.mark.parametrize("length,k,group", [(18, 2, False), (18, 4, True), (18, 8, False), (18, 8, True),
                                             (16, 1, False)])
 def test_skiparse_attention_equals_explicit_group_attention(length, k, group):
-    """Video token a sees key b iff same group (§3.2) or b is text; text outputs are the mean over the k groups."""
+    """Video token a sees key b iff same group or b is text; text outputs are the mean over the k groups."""
     torch.manual_seed(0)
     b, s, h, d = 2, 5, 3, 8
     qx, kx, vx = (torch.randn(length, b, h, d) for _ in range(3))

@@ -1,4 +1,4 @@
-"""Tiny T5 / CLIP folders, tokenizers and the frozen TextEncoders wrapper (spec §2, data spec §3.8)."""
+"""Tiny T5 / CLIP folders, tokenizers and the frozen TextEncoders wrapper (docs/model.md, "Text encoders")."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Caption cleaning (data spec §3.6, inference spec §2.3/§5.2) and the v1.5 prompt template.
+"""Caption cleaning (the same for training captions and inference prompts) and the v1.5 prompt template.
 
 The GOLDEN outputs were produced by the reference implementation (BeautifulSoup + ftfy).
 """

@@ -1,4 +1,4 @@
-"""Chunked ("tiling") encode/decode equals the one-pass result (fp64, 1e-10), spec §1.8.
+"""Chunked ("tiling") encode/decode equals the one-pass result (fp64, 1e-10); docs/model.md, "WF-VAE".
 
 Covers the cases the reference gets wrong: 1- and 9-frame clips (its chunk search fails),
 a 1-latent-frame last chunk (missing look-ahead) and 1-frame decoder chunks (crash).

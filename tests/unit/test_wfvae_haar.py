@@ -1,4 +1,4 @@
-"""Haar analysis/synthesis with the released constant 0.3536 (spec §1.2.9-1.2.10)."""
+"""Haar analysis/synthesis with the released constant 0.3536 (docs/model.md, "WF-VAE")."""
 
 import pytest
 import torch

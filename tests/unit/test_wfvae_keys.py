@@ -1,4 +1,4 @@
-"""WF-VAE module tree: state-dict names and shapes equal the release (spec Appendix A), built on `meta`."""
+"""WF-VAE module tree: state-dict names and shapes equal the release (the table below), built on `meta`."""
 
 import math
 
@@ -8,7 +8,7 @@ from mindspeed_mm_osp.config import AEConfig, from_dict, read_json
 from mindspeed_mm_osp.models.ae import WFVAE, tiny_ae_config_dict
 from mindspeed_mm_osp.models.ae.modules import HAAR_CONSTANT
 
-# Appendix A of shared/reference/vae_diffusion_inference.md (dumped from the reference modules).
+# The release's 252 WF-VAE entries, name and shape (as dumped from the reference modules).
 RELEASE_KEYS = """
 encoder.down1.0.weight (160, 24, 3, 3)
 encoder.down1.0.bias (160,)
@@ -288,7 +288,7 @@ def test_release_state_dict_matches_appendix_a():
     assert sorted(set(ours) - set(release)) == [] and sorted(set(release) - set(ours)) == []
     assert {k: v for k, v in ours.items() if release[k] != v} == {}
     assert list(ours) == list(release)  # same registration order, too
-    # Totals from spec §1.1.
+    # Totals of the release config.
     assert sum(math.prod(s) for s in ours.values()) == 227_036_008
     assert sum(p.numel() for p in model.parameters()) == 227_035_816
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 227_035_624
