@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..config import DataConfig, ModelConfig
 from ..data.batch import Batch
+from ..parallel import ParallelDims
 from .step import EncodedBatch, encode_batch, keyed_generator
 
 
@@ -56,11 +57,9 @@ class LoaderShard:
                    consumed_samples=consumed_samples, start_ordinal=ordinal)
 
 
-def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *, micro_batch_size: int,
-                       global_batch_size: int, consumed_samples: int, seed: int):
+def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, dims: ParallelDims, *,
+                       micro_batch_size: int, global_batch_size: int, consumed_samples: int, seed: int):
     """(EncodedStream, DatasetStats) of this rank: online loader or feature cache, sharded by `LoaderShard`."""
-    from megatron.core import parallel_state as ps
-
     from ..data import build_train_dataloader
     from ..models.text import load_tokenizer
 
@@ -74,8 +73,8 @@ def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *
         build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
     else:
         build_loader = build_train_dataloader
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()  # DP excludes CP
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    dp_rank, dp_size = dims.dp_rank, dims.dp  # DP excludes CP
+    tp_rank, tp_size = dims.tp_rank, dims.tp
     # Encoder DP shards over the TP x DP ranks; CP peers load and encode what their TP peer position does.
     shard = LoaderShard.plan(
         rank=dp_rank * tp_size + tp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
@@ -87,7 +86,7 @@ def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, *
         consumed_samples=shard.consumed_samples, seed=seed)
     stream = EncodedStream(loader, encoders, seed=seed, start_ordinal=shard.start_ordinal, dp_rank=dp_rank,
                            encoder_dp_size=shard.encoder_dp_size, encoder_dp_rank=shard.encoder_dp_rank,
-                           tp_group=ps.get_tensor_model_parallel_group())
+                           tp_group=dims.tp_group)
     return stream, stats
 
 

@@ -199,7 +199,7 @@ class Trainer:
         """This rank's encoded micro-batch stream, positioned after the samples already consumed."""
         args = self.args
         self.stream, self.data_stats = build_train_stream(
-            self.data_cfg, self.model_cfg, self.encoders, micro_batch_size=args.micro_batch_size,
+            self.data_cfg, self.model_cfg, self.encoders, self.dims, micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size, consumed_samples=self.state.consumed_samples, seed=args.seed)
 
     # -- one iteration -----------------------------------------------------------------------------------------

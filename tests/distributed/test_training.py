@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.testing import run_distributed
+from helpers import final_weights, training_argv
 
 pytestmark = pytest.mark.slow
 # `_velocity_error_ratio` after the demo's 32 iterations: 0.82 measured; 1.36 when trained on the negated target
@@ -22,20 +23,6 @@ def _train(rank, world_size, argv, save_weights_to=None):
             "skipped": result.skipped_iterations, "rank": dist.get_rank()}
 
 
-def _argv(assets, *extra, iters=6, tp=1):
-    return ["--mm-data", str(assets["data_json"]), "--mm-model", str(assets["model_json"]),
-            "--tensor-model-parallel-size", str(tp), "--micro-batch-size", "1", "--train-iters", str(iters),
-            "--lr", "1e-4", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "1", *extra]
-
-
-def _final_weights(save_dir):
-    from mindspeed_mm_osp.checkpoint.layout import model_file, read_tracker
-
-    it = read_tracker(save_dir)
-    payload = torch.load(model_file(save_dir, it, 0), map_location="cpu", weights_only=False)
-    return it, payload["model"], payload["ema_model"]
-
-
 @pytest.mark.parametrize("world_size, tp, extra", [
     (1, 1, []),
     (2, 1, ["--use-distributed-optimizer"]),
@@ -44,16 +31,17 @@ def _final_weights(save_dir):
 def test_resume_equals_uninterrupted(tiny_assets, tmp_path, world_size, tp, extra):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    full = run_distributed(_train, world_size, _argv(tiny_assets, "--save", str(straight), *extra, tp=tp), tp=tp,
-                           timeout=240)
-    first = run_distributed(_train, world_size, _argv(tiny_assets, "--save", str(split), "--save-interval", "3",
-                                                      "--exit-interval", "3", *extra, tp=tp), tp=tp, timeout=240)
-    second = run_distributed(_train, world_size, _argv(tiny_assets, "--save", str(split), "--load", str(split),
-                                                       *extra, tp=tp), tp=tp, timeout=240)
+    full = run_distributed(_train, world_size, training_argv(tiny_assets, "--save", str(straight), *extra, tp=tp),
+                           tp=tp, timeout=240)
+    first = run_distributed(_train, world_size, training_argv(tiny_assets, "--save", str(split), "--save-interval",
+                                                              "3", "--exit-interval", "3", *extra, tp=tp),
+                            tp=tp, timeout=240)
+    second = run_distributed(_train, world_size, training_argv(tiny_assets, "--save", str(split), "--load", str(split),
+                                                               *extra, tp=tp), tp=tp, timeout=240)
     assert first[0]["iteration"] == 3 and second[0]["iteration"] == 6
     assert first[0]["losses"] + second[0]["losses"] == full[0]["losses"]
-    it_a, model_a, ema_a = _final_weights(straight)
-    it_b, model_b, ema_b = _final_weights(split)
+    it_a, model_a, ema_a = final_weights(straight)
+    it_b, model_b, ema_b = final_weights(split)
     assert it_a == it_b == 6
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]), key
@@ -62,8 +50,9 @@ def test_resume_equals_uninterrupted(tiny_assets, tmp_path, world_size, tp, extr
 
 
 def test_tp2_sp_matches_tp1_loss_curve(tiny_assets, tmp_path):
-    tp1 = run_distributed(_train, 1, _argv(tiny_assets, iters=5), tp=1, timeout=240)
-    tp2 = run_distributed(_train, 2, _argv(tiny_assets, "--sequence-parallel", iters=5, tp=2), tp=2, timeout=240)
+    tp1 = run_distributed(_train, 1, training_argv(tiny_assets, iters=5), tp=1, timeout=240)
+    tp2 = run_distributed(_train, 2, training_argv(tiny_assets, "--sequence-parallel", iters=5, tp=2), tp=2,
+                          timeout=240)
     assert tp2[0]["losses"] == tp2[1]["losses"]
     torch.testing.assert_close(torch.tensor(tp2[0]["losses"]), torch.tensor(tp1[0]["losses"]), rtol=1e-4, atol=1e-5)
 
@@ -73,14 +62,14 @@ def test_nonfinite_gradients_are_skipped_then_training_stops(tiny_assets, tmp_pa
     saving, and the saved state equals a run that stopped after iteration 1."""
     save = tmp_path / "faulty"
     with pytest.raises(Exception, match="consecutive iterations skipped"):
-        run_distributed(_train, 2, _argv(tiny_assets, "--save", str(save), "--use-distributed-optimizer",
-                                         "--inject-nonfinite-grad", "2:nan,3:inf,4:nan", "--max-consecutive-skips",
-                                         "3", iters=6), tp=1, timeout=240)
+        run_distributed(_train, 2, training_argv(tiny_assets, "--save", str(save), "--use-distributed-optimizer",
+                                                 "--inject-nonfinite-grad", "2:nan,3:inf,4:nan",
+                                                 "--max-consecutive-skips", "3", iters=6), tp=1, timeout=240)
     reference = tmp_path / "one_step"
-    run_distributed(_train, 2, _argv(tiny_assets, "--save", str(reference), "--use-distributed-optimizer", iters=1),
-                    tp=1, timeout=240)
-    it, model, ema = _final_weights(save)
-    it_ref, model_ref, ema_ref = _final_weights(reference)
+    run_distributed(_train, 2, training_argv(tiny_assets, "--save", str(reference), "--use-distributed-optimizer",
+                                             iters=1), tp=1, timeout=240)
+    it, model, ema = final_weights(save)
+    it_ref, model_ref, ema_ref = final_weights(reference)
     assert (it, it_ref) == (4, 1)
     for key in model_ref:
         assert torch.equal(model[key], model_ref[key]), key
@@ -107,16 +96,16 @@ def test_encoder_dp_resume_equals_uninterrupted(tiny_assets, tmp_path):
     model_json.write_text(json.dumps(cfg))
     assets = {**tiny_assets, "model_json": model_json}
     extra = ["--sequence-parallel"]
-    straight = run_distributed(_train, 2, _argv(assets, "--save", str(tmp_path / "a"), *extra, iters=5, tp=2),
+    straight = run_distributed(_train, 2, training_argv(assets, "--save", str(tmp_path / "a"), *extra, iters=5, tp=2),
                                tp=2, timeout=240)
-    run_distributed(_train, 2, _argv(assets, "--save", str(tmp_path / "b"), "--save-interval", "3",
-                                     "--exit-interval", "3", *extra, iters=5, tp=2), tp=2, timeout=240)
-    resumed = run_distributed(_train, 2, _argv(assets, "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"),
-                                               *extra, iters=5, tp=2), tp=2, timeout=240)
+    run_distributed(_train, 2, training_argv(assets, "--save", str(tmp_path / "b"), "--save-interval", "3",
+                                             "--exit-interval", "3", *extra, iters=5, tp=2), tp=2, timeout=240)
+    resumed = run_distributed(_train, 2, training_argv(assets, "--save", str(tmp_path / "b"), "--load",
+                                                       str(tmp_path / "b"), *extra, iters=5, tp=2), tp=2, timeout=240)
     assert straight[0]["losses"][3:] == resumed[0]["losses"]
     assert straight[0]["losses"] == straight[1]["losses"]
-    _, model_a, _ = _final_weights(tmp_path / "a")
-    _, model_b, _ = _final_weights(tmp_path / "b")
+    _, model_a, _ = final_weights(tmp_path / "a")
+    _, model_b, _ = final_weights(tmp_path / "b")
     for key in model_a:
         assert torch.equal(model_a[key], model_b[key]), key
 
@@ -142,8 +131,8 @@ def test_training_from_feature_cache_equals_online(tmp_path):
     cached_json.write_text(json.dumps(cached_cfg))
     online = {"data_json": setup.data_json, "model_json": setup.model_json}
     cached = {"data_json": setup.data_json, "model_json": cached_json}
-    a = run_distributed(_train, 1, _argv(online, iters=4), tp=1, timeout=240)
-    b = run_distributed(_train, 1, _argv(cached, iters=4), tp=1, timeout=240)
+    a = run_distributed(_train, 1, training_argv(online, iters=4), tp=1, timeout=240)
+    b = run_distributed(_train, 1, training_argv(cached, iters=4), tp=1, timeout=240)
     torch.testing.assert_close(torch.tensor(b[0]["losses"]), torch.tensor(a[0]["losses"]), rtol=1e-4, atol=1e-5)
 
 
@@ -154,7 +143,7 @@ def _velocity_error_ratio(trainer, sigmas=(0.3, 0.5, 0.7, 0.9)) -> float:
     from mindspeed_mm_osp.training.batches import build_train_stream
     from mindspeed_mm_osp.training.step import keyed_generator, model_inputs
 
-    stream, _ = build_train_stream(trainer.data_cfg, trainer.model_cfg, trainer.encoders, micro_batch_size=1,
+    stream, _ = build_train_stream(trainer.data_cfg, trainer.model_cfg, trainer.encoders, trainer.dims, micro_batch_size=1,
                                    global_batch_size=1, consumed_samples=0, seed=trainer.args.seed)
     err = zero = 0.0
     with torch.no_grad():
@@ -184,8 +173,8 @@ def test_loss_decreases_on_the_tiny_demo(tiny_assets):
     8 of 32 iterations is clearly below that of the first 8, and what it learnt is the velocity noise - x0 (its
     error against that target, computed here by hand, is clearly below the error of predicting zero; a falling
     loss alone would also follow a negated target)."""
-    argv = _argv(tiny_assets, "--sequence-parallel", "--use-distributed-optimizer", "--lr", "2e-4",
-                 "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--min-lr", "2e-5", iters=32, tp=2)
+    argv = training_argv(tiny_assets, "--sequence-parallel", "--use-distributed-optimizer", "--lr", "2e-4",
+                         "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--min-lr", "2e-5", iters=32, tp=2)
     (losses, ratio), (_, ratio_peer) = run_distributed(_train_and_probe, 2, argv, tp=2, timeout=400)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.85 * first, (first, last)
