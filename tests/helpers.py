@@ -3,10 +3,15 @@ because `tests/conftest.py` lives there).
 
 * numpy references of the video metrics (PSNR, SSIM);
 * a two-layer tensor-parallel toy model, its batches and one training step, for the optimizer and checkpoint tests;
-* the seven-stage tiny predictor's inputs, configs and single-process reference for parallel-vs-single tests.
+* the seven-stage tiny predictor's inputs, configs and single-process reference for parallel-vs-single tests;
+* launcher and training-run helpers (the release launcher's argv, a short tiny run's flags, its final weights).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,3 +195,41 @@ def reference(cfg, cases=CASES):
 
 CONFIG_A = {}  # zero-init skips, double_ff, no final-block text params
 CONFIG_B = {"skip_connection_zero_init": False, "double_ff": False, "final_block_text_params": True}
+
+
+# ---- launchers and training runs ----
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launcher_argv(tmp_path, script: str = "examples/opensoraplan1.5/pretrain_opensoraplan1_5.sh") -> list[str]:
+    """Run a real release launcher with a stand-in torchrun that records its arguments."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    record = tmp_path / "argv.txt"
+    (fake / "torchrun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    (fake / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPUS_PER_NODE": "8", "NNODES": "2",
+           "NODE_RANK": "1", "PROJECT_DIR": str(tmp_path / "proj")}
+    subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, capture_output=True)
+    args = record.read_text().split("\n")[:-1]
+    script = args.index("pretrain.py")
+    assert args[:script] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr",
+                             "localhost", "--master_port", "12345"]
+    return args[script + 1:]
+
+
+def training_argv(assets, *extra, iters=6, tp=1):
+    """`pretrain.py` flags for a short run of the tiny assets (`tiny_assets` fixture) at TP `tp`."""
+    return ["--mm-data", str(assets["data_json"]), "--mm-model", str(assets["model_json"]),
+            "--tensor-model-parallel-size", str(tp), "--micro-batch-size", "1", "--train-iters", str(iters),
+            "--lr", "1e-4", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "1", *extra]
+
+
+def final_weights(save_dir):
+    """(iteration, model, EMA) of the rank-0 file of the latest checkpoint in `save_dir`."""
+    from mindspeed_mm_osp.checkpoint.layout import model_file, read_tracker
+
+    it = read_tracker(save_dir)
+    payload = torch.load(model_file(save_dir, it, 0), map_location="cpu", weights_only=False)
+    return it, payload["model"], payload["ema_model"]

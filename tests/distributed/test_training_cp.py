@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mindspeed_mm_osp.checkpoint import convert
 from mindspeed_mm_osp.testing import run_distributed
-from test_training import _argv, _final_weights
+from helpers import final_weights, training_argv
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,8 @@ def _train(rank, world_size, argv):
 def _run(assets, cp, *extra, iters=6):
     """CP > 1 runs use the distributed optimizer, sharded over the DP x CP group."""
     optimizer = ["--use-distributed-optimizer"] if cp > 1 else []
-    argv = _argv(assets, "--context-parallel-size", str(cp), "--context-parallel-algo", "ulysses_cp_algo",
-                 *optimizer, *extra, iters=iters)
+    argv = training_argv(assets, "--context-parallel-size", str(cp), "--context-parallel-algo", "ulysses_cp_algo",
+                         *optimizer, *extra, iters=iters)
     ranks = run_distributed(_train, cp, argv, cp=cp, timeout=300)
     assert all(r == ranks[0] for r in ranks)  # CP peers report the same loss and norm
     return ranks[0]
@@ -60,8 +60,8 @@ def test_cp2_training_matches_cp1_resumes_and_converts(tiny_assets, tmp_path):
     # CP=2 resume from iteration 3: bit-exact with the straight CP=2 run
     resumed = _run(tiny_assets, 2, "--load", str(cp2_dir), "--ckpt-step", "3", "--save", str(tmp_path / "r22"))
     assert resumed["losses"] == cp2["losses"][3:]
-    _, model_a, ema_a = _final_weights(cp2_dir)
-    _, model_b, ema_b = _final_weights(tmp_path / "r22")
+    _, model_a, ema_a = final_weights(cp2_dir)
+    _, model_b, ema_b = final_weights(tmp_path / "r22")
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 

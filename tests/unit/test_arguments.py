@@ -1,32 +1,11 @@
 """pretrain.py flags: the reference launcher's full flag set parses; bad combinations fail clearly."""
 
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from mindspeed_mm_osp.training.arguments import NO_OP_FLAGS, build_parser, parse_args
+from helpers import launcher_argv
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "10"]
-
-
-def launcher_argv(tmp_path, script: str = "examples/opensoraplan1.5/pretrain_opensoraplan1_5.sh") -> list[str]:
-    """Run a real release launcher with a stand-in torchrun that records its arguments."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    record = tmp_path / "argv.txt"
-    (fake / "torchrun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
-    (fake / "torchrun").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "NPUS_PER_NODE": "8", "NNODES": "2",
-           "NODE_RANK": "1", "PROJECT_DIR": str(tmp_path / "proj")}
-    subprocess.run(["bash", script], cwd=ROOT, env=env, check=True, capture_output=True)
-    args = record.read_text().split("\n")[:-1]
-    script = args.index("pretrain.py")
-    assert args[:script] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr",
-                             "localhost", "--master_port", "12345"]
-    return args[script + 1:]
 
 
 def test_reference_launcher_flags_parse(tmp_path):

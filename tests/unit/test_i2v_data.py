@@ -126,7 +126,7 @@ def _after(vae, video):
 
 
 def test_i2v_launcher_and_release_configs(tmp_path):
-    from test_arguments import launcher_argv
+    from helpers import launcher_argv
 
     from mindspeed_mm_osp.config import load_model_config, validate_conditioning
     from mindspeed_mm_osp.training.arguments import parse_args

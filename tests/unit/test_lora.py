@@ -148,7 +148,7 @@ def test_bad_lora_flags(flags, message, capsys):
 
 
 def test_lora_launcher_flags_parse(tmp_path):
-    from test_arguments import launcher_argv
+    from helpers import launcher_argv
 
     from mindspeed_mm_osp.training.arguments import parse_args
 
