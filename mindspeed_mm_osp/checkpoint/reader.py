@@ -8,6 +8,9 @@ Used by resume (`checkpointing.load_checkpoint`), by the converter (`convert`) a
   and file present, each file holding a `model` entry, and the TP size and iteration it records equal to its
   folder's;
 * a flat weights file (`load_weights`): safetensors, or a torch file holding a state dict, possibly wrapped.
+
+Another on-disk format or safer loading goes here and nowhere else: `read_rank_file` is the one `torch.load` of a
+training checkpoint, `load_weights` the one read of a weights file.
 """
 
 from __future__ import annotations

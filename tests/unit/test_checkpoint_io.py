@@ -81,6 +81,18 @@ def test_missing_truncated_and_foreign_files_name_the_file(tmp_path):
         load_checkpoint(tmp_path, _model(0))
 
 
+def test_resume_refuses_a_file_recording_another_iteration_or_tp_size(tmp_path):
+    """Resume checks each file against its folder as the converter does (one reader)."""
+    path = save_checkpoint(tmp_path, 3, _model(0))
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "iteration": 5}, path)
+    with pytest.raises(CheckpointError, match="model_optim_rng.pt: holds iteration 5, expected 3"):
+        load_checkpoint(tmp_path, _model(0))
+    torch.save({**state, "parallel": {"tensor_model_parallel_size": 2}}, path)
+    with pytest.raises(CheckpointError, match="written by a run with tensor-parallel size 2, but the folder has 1"):
+        load_checkpoint(tmp_path, _model(0))
+
+
 def test_model_mismatch_is_reported(tmp_path):
     save_checkpoint(tmp_path, 1, _model(0))
     other = torch.nn.Sequential(torch.nn.Linear(4, 7))
