@@ -214,3 +214,91 @@ def test_benchmark_reports_the_step_cache_and_json_acceleration(config, tmp_path
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(SystemExit):
         cli.main(["--config", str(tmp_path / "bad.json"), "--save-latents"])
+
+
+def request_moves(argv: list[str], prompt: str) -> list[tuple[str, str, str]]:
+    """Run `cli.main(argv)` under `sys.setprofile` and return how the request moves between the package's files:
+    ("call", caller file, callee file) for every hand-off and ("back", callee file, caller file) for its return.
+
+    A hand-off is a call made by (or into) `mindspeed_mm_osp/inference/` that passes a request value: `argv`, the
+    parsed `InferenceArgs`, an `InferenceConfig` or one of its sections, the prompt text, or a list/tuple/dict holding
+    one of them. Reading the request through its own methods and properties is not a hand-off. docs/inference.md
+    gives the numbers this measures."""
+    import dataclasses
+    import sys
+
+    import mindspeed_mm_osp
+    from mindspeed_mm_osp.config import InferenceConfig
+    from mindspeed_mm_osp.inference.arguments import InferenceArgs
+
+    package = Path(mindspeed_mm_osp.__file__).resolve().parent
+    root, layer = str(package), str(package / "inference") + "/"
+    tracked, frames, moves = {id(argv)}, {}, []
+
+    def track(value) -> None:
+        tracked.add(id(value))
+        for f in dataclasses.fields(value):
+            if dataclasses.is_dataclass(getattr(value, f.name)):
+                track(getattr(value, f.name))
+
+    def is_request(value, nested: bool = False) -> bool:
+        if id(value) in tracked or (isinstance(value, str) and value == prompt):
+            return True
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        return not nested and any(is_request(v, True) for v in list(items)[:64])
+
+    def profile(frame, event, arg) -> None:
+        code, caller = frame.f_code, frame.f_back
+        if event == "return" and frame in frames:
+            moves.append(("back", *reversed(frames.pop(frame))))
+        if event == "return" and isinstance(arg, (InferenceArgs, InferenceConfig)):
+            track(arg)
+        if event != "call" or caller is None or not code.co_filename.startswith(root):
+            return
+        files = (str(Path(caller.f_code.co_filename).resolve()), code.co_filename)
+        if not files[0].startswith(root) or not (files[0].startswith(layer) or files[1].startswith(layer)):
+            return
+        names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        values = [frame.f_locals[n] for n in names if n in frame.f_locals]
+        if values and names[0] == "self" and id(values[0]) in tracked:
+            values = values[1:]  # the request reading itself
+        if any(is_request(v) for v in values):
+            frames[frame] = tuple(str(Path(f).relative_to(package.parent)) for f in files)
+            moves.append(("call", *frames[frame]))
+
+    sys.setprofile(profile)
+    try:
+        cli.main(argv)
+    finally:
+        sys.setprofile(None)
+    return [m for m in moves if m[1] != m[2]]
+
+
+def path_numbers(moves: list[tuple[str, str, str]]) -> tuple[list[str], list[str], list[str]]:
+    """(files entered, the file of each climb back up a layer, the file of each return to a file already left).
+    A climb is a return to a file that then hands the request to a third file."""
+    files, climbs, returns = [], [], []
+    for i, (kind, src, dst) in enumerate(moves):
+        if dst in files or src in files and dst == src:
+            returns.append(dst)
+        files += [f for f in (src, dst) if f not in files]
+        after = moves[i + 1] if i + 1 < len(moves) else None
+        if kind == "back" and after and after[0] == "call" and after[1] == dst and after[2] != src:
+            climbs.append(dst)
+    return files, climbs, returns
+
+
+def test_the_runner_is_the_only_hub_of_a_request(config, tmp_path):
+    """Following a prompt's arguments: inside the inference package only the runner gets them back from one file
+    and hands them on to another; the CLI parses the flags and hands them to the runner once, the flag parser
+    merges them into the config, and the building blocks (`pipeline`, `video_io`) hand nothing on."""
+    prompt = "a cat on a red sofa"
+    moves = request_moves(["--config", str(config), "--prompt", prompt, "--num-inference-steps", "1",
+                           "--save-path", str(tmp_path / "out")], prompt)
+    assert (tmp_path / "out" / "000000.mp4").is_file()
+    files, climbs, returns = path_numbers(moves)
+    runner, cli_file, arguments = (f"mindspeed_mm_osp/inference/{f}" for f in ("runner.py", "cli.py", "arguments.py"))
+    assert {f for f in files if f.startswith("mindspeed_mm_osp/inference/")} == {
+        cli_file, arguments, runner, "mindspeed_mm_osp/inference/pipeline.py", "mindspeed_mm_osp/inference/video_io.py"}
+    assert sorted(set(climbs)) == [cli_file, runner] and climbs.count(cli_file) == 1
+    assert {f for f in returns if f.startswith("mindspeed_mm_osp/inference/")} == {runner, cli_file, arguments}
