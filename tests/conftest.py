@@ -36,16 +36,14 @@ def _one_intra_op_thread():
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Tiny WF-VAE/T5/CLIP folders, the synthetic dataset, and tiny data/model JSONs pointing at them."""
+    from mindspeed_mm_osp.testing import tiny_model_config
     from mindspeed_mm_osp.tools.make_synthetic_dataset import make_synthetic_dataset
     from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
 
     root = tmp_path_factory.mktemp("tiny")
     models = make_tiny_models(root / "models")
     data = make_synthetic_dataset(root / "data")
-    model_cfg = json.loads((ROOT / "examples/tiny/model.json").read_text())
-    model_cfg["ae"]["from_pretrained"] = str(models["vae"])
-    model_cfg["text_encoder"]["from_pretrained"] = str(models["t5"])
-    model_cfg["text_encoder_2"]["from_pretrained"] = str(models["clip"])
+    model_cfg = tiny_model_config(models)
     data_cfg = json.loads((ROOT / "examples/tiny/data.json").read_text())
     data_cfg["dataset_param"]["basic_parameters"]["data_path"] = str(data.data_txt)
     data_cfg["dataset_param"]["tokenizer_config"]["from_pretrained"] = str(models["t5"])
