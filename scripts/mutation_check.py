@@ -1,14 +1,15 @@
 """Mutation check: plant small, realistic bugs one at a time and confirm the tests named for each one fail.
 
-    .venv/bin/python scripts/mutation_check.py [--rev REV] [--only NAME ...] [--list] [--timeout SECONDS]
+    .venv/bin/python scripts/mutation_check.py [--rev REV] [--only NAME ...] [--list] [--timeout S] [--jobs N]
 
-Works on a private copy of the repository in a temporary folder (the tracked and untracked-but-not-ignored files
+Works on private copies of the repository in a temporary folder (the tracked and untracked-but-not-ignored files
 of the working tree, or the commit REV with --rev), never on the checkout itself, so it is safe while others
 edit the tree. It first runs every named test unmutated (they must pass), then for each mutation: replaces the
 exact original text (which must occur once) in its file, runs that mutation's fast test selection, and restores
 the file (checked by hash). A mutation is "killed" when its tests fail. Prints a killed/survived table; exits 0
 when every mutation was killed, 1 when any survived, errored, timed out or could not be applied (its original
-text changed: update the list below), 2 on bad usage. About 10 minutes on a 2-core CPU machine.
+text changed: update the list below), 2 on bad usage. Two mutations are tested at a time (`--jobs`), each in its
+own copy; about 8 minutes on a 2-core machine shared with other work.
 
 Run it before resolving any issue that touches the model, the losses, the optimizer or checkpoints (see
 docs/CONTRIBUTING.md); add a mutation with the test that catches it when you guard a new piece of maths.
@@ -19,11 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +165,8 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> Outcome:
     """pytest on `tests` inside `copy`, whose package shadows any installed one (PYTHONPATH first)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")])),
                PYTHONDONTWRITEBYTECODE="1")
-    cmd = [python_for_tests(), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    cmd = [python_for_tests(), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--basetemp={copy}.pytest",
+           *tests]
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
@@ -209,6 +213,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations (see --list)")
     p.add_argument("--list", action="store_true", help="print the mutations and their tests, then exit")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds per test run (default 420)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="mutations tested at once, each in its own copy (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
     names = {m.name for m in MUTATIONS}
     unknown = sorted(set(args.only or ()) - names)
@@ -216,6 +222,8 @@ def _parse(argv) -> argparse.Namespace:
         p.exit(2, f"mutation_check.py: --only: unknown mutation(s) {', '.join(unknown)}; see --list\n")
     if args.timeout <= 0:
         p.exit(2, "mutation_check.py: --timeout must be > 0 seconds\n")
+    if args.jobs < 1:
+        p.exit(2, "mutation_check.py: --jobs must be >= 1\n")
     return args
 
 
@@ -227,36 +235,58 @@ def main(argv=None) -> int:
             print(f"{m.name:42s} {m.file}\n{'':42s} -> {' '.join(m.tests)}")
         return 0
     with tempfile.TemporaryDirectory(prefix="mutation_check-") as tmp:
-        copy = Path(tmp)
+        copies = [Path(tmp) / f"copy{j}" for j in range(min(args.jobs, len(chosen)))]
         try:
-            copy_repository(copy, args.rev)
+            for copy in copies:
+                copy.mkdir()
+                copy_repository(copy, args.rev)
         except subprocess.CalledProcessError as exc:
             print(f"mutation_check.py: --rev {args.rev}: {exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
             return 2
-        check_isolation(copy)
-        return report(copy, chosen, args.timeout)
+        check_isolation(copies[0])
+        return report(copies, chosen, args.timeout)
 
 
-def report(copy: Path, chosen: list[Mutation], timeout: float) -> int:
+def in_parallel(copies: list[Path], fn, items: list) -> list:
+    """fn(copy, item) for every item, in order, at most one item per copy at a time."""
+    free: queue.Queue = queue.Queue()
+    for copy in copies:
+        free.put(copy)
+
+    def task(item):
+        copy = free.get()
+        try:
+            return fn(copy, item)
+        finally:
+            free.put(copy)
+
+    with ThreadPoolExecutor(len(copies)) as pool:
+        return list(pool.map(task, items))
+
+
+def report(copies: list[Path], chosen: list[Mutation], timeout: float) -> int:
     """Baseline, then every mutation; prints the table; 0 iff all were killed."""
-    selection = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-    print(f"baseline: {len(selection)} test selections on the unmutated copy ...", flush=True)
-    base = run_tests(copy, selection, timeout * 2)
-    if base.status != "passed":
-        print(f"baseline {base.status} ({base.seconds:.0f}s): the tests must pass before mutating\n{base.tail}")
-        return 1
-    print(f"baseline passed ({base.seconds:.0f}s)", flush=True)
-    rows = []
-    for i, m in enumerate(chosen, start=1):
+    start = time.monotonic()
+    selection = list(dict.fromkeys(t for m in chosen for t in m.tests))
+    print(f"baseline: {len(selection)} test selections on the unmutated copies ...", flush=True)
+    parts = [tuple(selection[j::len(copies)]) for j in range(len(copies))]
+    for base in in_parallel(copies, lambda copy, tests: run_tests(copy, tests, timeout * 2), parts):
+        if base.status != "passed":
+            print(f"baseline {base.status} ({base.seconds:.0f}s): the tests must pass before mutating\n{base.tail}")
+            return 1
+    print(f"baseline passed ({time.monotonic() - start:.0f}s)", flush=True)
+
+    def one(copy: Path, m: Mutation):
         result, seconds, detail = apply_and_test(copy, m, timeout)
-        rows.append((m, result, seconds))
-        print(f"[{i}/{len(chosen)}] {m.name}: {result} ({seconds:.0f}s)" + (f"\n{detail}" if detail else ""),
-              flush=True)
+        print(f"{m.name}: {result} ({seconds:.0f}s)" + (f"\n{detail}" if detail else ""), flush=True)
+        return result, seconds
+
+    rows = in_parallel(copies, one, chosen)
     print(f"\n{'mutation':42s} {'file':52s} {'result':11s} seconds")
-    for m, result, seconds in rows:
+    for m, (result, seconds) in zip(chosen, rows):
         print(f"{m.name:42s} {m.file:52s} {result:11s} {seconds:7.0f}")
-    killed = sum(result == "killed" for _, result, _ in rows)
-    print(f"\n{killed}/{len(rows)} killed")
+    killed = sum(result == "killed" for result, _ in rows)
+    print(f"\n{killed}/{len(rows)} killed in {time.monotonic() - start:.0f}s ({len(copies)} at a time)")
     return 0 if killed == len(rows) else 1
 
 
