@@ -9,7 +9,8 @@ With norm `g` (global L2, all-reduced, so every rank decides the same), EMA mean
 * `g > T_ext` or non-finite: **skip** (the reference stepped with the raw grads and saved the corrupted weights:
   docs/reference_bugs.md, `extreme-step-applied`). Weights, EMA, optimizer state and step counters stay untouched.
 With `clip_grad_ema_decay <= 0`, Megatron's constant rule: scale by `clip_grad / (g + 1e-6)` when below 1;
-non-finite norms are skipped there too. The statistics are checkpointed (`clip-state-not-checkpointed`).
+non-finite norms are skipped there too. The statistics are checkpointed (docs/reference_bugs.md,
+`clip-state-not-checkpointed`).
 """
 
 from __future__ import annotations
