@@ -81,7 +81,8 @@ MUTATIONS = (
     Mutation("training-target-negated", PKG + "diffusion/flow_matching.py",
              "return noise - x0", "return x0 - noise", (OBJECTIVE,)),
     Mutation("noising-weights-swapped", PKG + "diffusion/flow_matching.py",
-             "return (s * noise.float() + (1.0 - s) * x0.float())", "return ((1.0 - s) * noise.float() + s * x0.float())",
+             "return (s * noise.float() + (1.0 - s) * x0.float())",
+             "return ((1.0 - s) * noise.float() + s * x0.float())",
              (OBJECTIVE,)),
     Mutation("loss-mask-normalised-by-all-elements", PKG + "diffusion/flow_matching.py",
              "return (err * mask).sum() / mask.sum()", "return (err * mask).sum() / mask.numel()", (OBJECTIVE,)),
@@ -241,7 +242,8 @@ def main(argv=None) -> int:
                 copy.mkdir()
                 copy_repository(copy, args.rev)
         except subprocess.CalledProcessError as exc:
-            print(f"mutation_check.py: --rev {args.rev}: {exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+            message = exc.stderr.decode(errors="replace").strip()
+            print(f"mutation_check.py: --rev {args.rev}: {message}", file=sys.stderr)
             return 2
         check_isolation(copies[0])
         return report(copies, chosen, args.timeout)

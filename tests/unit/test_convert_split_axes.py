@@ -25,7 +25,8 @@ BLOCK_AXES = {
     "attn1.to_add_out.weight": ROW, "attn1.to_add_out.bias": REPLICATED,
     **{f"attn1.{n}.weight": REPLICATED for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")},
     **{f"{n}.linear.{t}": COLUMN for n in ("norm1", "norm2") for t in ("weight", "bias")},
-    **{f"{n}.{m}.{t}": REPLICATED for n in ("norm1", "norm2") for m in ("norm", "norm_enc") for t in ("weight", "bias")},
+    **{f"{n}.{m}.{t}": REPLICATED for n in ("norm1", "norm2") for m in ("norm", "norm_enc")
+       for t in ("weight", "bias")},
     "ff.net.0.proj.weight": COLUMN, "ff.net.2.weight": ROW,
     "ff_enc.net.0.proj.weight": COLUMN, "ff_enc.net.2.weight": ROW,
     # LoRA adapters: B (out x r) of a column layer splits like its output, A (r x in) of a row layer like its input

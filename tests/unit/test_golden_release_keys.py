@@ -23,10 +23,10 @@ def _shapes(state_dict) -> dict:
     return {k: list(v.shape) for k, v in state_dict.items()}
 
 
-@pytest.mark.parametrize("variant, text_params", [("tp1_without_final_block_text_params", False),
-                                                  ("tp_gt1_with_final_block_text_params", True)])
-@pytest.mark.parametrize("block", ["predictor_config", "training_json_predictor_config"])
-def test_predictor_release_keys(variant, text_params, block):
+@pytest.mark.parametrize("block, variant, text_params", [
+    ("predictor_config", "tp1_without_final_block_text_params", False),
+    ("training_json_predictor_config", "tp_gt1_with_final_block_text_params", True)])
+def test_predictor_release_keys(block, variant, text_params):
     """Both release JSONs (inference and training) give the same layout; the final block's text parameters exist
     in the reference only when it was built at TP > 1, as the release was."""
     golden = json.loads((GOLDEN / "predictor_release_keys.json").read_text())
