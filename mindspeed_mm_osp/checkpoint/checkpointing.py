@@ -41,6 +41,7 @@ from torch import nn
 from .. import platform
 from ..models.wrappers import unwrap
 from ..optim import load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
+from ..parallel import ParallelDims
 from ..io_atomic import atomic_write_text
 from .io import atomic_save
 from .layout import CheckpointError, CheckpointWriteError, iteration_dir, model_file, read_tracker, tracker_path
@@ -58,16 +59,6 @@ class LoadedCheckpoint:
     consumed_train_samples: int
     args: Any
     path: Path
-
-
-def _parallel() -> tuple[int, int, int]:
-    """(tp_rank, tp_size, dp_rank incl. CP); single process when megatron is not initialised."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 0, 1, 0
-    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_data_parallel_rank(with_context_parallel=True))
 
 
 def _model_state(model: nn.Module, lora: Optional[dict]) -> dict[str, torch.Tensor]:
@@ -103,15 +94,13 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["rng_tracker_states"].items()})
 
 
-def _gather_rng_states() -> list[dict]:
-    from megatron.core import parallel_state as ps
-
+def _gather_rng_states(dims: ParallelDims) -> list[dict]:
+    """Every DP x CP replica's RNG states (they differ), gathered to the rank that writes the file."""
     mine = _rng_state()
-    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+    if not dims.distributed:
         return [mine]
-    group = ps.get_data_parallel_group(with_context_parallel=True)
-    states: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(states, mine, group=group)
+    states: list = [None] * dist.get_world_size(dims.dp_cp_group)
+    dist.all_gather_object(states, mine, group=dims.dp_cp_group)
     return states
 
 
@@ -129,7 +118,8 @@ def _plain(args: Any) -> Any:
     return dataclasses.asdict(args) if dataclasses.is_dataclass(args) and not isinstance(args, type) else args
 
 
-def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool, save_rng: bool) -> dict:
+def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool, save_rng: bool,
+                    dims: ParallelDims) -> dict:
     """The EMA, optimizer, scheduler, clip and RNG entries of the payload; collective (gathers over DP)."""
     out: dict[str, Any] = {}
     if optimizer is not None:
@@ -143,7 +133,7 @@ def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bo
     if clip is not None:
         out["clip_state"] = clip.state_dict()
     if save_rng:
-        out["rng_state"] = _gather_rng_states()  # collective
+        out["rng_state"] = _gather_rng_states(dims)  # collective
     return out
 
 
@@ -182,22 +172,24 @@ def _update_tracker(save_dir: Path, iteration: int, previous: Optional[int | str
 
 def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
                     clip=None, consumed_train_samples: int = 0, args: Any = None, save_optim: bool = True,
-                    save_rng: bool = True, lora: Optional[dict] = None) -> Path:
+                    save_rng: bool = True, lora: Optional[dict] = None, dims: Optional[ParallelDims] = None) -> Path:
     """Write iteration `iteration`; collective, call on every rank. Returns this TP rank's file path.
 
     `model` is the (megatron-DDP-wrapped) module, `optimizer` the megatron optimizer from `build_optimizer`,
     `scheduler` its `OptimizerParamScheduler`, `clip` the `AdaptiveGradClip`. `lora` (`lora_metadata` of a
-    LoRA run) stores the adapters instead of the whole model, with the metadata.
+    LoRA run) stores the adapters instead of the whole model, with the metadata. `dims`: the run's layout
+    (default: the process groups already built).
     """
     save_dir = Path(save_dir)
-    tp_rank, tp_size, dp_rank = _parallel()
+    dims = dims or ParallelDims.current()
+    tp_rank, tp_size, dp_rank = dims.tp_rank, dims.tp, dims.dp_cp_rank
     previous = read_tracker(save_dir)
     it_dir = iteration_dir(save_dir, iteration)
     created_dir = not it_dir.exists()
     if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
         dist.barrier()
 
-    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng)
+    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng, dims)
     path = model_file(save_dir, iteration, tp_rank)
     error = None
     if dp_rank == 0:
@@ -287,7 +279,7 @@ def _restore_training_state(model: nn.Module, saved: RankFile, optimizer, schedu
 def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, scheduler=None, *, clip=None,
                     iteration: Optional[int] = None, no_load_optim: bool = False, no_load_rng: bool = False,
                     finetune: bool = False, strict: bool = True,
-                    lora: Optional[dict] = None) -> Optional[LoadedCheckpoint]:
+                    lora: Optional[dict] = None, dims: Optional[ParallelDims] = None) -> Optional[LoadedCheckpoint]:
     """Restore what `save_checkpoint` wrote; collective. None when `load_dir` has no tracker (fresh start).
 
     `lora` (`lora_metadata` of this LoRA run): load adapters, refusing a checkpoint of another LoRA config or
@@ -303,7 +295,8 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
         if iteration is None:
             logger.warning("no %s in %s: starting from scratch", tracker_path(load_dir).name, load_dir)
             return None
-    tp_rank, tp_size, dp_rank = _parallel()
+    dims = dims or ParallelDims.current()
+    tp_rank, tp_size, dp_rank = dims.tp_rank, dims.tp, dims.dp_cp_rank
     saved = read_rank(load_dir, iteration, tp_rank, tp_size)
     _restore_weights(model, saved, strict, lora)
     _restore_training_state(model, saved, optimizer, scheduler, clip,

@@ -13,7 +13,17 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from .init import ParallelLayout
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The sizes alone (validated by `init.check_layout`): world = TP x CP x DP."""
+
+    world_size: int
+    tensor_parallel: int
+    data_parallel: int
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
 
 
 @dataclass(frozen=True)

@@ -5,22 +5,13 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .. import platform
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    world_size: int
-    tensor_parallel: int
-    data_parallel: int
-    pipeline_parallel: int = 1
-    context_parallel: int = 1
+from .dims import ParallelDims, ParallelLayout
 
 
 class ParallelConfigError(ValueError):
@@ -45,7 +36,7 @@ def check_layout(world_size: int, tp: int, pp: int = 1, cp: int = 1) -> Parallel
 
 
 def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234,
-                           timeout_minutes: float = 30.0, data_parallel_random_init: bool = False) -> "ParallelDims":
+                           timeout_minutes: float = 30.0, data_parallel_random_init: bool = False) -> ParallelDims:
     """Init torch.distributed (env:// from torchrun or a single process), megatron groups and seeds; returns the
     `ParallelDims` that callers pass on (the one read of megatron's rank globals)."""
     platform.adapt_megatron()
@@ -66,8 +57,6 @@ def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 12
                                                  context_parallel_size=cp,
                                                  distributed_timeout_minutes=timeout_minutes)
     set_seed(seed, data_parallel_random_init=data_parallel_random_init)
-    from .dims import ParallelDims
-
     return ParallelDims.from_megatron(layout)
 
 

@@ -188,7 +188,7 @@ class Trainer:
             return
         loaded = load_checkpoint(path, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                                  iteration=args.ckpt_step, no_load_optim=args.no_load_optim,
-                                 no_load_rng=args.no_load_rng, finetune=args.finetune, lora=self.lora)
+                                 no_load_rng=args.no_load_rng, finetune=args.finetune, lora=self.lora, dims=self.dims)
         if loaded is not None:
             self.state.iteration = self.state.last_saved = loaded.iteration
             self.state.consumed_samples = loaded.consumed_train_samples
@@ -301,7 +301,8 @@ class Trainer:
         if args.save and state.iteration != state.last_saved:
             save_checkpoint(args.save, state.iteration, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                             consumed_train_samples=state.consumed_samples, args=args.to_dict(),
-                            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, lora=self.lora)
+                            save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, lora=self.lora,
+                            dims=self.dims)
             state.last_saved = state.iteration
 
     # -- the run -----------------------------------------------------------------------------------------------
