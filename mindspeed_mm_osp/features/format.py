@@ -86,8 +86,9 @@ def provenance(data_config: DataConfig, model_config: ModelConfig) -> dict:
     load_*_features may omit it); they are then not compared.
     """
     dp = data_config.dataset_param
-    pp = {k: v for k, v in dataclasses.asdict(dp.preprocess_parameters).items() if k not in _TRAIN_TIME_PREPROCESS}
-    data = {"data_path": _abspath(dp.basic_parameters.data_path), "preprocess_parameters": pp,
+    preprocess = {k: v for k, v in dataclasses.asdict(dp.preprocess_parameters).items()
+                  if k not in _TRAIN_TIME_PREPROCESS}
+    data = {"data_path": _abspath(dp.basic_parameters.data_path), "preprocess_parameters": preprocess,
             "use_img_from_vid": dp.use_img_from_vid,
             "collate_param": dataclasses.asdict(data_config.dataloader_param.collate_param)}
     vae = None
