@@ -103,6 +103,10 @@ MUTATIONS = (
              (GOLDEN_SCHEDULER,)),
     Mutation("sampler-timestep-of-next-sigma", PKG + "diffusion/sampling.py",
              "timestep = (sigmas[i] * 1000.0)", "timestep = (sigmas[i + 1] * 1000.0)", (GOLDEN_SCHEDULER,)),
+    Mutation("encoder-dp-posterior-keyed-by-fetch-round", PKG + "training/batches.py",
+             'keyed_generator(self.seed, "vae", micro_batch, self.dp_rank)',
+             'keyed_generator(self.seed, "vae", micro_batch // self.group_size, self.dp_rank, self.group_rank)',
+             ("tests/distributed/test_i2v_training.py::test_i2v_with_encoder_dp_equals_the_run_without",)),
     # VAE
     Mutation("vae-latent-scale-divides", PKG + "models/ae/autoencoder.py",
              "return (z - self.shift.to(z.dtype)) * self.scale.to(z.dtype)",
