@@ -1,6 +1,6 @@
 """SparseUMMDiT against the reference implementation's own outputs (tests/golden, see its README).
 
-The tiny reference predictor's parameters go through our weight loader (`load_weights`) and builder
+The tiny reference predictor's parameters go through our weight loader (`load_predictor_weights`) and builder
 (`build_predictor`) from its model-JSON `predictor` block; its output must match the reference to 1e-5, with
 skiparse and all-dense. The rest of the suite compares our code with itself (layouts, sparse against dense); only
 these tests would notice a bug that every layout shares (a RoPE, timestep, adaLN or skiparse-pattern slip) and that
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mindspeed_mm_osp.checkpoint.convert import load_weights
+from mindspeed_mm_osp.checkpoint.weights import load_predictor_weights
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.predictor import build_predictor
@@ -40,7 +40,7 @@ def golden(tmp_path_factory):
 
 def _model(golden, sparse1d: bool):
     config = dataclasses.replace(golden["config"], sparse1d=sparse1d)
-    return build_predictor(config, load_weights(golden["weights"]), torch.float32, torch.device("cpu"))
+    return build_predictor(config, load_predictor_weights(golden["weights"]), torch.float32, torch.device("cpu"))
 
 
 def _first_divergence(model, golden) -> str:
