@@ -15,7 +15,7 @@
 # --simulate (here, with the registry reachable): builds a fresh venv in .device-sim/ holding the local CPU torch and
 # the packages the machine's image provides, fetches the CPython 3.11 wheels with device_wheels.sh, then reruns this
 # script inside `unshare -n` (a network namespace with only loopback) on that venv: the wheel install and every step,
-# each step that needs CUDA in its small CPU form (the gpu tests skip cleanly). Budgets are x4 there (2 shared cores).
+# each step that needs CUDA in its small CPU form (the gpu tests skip cleanly). Budgets are x6 there (2 shared cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export ROOT=$PWD
@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) MODE=dry ;;
     --simulate) MODE=simulate ;;
-    --offline-cpu) CUDA=0 SCALE=4 ;;  # internal: the half of --simulate that runs inside `unshare -n`
+    --offline-cpu) CUDA=0 SCALE=6 ;;  # internal: the half of --simulate that runs inside `unshare -n`
     --python) PY="${2:?--python needs an interpreter}"; shift ;;
     --wheels) WHL="${2:?--wheels needs a folder}"; shift ;;
     --out) OUT_DIR="${2:?--out needs a folder}"; shift ;;
