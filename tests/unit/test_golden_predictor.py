@@ -9,29 +9,24 @@ reference's per-block trace.
 """
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mindspeed_mm_osp.checkpoint.weights import load_predictor_weights
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.predictor import build_predictor
+from golden.reference import GOLDEN, read_reference
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     """Config, inputs, outputs and trace of the reference run; its parameters written as a plain weights file."""
-    meta = json.loads((GOLDEN / "predictor_tiny.json").read_text())
-    tensors = load_file(str(GOLDEN / "predictor_tiny.safetensors"))
-    weights = tmp_path_factory.mktemp("golden_predictor") / "weights.safetensors"
-    save_file({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}, str(weights))
+    meta, tensors, weights = read_reference("predictor_tiny", tmp_path_factory.mktemp("golden_predictor"))
     return {"config": from_dict(PredictorConfig, meta["predictor"], file="predictor_tiny.json", path="predictor"),
             "weights": weights, "inputs": {k[len("input."):]: v for k, v in tensors.items() if k.startswith("input.")},
             "outputs": tensors, "trace": load_file(str(GOLDEN / "predictor_tiny_trace.safetensors")),

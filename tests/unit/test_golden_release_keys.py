@@ -4,9 +4,6 @@
 A released `model_ema.pt` or WF-VAE checkpoint loads strictly only if these agree exactly.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,8 +12,7 @@ from mindspeed_mm_osp.config.ae import AEConfig
 from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.ae import WFVAE
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, local_state_dict
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+from golden.reference import read_json
 
 
 def _shapes(state_dict) -> dict:
@@ -29,7 +25,7 @@ def _shapes(state_dict) -> dict:
 def test_predictor_release_keys(block, variant, text_params):
     """Both release JSONs (inference and training) give the same layout; the final block's text parameters exist
     in the reference only when it was built at TP > 1, as the release was."""
-    golden = json.loads((GOLDEN / "predictor_release_keys.json").read_text())
+    golden = read_json("predictor_release_keys.json")
     config = from_dict(PredictorConfig, {**golden[block], "final_block_text_params": text_params},
                        file="predictor_release_keys.json", path=block)
     with torch.device("meta"):
@@ -40,7 +36,7 @@ def test_predictor_release_keys(block, variant, text_params):
 
 
 def test_wfvae_release_keys():
-    golden = json.loads((GOLDEN / "vae_release_keys.json").read_text())
+    golden = read_json("vae_release_keys.json")
     with torch.device("meta"):
         vae = WFVAE(from_dict(AEConfig, golden["ae"], file="vae_release_keys.json", path="ae"))
     state_dict = vae.state_dict()

@@ -6,17 +6,15 @@ and cast, so they must be bitwise equal; the guidance, Euler and sampling-loop r
 reference's order and are held to fp32 rounding (measured: bitwise equal).
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.diffusion import DiffusionConfig
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, apply_guidance, sample, shift_sigmas
+from golden.reference import read_json
 
-GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "scheduler.json").read_text())
+GOLDEN = read_json("scheduler.json")
 
 
 def _t(values) -> torch.Tensor:

@@ -7,28 +7,22 @@ to 9e-6 in float32 and agree in float64).
 """
 
 import dataclasses
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mindspeed_mm_osp.config import from_dict
 from mindspeed_mm_osp.config.ae import AEConfig
 from mindspeed_mm_osp.models.ae import VideoAutoencoder
+from golden.reference import read_reference
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     """Reference tensors, and the VAE config pointing at the reference parameters written as a weights file."""
-    meta = json.loads((GOLDEN / "vae_tiny.json").read_text())
-    tensors = load_file(str(GOLDEN / "vae_tiny.safetensors"))
-    weights = tmp_path_factory.mktemp("golden_vae") / "wfvae.safetensors"
-    save_file({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}, str(weights))
+    meta, tensors, weights = read_reference("vae_tiny", tmp_path_factory.mktemp("golden_vae"))
     config = from_dict(AEConfig, {**meta["ae"], "from_pretrained": str(weights)}, file="vae_tiny.json", path="ae")
     return config, tensors
 
