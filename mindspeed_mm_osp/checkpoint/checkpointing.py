@@ -45,11 +45,12 @@ from ..parallel import ParallelDims
 from ..io_atomic import atomic_write_text
 from .io import atomic_save
 from .layout import CheckpointError, CheckpointWriteError, iteration_dir, model_file, read_tracker, tracker_path
+from .manifest import FileDigest, write_manifest
 from .reader import RankFile, read_rank
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 3.0
+CHECKPOINT_VERSION = 4.0  # 4.0: plain numpy RNG state and arguments (weights-only loadable), manifest
 OPTIMIZER_FORMAT = "osp-model-space-v1"
 
 
@@ -70,13 +71,28 @@ def _model_state(model: nn.Module, lora: Optional[dict]) -> dict[str, torch.Tens
             for k, v in unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
 
 
+def _numpy_state_plain() -> dict:
+    """numpy's global RNG state as plain values and a tensor, which a weights-only load rebuilds."""
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(state) -> None:
+    """Restore `_numpy_state_plain`, or the tuple `np.random.get_state()` of checkpoints before version 4."""
+    if isinstance(state, dict):
+        state = (state["algorithm"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
     return {
         "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
+        "np_rng_state": _numpy_state_plain(),
         "torch_rng_state": torch.get_rng_state(),
         "cuda_rng_state": platform.get_accelerator_rng_state(),
         "rng_tracker_states": {k: v.clone() for k, v in tracker.items()},
@@ -87,7 +103,7 @@ def _set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
+    _set_numpy_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
     platform.set_accelerator_rng_state(state["cuda_rng_state"])
     # set_states keeps the dict by reference and fork() mutates it: hand over copies.
@@ -113,9 +129,18 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _plain(args: Any) -> Any:
-    """Dataclass configs are stored as dicts so unpickling needs no project import."""
-    return dataclasses.asdict(args) if dataclasses.is_dataclass(args) and not isinstance(args, type) else args
+def _plain(value: Any) -> Any:
+    """The run's arguments as plain containers, numbers and strings (anything else as its text), so the file
+    loads with `weights_only=True` and needs no project import."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool, save_rng: bool,
@@ -138,33 +163,47 @@ def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bo
 
 
 def _write_rank_file(path: Path, header: dict, model: nn.Module, lora: Optional[dict],
-                     training_state: dict) -> Optional[Exception]:
-    """Write this TP rank's file; returns the failure instead of raising, so every rank reaches the vote."""
+                     training_state: dict) -> tuple[Optional[FileDigest], Optional[Exception]]:
+    """Write this TP rank's file; returns its digest, or the failure instead of raising, so every rank reaches
+    the vote."""
     try:
         payload = {**header, "model": _model_state(model, lora)}
         if lora is not None:
             payload["lora"] = lora
-        atomic_save({**payload, **training_state}, path)
+        return atomic_save({**payload, **training_state}, path), None
     except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the vote
-        return exc
-    return None
+        return None, exc
+
+
+def _gather_digests(it_dir: Path, path: Path, digest: Optional[FileDigest]) -> dict[str, FileDigest]:
+    """{file relative to the iteration folder: digest} of every writer rank, for rank 0's manifest; collective."""
+    mine = (path.relative_to(it_dir).as_posix(), digest) if digest is not None else None
+    everyone: list = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    return dict(entry for entry in everyone if entry is not None)
 
 
 def _named(iteration: Optional[int | str]) -> str:
     return str(iteration) if iteration is not None else "none"
 
 
-def _update_tracker(save_dir: Path, iteration: int, previous: Optional[int | str]) -> None:
-    """Point the tracker at `iteration` (rank 0, after every rank file is complete); collective."""
+def _update_tracker(save_dir: Path, iteration: int, previous: Optional[int | str],
+                    digests: dict[str, FileDigest]) -> None:
+    """Write the iteration's manifest, then point the tracker at it (rank 0, after every rank file is complete);
+    collective."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
+            write_manifest(iteration_dir(save_dir, iteration), iteration, digests)
             atomic_write_text(tracker_path(save_dir), str(iteration))
         except Exception as exc:
             error = exc
     if not _all_ranks_ok(error is None):  # also the barrier
         raise CheckpointWriteError(
-            f"saving checkpoint iteration {iteration} to {save_dir}: updating the tracker {tracker_path(save_dir)} failed"
+            f"saving checkpoint iteration {iteration} to {save_dir}: writing its manifest or the tracker "
+            f"{tracker_path(save_dir)} failed"
             f"{f': {error}' if error else ' on rank 0'}. It still names the previous checkpoint "
             f"({_named(previous)}), left intact; iteration {iteration} is complete and "
             f"loadable with --ckpt-step {iteration}.") from error
@@ -191,12 +230,12 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
 
     training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng, dims)
     path = model_file(save_dir, iteration, tp_rank)
-    error = None
+    error = digest = None
     if dp_rank == 0:
         header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
                   "consumed_train_samples": int(consumed_train_samples), "args": _plain(args),
                   "parallel": {"tensor_model_parallel_size": tp_size}}
-        error = _write_rank_file(path, header, model, lora, training_state)
+        digest, error = _write_rank_file(path, header, model, lora, training_state)
     if not _all_ranks_ok(error is None):
         if created_dir and (not dist.is_initialized() or dist.get_rank() == 0):
             shutil.rmtree(it_dir, ignore_errors=True)
@@ -204,7 +243,7 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
         raise CheckpointWriteError(
             f"saving checkpoint iteration {iteration} to {save_dir}: {where}. The tracker {tracker_path(save_dir)} "
             f"still names the previous checkpoint ({_named(previous)}), left intact.") from error
-    _update_tracker(save_dir, iteration, previous)
+    _update_tracker(save_dir, iteration, previous, _gather_digests(it_dir, path, digest))
     logger.info("saved checkpoint iteration %s to %s", iteration, save_dir)
     return path
 
@@ -276,10 +315,23 @@ def _restore_training_state(model: nn.Module, saved: RankFile, optimizer, schedu
         _set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
 
 
+def _read_on_every_rank(load_dir: Path, iteration: int | str, tp_rank: int, tp_size: int,
+                        verify: bool) -> RankFile:
+    """This rank's file; if any rank cannot read its own, every rank raises instead of waiting for it."""
+    try:
+        saved, error = read_rank(load_dir, iteration, tp_rank, tp_size, verify=verify), None
+    except CheckpointError as exc:
+        saved, error = None, exc
+    if not _all_ranks_ok(error is None):
+        raise error or CheckpointError(f"{iteration_dir(load_dir, iteration)}: another rank could not read its "
+                                       "checkpoint file (its error names the file)")
+    return saved
+
+
 def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, scheduler=None, *, clip=None,
                     iteration: Optional[int] = None, no_load_optim: bool = False, no_load_rng: bool = False,
-                    finetune: bool = False, strict: bool = True,
-                    lora: Optional[dict] = None, dims: Optional[ParallelDims] = None) -> Optional[LoadedCheckpoint]:
+                    finetune: bool = False, strict: bool = True, lora: Optional[dict] = None,
+                    dims: Optional[ParallelDims] = None, verify: bool = False) -> Optional[LoadedCheckpoint]:
     """Restore what `save_checkpoint` wrote; collective. None when `load_dir` has no tracker (fresh start).
 
     `lora` (`lora_metadata` of this LoRA run): load adapters, refusing a checkpoint of another LoRA config or
@@ -287,7 +339,8 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
 
     `finetune`: weights only, iteration 0, fresh optimizer (EMA restarts from the weights). `no_load_optim`
     keeps the iteration but starts a fresh optimizer/scheduler/clip state. The trainer must not step the
-    scheduler for the restored iteration: its state is restored here.
+    scheduler for the restored iteration: its state is restored here. The file's size is checked against the
+    iteration's manifest, and with `verify` its checksum too.
     """
     load_dir = Path(load_dir)
     if iteration is None:
@@ -297,7 +350,7 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
             return None
     dims = dims or ParallelDims.current()
     tp_rank, tp_size, dp_rank = dims.tp_rank, dims.tp, dims.dp_cp_rank
-    saved = read_rank(load_dir, iteration, tp_rank, tp_size)
+    saved = _read_on_every_rank(load_dir, iteration, tp_rank, tp_size, verify)
     _restore_weights(model, saved, strict, lora)
     _restore_training_state(model, saved, optimizer, scheduler, clip,
                             fresh_optimizer=finetune or no_load_optim or "optimizer" not in saved.state,

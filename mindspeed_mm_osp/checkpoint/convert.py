@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -34,8 +35,10 @@ import torch
 from ..io_atomic import atomic_save_safetensors, atomic_write_text
 from .checkpointing import CHECKPOINT_VERSION
 from .io import atomic_save
-from .layout import RELEASE, CheckpointError, model_file, tracker_path
-from .reader import SavedCheckpoint, load_weights, read_checkpoint
+from .layout import RELEASE, CheckpointError, iteration_dir, model_file, tracker_path
+from .manifest import tensors_crc32, write_manifest
+from .reader import TENSORS_CRC32_KEY, SavedCheckpoint, load_weights, read_checkpoint
+from .safe_load import trust_pickle
 
 INFO_FILE = "convert_info.json"
 FORMATS = ("safetensors", "pt", "both")
@@ -87,10 +90,11 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], names: Optional[S
     return merge_state_dicts(shards)
 
 
-def merge_checkpoint(load_dir: Path | str, *, ema: bool = False,
-                     iteration: Optional[int | str] = None) -> MergedCheckpoint:
-    """Read every TP rank of one iteration (the tracker's by default) and merge `model` (or `ema_model`)."""
-    return merge_entry(read_checkpoint(load_dir, iteration), "ema_model" if ema else "model")
+def merge_checkpoint(load_dir: Path | str, *, ema: bool = False, iteration: Optional[int | str] = None,
+                     verify: bool = False) -> MergedCheckpoint:
+    """Read every TP rank of one iteration (the tracker's by default) and merge `model` (or `ema_model`);
+    `verify`: check the files' checksums against the manifest."""
+    return merge_entry(read_checkpoint(load_dir, iteration, verify), "ema_model" if ema else "model")
 
 
 def merge_entry(source: SavedCheckpoint, key: str) -> MergedCheckpoint:
@@ -116,7 +120,8 @@ def split_weights(state_dict: Mapping[str, torch.Tensor], tp_size: int) -> list[
 
 
 def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both") -> list[Path]:
-    """Write `model[_ema].{safetensors,pt}` and `convert_info.json` (each atomically); returns the paths."""
+    """Write `model[_ema].{safetensors,pt}` and `convert_info.json` (each atomically); returns the paths. The
+    safetensors metadata carries the tensors' checksum (`load_weights(verify=True)` checks it)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     save_dir = Path(save_dir)
@@ -127,7 +132,8 @@ def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both
     written = []
     if fmt in ("safetensors", "both"):
         path = save_dir / f"{stem}.safetensors"
-        atomic_save_safetensors(merged.state_dict, path, {k: json.dumps(v) for k, v in info.items()})
+        metadata = {**{k: json.dumps(v) for k, v in info.items()}, TENSORS_CRC32_KEY: tensors_crc32(merged.state_dict)}
+        atomic_save_safetensors(merged.state_dict, path, metadata)
         written.append(path)
     if fmt in ("pt", "both"):
         path = save_dir / f"{stem}.pt"
@@ -145,25 +151,27 @@ def save_split_checkpoint(model_sd: Mapping[str, torch.Tensor], save_dir: Path |
     """Megatron layout at TP=`tp_size` holding `model` and `ema_model` (= `model` when no EMA is given).
 
     No optimizer state: `load_checkpoint` then starts a fresh optimizer whose EMA restarts from the weights
-    (use it with `--finetune` or `--no-load-optim`). All shards are built before the first file is written.
+    (use it with `--finetune` or `--no-load-optim`). All shards are built before the first file is written; the
+    manifest is written after the last one, the tracker after the manifest.
     """
     model_shards = split_weights(model_sd, tp_size)
     ema_shards = split_weights(ema_sd, tp_size) if ema_sd is not None else model_shards
-    paths = []
+    paths, digests = [], {}
     for rank, (model, ema) in enumerate(zip(model_shards, ema_shards)):
         payload = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0 if iteration == RELEASE else int(iteration),
                    "consumed_train_samples": 0, "args": {"converted_from": source},
                    "parallel": {"tensor_model_parallel_size": tp_size}, "model": model,
                    "ema_model": {k: v.float() for k, v in ema.items()}}
         path = model_file(save_dir, iteration, rank)
-        atomic_save(payload, path)
+        digests[path.relative_to(iteration_dir(save_dir, iteration)).as_posix()] = atomic_save(payload, path)
         paths.append(path)
+    write_manifest(iteration_dir(save_dir, iteration), iteration, digests)
     atomic_write_text(tracker_path(save_dir), str(iteration))
     return paths
 
 
 def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool = False,
-                          iteration: Optional[int | str] = None) -> MergedCheckpoint:
+                          iteration: Optional[int | str] = None, verify: bool = False) -> MergedCheckpoint:
     """Merged base weights with the adapters (or their EMA) of a LoRA checkpoint folded in (TP=1 view).
 
     The adapters are merged over their TP ranks first; the base (a weights file, or a training checkpoint root
@@ -171,13 +179,13 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
     """
     from ..models.lora import check_base_weights, merge_lora, recorded_config
 
-    source = read_checkpoint(load_dir, iteration)
+    source = read_checkpoint(load_dir, iteration, verify)
     if source.lora is None:
         raise CheckpointError(f"{source.files[0]}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge "
                               "to convert a full-model checkpoint)")
     adapters = merge_entry(source, "ema_model" if ema else "model")
     base = Path(base)
-    base_sd = load_weights(base) if base.is_file() else merge_checkpoint(base).state_dict
+    base_sd = load_weights(base, verify) if base.is_file() else merge_checkpoint(base, verify=verify).state_dict
     try:
         check_base_weights(source.lora, base_sd, str(base))
         merged = merge_lora(base_sd, adapters.state_dict, recorded_config(source.lora).scaling)
@@ -212,6 +220,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "--base and write the merged weights (merged files, or --target-tp shards)")
     p.add_argument("--base", default=None,
                    help="with --lora-merge: the base weights (merged/released file or training checkpoint root)")
+    p.add_argument("--verify-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare every file's checksum with its iteration's manifest (sizes are always compared)")
+    p.add_argument("--trust-pickle", action="append", default=[], metavar="FILE",
+                   help="unpickle this one file in full although it needs globals outside the allow-list "
+                        "(it can run code; docs/security.md); repeatable")
     args = p.parse_args(argv)
     if args.iteration is not None and args.iteration != RELEASE:
         args.iteration = int(args.iteration)
@@ -220,31 +233,36 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def _convert(args: argparse.Namespace) -> list[Path]:
+    """Run the conversion the flags ask for; returns the paths written."""
+    load, verify = Path(args.load_dir), args.verify_checkpoint
+    if args.lora_merge:
+        merged = merge_lora_checkpoint(load, args.base, ema=args.ema, iteration=args.iteration, verify=verify)
+        if args.target_tp is None:
+            return save_merged(merged, args.save_dir, args.format)
+        return save_split_checkpoint(merged.state_dict, args.save_dir, args.target_tp, merged.iteration,
+                                     source=f"{merged.source} + {args.base}")
+    if args.target_tp is None:
+        merged = merge_checkpoint(load, ema=args.ema, iteration=args.iteration, verify=verify)
+        return save_merged(merged, args.save_dir, args.format)
+    if load.is_file():
+        it = args.iteration if args.iteration is not None else _merged_file_iteration(load)
+        return save_split_checkpoint(load_weights(load, verify), args.save_dir, args.target_tp, it, source=str(load))
+    source = read_checkpoint(load, args.iteration, verify)
+    model = merge_entry(source, "model")
+    # Without an EMA in the source, the EMA restarts from the weights.
+    ema_sd = merge_entry(source, "ema_model").state_dict if "ema_model" in source.ranks[0].state else None
+    return save_split_checkpoint(model.state_dict, args.save_dir, args.target_tp, model.iteration, ema_sd,
+                                 source=str(model.source))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Convert; a refused or broken input raises SystemExit("error: ...") naming the file (see `cli`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse(argv)
-    load = Path(args.load_dir)
     try:
-        if args.lora_merge:
-            merged = merge_lora_checkpoint(load, args.base, ema=args.ema, iteration=args.iteration)
-            paths = (save_merged(merged, args.save_dir, args.format) if args.target_tp is None else
-                     save_split_checkpoint(merged.state_dict, args.save_dir, args.target_tp, merged.iteration,
-                                           source=f"{merged.source} + {args.base}"))
-        elif args.target_tp is not None:
-            if load.is_file():
-                weights = load_weights(load)
-                it = args.iteration if args.iteration is not None else _merged_file_iteration(load)
-                paths = save_split_checkpoint(weights, args.save_dir, args.target_tp, it, source=str(load))
-            else:
-                source = read_checkpoint(load, args.iteration)
-                model = merge_entry(source, "model")
-                # Without an EMA in the source, the EMA restarts from the weights.
-                ema_sd = merge_entry(source, "ema_model").state_dict if "ema_model" in source.ranks[0].state else None
-                paths = save_split_checkpoint(model.state_dict, args.save_dir, args.target_tp, model.iteration,
-                                              ema_sd, source=str(model.source))
-        else:
-            merged = merge_checkpoint(load, ema=args.ema, iteration=args.iteration)
-            paths = save_merged(merged, args.save_dir, args.format)
+        trust_pickle(args.trust_pickle)
+        paths = _convert(args)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:  # disk full, permissions: every file is written atomically, so none is half-written
@@ -254,5 +272,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(path)
 
 
-__all__ = ["MergedCheckpoint", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards",
+def cli() -> None:
+    """`convert_mm_to_ckpt.py` / `osp-convert`: an error is one line on stderr and exit status 2, as the other
+    entry points (a SystemExit carrying a message would exit 1)."""
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(f"convert_mm_to_ckpt.py: {exc.code}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+__all__ = ["MergedCheckpoint", "cli", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards",
            "save_merged", "save_split_checkpoint", "split_weights"]

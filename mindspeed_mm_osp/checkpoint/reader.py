@@ -9,8 +9,10 @@ Used by resume (`checkpointing.load_checkpoint`), by the converter (`convert`) a
   folder's;
 * a flat weights file (`load_weights`): safetensors, or a torch file holding a state dict, possibly wrapped.
 
-Another on-disk format or safer loading goes here and nowhere else: `read_rank_file` is the one `torch.load` of a
-training checkpoint, `load_weights` the one read of a weights file.
+Another on-disk format goes here and nowhere else: `read_rank_file` is the one read of a training checkpoint,
+`load_weights` the one read of a weights file. Both unpickle through `safe_load` (no file runs code), and a
+training checkpoint is checked against its iteration's manifest before it is unpickled (`manifest`: sizes
+always, checksums with `verify`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import torch
 
 from .layout import (ITER_DIR, MODEL_FILE, MP_DIR, RELEASE, CheckpointError, iteration_dir, model_file, read_tracker,
                      saved_tp_size, tracker_path)
+from .manifest import tensors_crc32, verify_files
+from .safe_load import LEGACY_CHECKPOINT_GLOBALS, UntrustedPickleError, load_torch_file
+
+# The safetensors metadata key of a merged file's checksum (`manifest.tensors_crc32`).
+TENSORS_CRC32_KEY = "tensors_crc32"
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,9 @@ def read_rank_file(path: Path, tp_size: int, iteration: int | str,
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found (incomplete save or wrong --load directory)")
     try:
-        # Our own files hold python/numpy RNG states and args: not loadable with weights_only.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path, "training checkpoint", LEGACY_CHECKPOINT_GLOBALS)
+    except UntrustedPickleError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file): {exc}") from exc
     absent = [key for key in required if not isinstance(state, dict) or key not in state]
@@ -135,26 +143,49 @@ def read_rank_file(path: Path, tp_size: int, iteration: int | str,
     return RankFile(path, state)
 
 
-def read_checkpoint(load_dir: Path | str, iteration: Optional[int | str] = None) -> SavedCheckpoint:
-    """Every TP rank of one iteration (the tracker's by default) of a root or of one `iter_XXXXXXX` folder."""
+def read_checkpoint(load_dir: Path | str, iteration: Optional[int | str] = None,
+                    verify: bool = False) -> SavedCheckpoint:
+    """Every TP rank of one iteration (the tracker's by default) of a root or of one `iter_XXXXXXX` folder;
+    `verify`: compare checksums with the manifest, not only sizes."""
     it_dir, it = locate_iteration(load_dir, iteration)
     files = _rank_files(it_dir.parent, it)
+    verify_files(it_dir, files, checksums=verify, complete=True)
     return SavedCheckpoint(it_dir, it, tuple(read_rank_file(path, len(files), it) for path in files))
 
 
-def read_rank(load_dir: Path | str, iteration: int | str, tp_rank: int, tp_size: int) -> RankFile:
-    """This TP rank's file of `iteration`, for resuming a run of TP size `tp_size`."""
+def read_rank(load_dir: Path | str, iteration: int | str, tp_rank: int, tp_size: int,
+              verify: bool = False) -> RankFile:
+    """This TP rank's file of `iteration`, for resuming a run of TP size `tp_size`; `verify` as `read_checkpoint`."""
     saved_tp = saved_tp_size(load_dir, iteration)
     if saved_tp != tp_size:
         raise CheckpointError(f"{iteration_dir(load_dir, iteration)}: saved with tensor-parallel size {saved_tp}, "
                               f"this run uses {tp_size}; resume with --tensor-model-parallel-size {saved_tp} or "
                               "re-split it")
-    return read_rank_file(model_file(load_dir, iteration, tp_rank), tp_size, iteration, ("model", "iteration"))
+    path = model_file(load_dir, iteration, tp_rank)
+    if path.exists():
+        verify_files(path.parent.parent, [path], checksums=verify)
+    return read_rank_file(path, tp_size, iteration, ("model", "iteration"))
 
 
-def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, verify: bool) -> dict[str, torch.Tensor]:
+    """A safetensors file; with `verify`, checked against the checksum in its metadata when it has one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if verify:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(TENSORS_CRC32_KEY)
+        if expected is not None and tensors_crc32(state) != expected:
+            raise CheckpointError(f"{path}: tensor checksum {tensors_crc32(state)} differs from the {expected} "
+                                  "recorded when it was written (damaged copy); copy or convert it again")
+    return state
+
+
+def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tensor]:
     """Merged or released predictor weights (.safetensors, or a torch file possibly wrapped in
-    `ema_state_dict`/`model`/`state_dict`), without `_extra_state` entries."""
+    `ema_state_dict`/`model`/`state_dict`), without `_extra_state` entries. `verify`: check the checksum a
+    merged safetensors file carries."""
     from ..models.predictor import strip_extra_state, unwrap_state_dict
 
     path = Path(path)
@@ -162,11 +193,11 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = _read_safetensors(path, verify)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch_file(path, "weights file")
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, Mapping):
@@ -179,5 +210,5 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["RankFile", "SavedCheckpoint", "load_weights", "locate_iteration", "read_checkpoint", "read_rank",
+__all__ = ["TENSORS_CRC32_KEY", "RankFile", "SavedCheckpoint", "load_weights", "locate_iteration", "read_checkpoint", "read_rank",
            "read_rank_file"]

@@ -64,6 +64,7 @@ class InferenceArgs:
     video: Optional[str] = None
     condition_frames: Optional[int] = None
     reimpose_condition: bool = True
+    trust_pickle: tuple[str, ...] = ()  # files unpickled in full (docs/security.md)
 
     def condition_request(self) -> ConditionRequest:
         return ConditionRequest(image=self.image, last_image=self.last_image, video=self.video,
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", metavar="DIR", help="LoRA adapter checkpoint (pretrain.py --lora-r ... --save DIR) "
                                                  "applied unmerged on top of the predictor weights")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the adapters' contribution")
+    p.add_argument("--trust-pickle", action="append", default=[], metavar="FILE",
+                   help="unpickle this one file in full although it needs Python globals outside the allow-list "
+                        "(it can run code; docs/security.md); repeatable")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--save-latents", action="store_true", help="stop after denoising; write latents")
     stage.add_argument("--decode-latents", metavar="DIR", help="decode latents written by --save-latents")
@@ -125,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the fully given latent frames on their noising path at every step (default); "
                           "--no-reimpose-condition feeds them through the input channels only, as Open-Sora Plan 1.3")
     return p
+
+
+def _register_trusted(p: argparse.ArgumentParser, files: tuple[str, ...]) -> None:
+    """Hand the `--trust-pickle` files to the package's one pickle policy (`checkpoint.safe_load`)."""
+    from ..checkpoint import CheckpointError
+    from ..checkpoint.safe_load import trust_pickle
+
+    try:
+        trust_pickle(files)
+    except CheckpointError as e:
+        p.error(str(e))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
@@ -149,6 +164,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         p.error(str(e))
     if ns.size is not None:
         ns.size = tuple(ns.size)
+    ns.trust_pickle = tuple(ns.trust_pickle)
+    _register_trusted(p, ns.trust_pickle)
     return InferenceArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(InferenceArgs)})
 
 

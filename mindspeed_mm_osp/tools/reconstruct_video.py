@@ -34,6 +34,8 @@ import torch
 from tqdm import tqdm
 
 from .. import platform
+from ..checkpoint import CheckpointError
+from ..checkpoint.safe_load import trust_pickle
 from ..config import AEConfig, ConfigError, from_dict, read_json
 from ..data.readers import ReadError, make_video_reader
 from ..data.transforms import CenterCropResizeVideo, ToTensorVideo
@@ -202,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-videos", type=int, default=None, help="only the first K videos (sorted by path)")
     p.add_argument("--ssim-channels", choices=("y", "rgb"), default="y",
                    help="SSIM on BT.601 luma (default) or averaged over R, G, B")
+    p.add_argument("--trust-pickle", action="append", default=[], metavar="FILE",
+                   help="unpickle this one file (the VAE weights) in full although it needs Python globals outside "
+                        "the allow-list (it can run code; docs/security.md); repeatable")
     return p
 
 
@@ -211,8 +216,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_videos is not None and args.max_videos < 1:
         parser.error("--max-videos must be >= 1")
     try:
+        trust_pickle(args.trust_pickle)
         run(args.model_config, args.data, args.num_frames, tuple(args.size), args.out, args.max_videos,
             args.ssim_channels)
+    except CheckpointError as e:  # a refused or unreadable weights file: one line, as the other entry points
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         parser.error(str(e))
     return 0

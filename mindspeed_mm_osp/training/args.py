@@ -122,6 +122,8 @@ class CheckpointArgs(_Flags):
     ckpt_step: Optional[int] = None
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
+    verify_checkpoint: bool = False  # checksums against the manifest on --load/--lora-load
+    trust_pickle: tuple[str, ...] = ()  # files unpickled in full (docs/security.md)
 
 
 @dataclass(frozen=True, kw_only=True)

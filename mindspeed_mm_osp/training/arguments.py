@@ -188,6 +188,12 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ck.add_argument("--exit-interval", type=int, default=None)
     ck.add_argument("--exit-duration-in-mins", type=float, default=None)
     ck.add_argument("--use-dist-ckpt", action="store_true")
+    ck.add_argument("--verify-checkpoint", action="store_true",
+                    help="compare the checksums of the checkpoint read by --load/--lora-load with its manifest "
+                         "(sizes are always compared), and of merged weights with the one they carry")
+    ck.add_argument("--trust-pickle", action="append", default=[], metavar="FILE",
+                    help="unpickle this one file in full although it needs Python globals outside the allow-list "
+                         "(it can run code; docs/security.md); repeatable")
 
 
 def _add_logging_flags(p: argparse.ArgumentParser) -> None:
@@ -334,10 +340,17 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> TrainingArgs:
-    """The command line, validated and frozen; exit 2 with the flag named when it is wrong."""
+    """The command line, validated and frozen; exit 2 with the flag named when it is wrong. Registers the
+    `--trust-pickle` files with the package's one pickle policy (`checkpoint.safe_load`)."""
+    from ..checkpoint import CheckpointError
+    from ..checkpoint.safe_load import trust_pickle
+
     namespace = build_parser().parse_args(argv)
+    namespace.trust_pickle = tuple(namespace.trust_pickle)
     try:
-        return TrainingArgs.from_namespace(validate(namespace, world_size))
-    except ArgumentError as e:
+        args = TrainingArgs.from_namespace(validate(namespace, world_size))
+        trust_pickle(args.trust_pickle)
+        return args
+    except (ArgumentError, CheckpointError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -162,7 +162,8 @@ class Trainer:
             raise ConfigError(self.args.mm_model, key, "LoRA fine-tuning needs base weights: pass --load (released "
                               "model_ema.pt, merged weights or a full-model checkpoint folder) or set it")
         try:  # a LoRA base may also be a training checkpoint folder
-            state = (load_predictor_weights(source) if lora else load_weights(source)) if source else None
+            read = load_predictor_weights if lora else load_weights
+            state = read(source, self.args.verify_checkpoint) if source else None
         except CheckpointError as exc:
             raise ConfigError(self.args.mm_model, key, str(exc)) from exc
         model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
@@ -188,7 +189,8 @@ class Trainer:
             return
         loaded = load_checkpoint(path, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                                  iteration=args.ckpt_step, no_load_optim=args.no_load_optim,
-                                 no_load_rng=args.no_load_rng, finetune=args.finetune, lora=self.lora, dims=self.dims)
+                                 no_load_rng=args.no_load_rng, finetune=args.finetune, lora=self.lora, dims=self.dims,
+                                 verify=args.verify_checkpoint)
         if loaded is not None:
             self.state.iteration = self.state.last_saved = loaded.iteration
             self.state.consumed_samples = loaded.consumed_train_samples

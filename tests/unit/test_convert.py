@@ -206,6 +206,7 @@ def test_unknown_layouts(tmp_path, full, ema):
 
 def test_ema_missing(tmp_path, full):
     save_split_checkpoint(full, tmp_path / "ckpt", 2, 3)
+    (tmp_path / "ckpt" / "iter_0000003" / "manifest.json").unlink()  # files edited below
     for rank in range(2):
         path = tmp_path / "ckpt" / "iter_0000003" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
         state = torch.load(path, weights_only=False)

@@ -106,12 +106,21 @@ def test_missing_key_and_shape_mismatch(tmp_path, source):
         load_wfvae_checkpoint(_model(seed=2), path, strict=False)
 
 
-def test_training_checkpoint_with_pickled_objects(tmp_path, source):
-    """Release training checkpoints carry non-tensor objects; they need a full unpickle."""
+def test_training_checkpoint_with_pickled_objects_loads_only_when_trusted(tmp_path, source):
+    """A checkpoint holding Python objects (here an argparse.Namespace) is refused, naming the file and the global,
+    with no fallback to a full unpickle; it loads once the user trusts that one file (--trust-pickle)."""
     import argparse
+
+    from mindspeed_mm_osp.checkpoint.safe_load import UntrustedPickleError, trust_pickle
 
     path = tmp_path / "train.ckpt"
     torch.save({"state_dict": {"gen_model": source}, "sampler_state": argparse.Namespace(index=7)}, path)
     model = _model(seed=2)
-    assert load_wfvae_checkpoint(model, path).source == "state_dict.gen_model"
+    with pytest.raises(UntrustedPickleError, match=r"train.ckpt: .*argparse.Namespace.*--trust-pickle"):
+        load_wfvae_checkpoint(model, path)
+    trust_pickle([path])
+    try:
+        assert load_wfvae_checkpoint(model, path).source == "state_dict.gen_model"
+    finally:
+        trust_pickle([])
     _assert_loaded(model, source)

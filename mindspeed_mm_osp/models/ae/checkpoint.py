@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ...checkpoint.safe_load import UntrustedPickleError, load_torch_file
 from .modules import HaarWaveletTransform3D, InverseHaarWaveletTransform3D
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,16 @@ class LoadResult(NamedTuple):
 
 
 def _read(path: Path) -> Any:
+    """safetensors, or a torch file through the package's one pickle policy (weights only, no allow-list): a file
+    that needs more is refused (`UntrustedPickleError`) unless named with --trust-pickle."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            logger.warning("%s: not loadable with weights_only=True; unpickling it in full", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch_file(path, "WF-VAE checkpoint")
+    except UntrustedPickleError:
+        raise
     except Exception as exc:
         raise CheckpointKeyError(f"{path}: cannot read the WF-VAE checkpoint (truncated or corrupt file): "
                                  f"{type(exc).__name__}: {exc}") from exc
