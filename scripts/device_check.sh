@@ -124,7 +124,7 @@ data("demo_out/data"); models("demo_out/models")' || return 1
   ls -l samples/*.mp4 && echo "e2e: trained 2 iterations, resumed from the checkpoint to 3, wrote samples/*.mp4"
 }
 step_latency() {
-  if [ "$CUDA" = 1 ]; then "$PY" bench/bench_sampling_latency.py --compile --budget-s 100 --json "$WORK/sampling_latency.json"
+  if [ "$CUDA" = 1 ]; then "$PY" bench/bench_sampling_latency.py --compile --iters 2 --budget-s 100 --json "$WORK/sampling_latency.json"
   else "$PY" bench/bench_sampling_latency.py --quick --json "$WORK/sampling_latency.json"; fi
 }
 export -f bare_pip step_env step_install step_gpu_tests step_planner step_mfu step_profile step_skiparse step_optimizer \
