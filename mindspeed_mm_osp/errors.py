@@ -1,10 +1,29 @@
-"""Expected failures: what `pretrain.py`, `inference.py` and the tools turn into one line and exit status 2.
+"""The error contract of every entry point and tool: bad input is one line and exit status 2, a bug is a traceback.
 
-Each is a domain error that names the file, key or flag and the fix; code raising one from a lower-level
-exception chains it (`raise ... from exc`) so a debugger still sees the cause.
+`pretrain.py`, `inference.py`, `convert_mm_to_ckpt.py` and every `python -m mindspeed_mm_osp.tools.*` module wrap
+their `main` in `entry_point(name)`. A domain error (`user_errors()`: a config key, a flag value, a data or
+checkpoint file, a path) is printed as `NAME: error: MESSAGE` on one line and exits 2; the message names the file,
+key or flag and the fix. Anything else is a bug: its traceback is kept and one line asks to report it (exit 1).
+Code raising a domain error from a lower-level exception chains it (`raise ... from exc`) so a debugger still sees
+the cause.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+
+
+class UserError(Exception):
+    """Bad input found at the edge (a flag value, a path, a file's content); the message names it and the fix."""
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -12,9 +31,102 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint.layout import CheckpointError
     from .config import ConfigError
     from .data.readers import ReadError
+    from .features.format import CacheMismatchError
+    from .models.ae.checkpoint import CheckpointKeyError
     from .parallel import ParallelConfigError
 
-    return ConfigError, ParallelConfigError, CheckpointError, ReadError
+    return UserError, ConfigError, ParallelConfigError, CheckpointError, ReadError, CheckpointKeyError, \
+        CacheMismatchError
 
 
-__all__ = ["user_errors"]
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line; an OSError names its file (`PATH: No such file or directory`)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _is_environment_error(error: BaseException) -> bool:
+    """An OSError about a named file (missing, not writable, disk full): the user's environment, not a bug."""
+    return isinstance(error, OSError) and error.filename is not None
+
+
+def entry_point(name: str) -> Callable:
+    """Decorator for a `main(argv=None)`: the one error boundary of the entry points and tools (module docstring)."""
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(argv=None):
+            try:
+                return main(argv)
+            except user_errors() as e:
+                print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
+                raise SystemExit(EXIT_USER_ERROR) from None
+            except Exception as e:  # noqa: BLE001 - the boundary: a bug keeps its traceback
+                if _is_environment_error(e):
+                    print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
+                    raise SystemExit(EXIT_USER_ERROR) from None
+                traceback.print_exc()
+                print(f"{name}: internal error ({type(e).__name__}): this is a bug, not a problem with your input; "
+                      f"please report it with the traceback above", file=sys.stderr, flush=True)
+                raise SystemExit(EXIT_BUG) from None
+        return run
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------- checks at the edge
+
+
+def check_number(flag: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise UserError naming `flag` unless `value` is finite and inside the stated range (None: not given)."""
+    if value is None:
+        return
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and \
+        (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        what = " and ".join(filter(None, (lo, hi))) or "finite"
+        raise UserError(f"{flag} must be {what}, got {value}")
+
+
+def check_ranges(values: dict, ranges: dict) -> None:
+    """Check every `flag -> value` against its `flag -> dict(low=..., high=..., ...)` entry of a range table."""
+    for flag, bounds in ranges.items():
+        check_number(flag, values.get(flag), **bounds)
+
+
+def check_input_path(what: str, path, kind: str = "any") -> Path:
+    """`path` exists and is a file (`kind="file"`), a folder (`"dir"`) or either; raise UserError naming `what`."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {path}: does not exist; give an existing {_kind(kind)}")
+    if kind == "file" and not p.is_file():
+        raise UserError(f"{what} {path}: is a folder, expected a file")
+    if kind == "dir" and not p.is_dir():
+        raise UserError(f"{what} {path}: is a file, expected a folder")
+    return p
+
+
+def check_output_dir(what: str, path, *, overwrite: bool, taken: Callable[[Path], bool] = lambda p: True) -> Path:
+    """An output folder: not a file, writable where it exists, and not already holding outputs (`taken`) unless
+    `--overwrite`; raise UserError naming `what`."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {path}: is a file, expected a folder (absent or empty)")
+    parent = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {path}: {parent} is not writable; choose another folder")
+    if p.is_dir() and not overwrite and any(taken(child) for child in p.iterdir()):
+        raise UserError(f"{what} {path}: already holds outputs; choose an empty folder or pass --overwrite")
+    return p
+
+
+def _kind(kind: str) -> str:
+    return {"file": "file", "dir": "folder"}.get(kind, "file or folder")
+
+
+__all__ = ["EXIT_BUG", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
+           "check_ranges", "entry_point", "one_line", "user_errors"]

@@ -46,6 +46,11 @@ class AEConfig:
     from_pretrained: Optional[str] = None
     dtype: Dtype = "fp32"
 
+    # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
+    _ranges = {"latent_dim": ">= 1", "connect_res_layer_num": ">= 0", "encoder_num_resblocks": ">= 1",
+               "decoder_num_resblocks": ">= 1", "encoder_energy_flow_hidden_size": ">= 1",
+               "decoder_energy_flow_hidden_size": ">= 1", "dropout": "[0, 1)"}
+
     def validate(self, file, path: str) -> None:
         p = f"{path}." if path else ""
         require(self.base_channels >= 1, file, f"{p}base_channels", "must be >= 1")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .loader import from_dict, read_json, require
+from .loader import check_path, from_dict, read_json, require
 from .text import TokenizerConfig
 
 
@@ -35,6 +35,9 @@ class BasicParameters:
     data_path: str
     data_folder: str = ""
     data_storage_mode: Literal["combine"] = "combine"
+    # An annotation `path` that is absolute or leaves its data folder with `..` is dropped at index time
+    # (counted as `path_outside_data_folder`) unless this is true (docs/data.md).
+    allow_paths_outside_data_folder: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ class PreprocessParameters:
     # How many other samples of the same shape are tried when a file cannot be read.
     max_read_retries: int = 10
     train_pipeline: TrainPipeline = field(default_factory=TrainPipeline)
+
+    # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
+    _ranges = {"num_frames": ">= 1", "max_height": ">= 1", "max_width": ">= 1", "max_hxw": ">= 1", "min_hxw": ">= 1",
+               "max_h_div_w_ratio": "> 0", "min_h_div_w_ratio": "> 0", "hw_stride": ">= 1", "train_fps": ">= 1",
+               "too_long_factor": "> 0", "drop_short_ratio": "[0, 1]", "min_num_frames": ">= 1", "sp_size": ">= 1",
+               "seed": "[0, 4294967295]", "timeout": "> 0", "max_read_retries": "[0, 1000]"}
 
     def validate(self, file, path: str) -> None:
         require(self.ae_stride_t >= 1, file, f"{path}.ae_stride_t", "must be >= 1")
@@ -172,6 +181,8 @@ class CollateParam:
     patch_size: int = 2
     patch_size_t: int = 1
 
+    _ranges = {"num_frames": ">= 1", "ae_stride_t": ">= 1"}
+
     def validate(self, file, path: str) -> None:
         for key in ("ae_stride", "patch_size", "patch_size_t"):
             require(getattr(self, key) >= 1, file, f"{path}.{key}", "must be >= 1")
@@ -193,6 +204,8 @@ class DataloaderParam:
     gradient_accumulation_size: int = 1
     collate_param: CollateParam = field(default_factory=CollateParam)
 
+    _ranges = {"num_workers": "[0, 256]"}
+
     def validate(self, file, path: str) -> None:
         require(self.num_workers >= 0, file, f"{path}.num_workers", "must be >= 0")
 
@@ -210,6 +223,25 @@ class DataConfig:
                 f"got {cp.num_frames}")
         require(cp.ae_stride_t == preprocess.ae_stride_t, file, "dataloader_param.collate_param.ae_stride_t",
                 f"must equal dataset_param.preprocess_parameters.ae_stride_t={preprocess.ae_stride_t}")
+
+    def check_paths(self, file, *, tokenizers: bool = True, feature_cache: bool = False) -> None:
+        """The files this config names exist and are of the right kind (ConfigError naming the key): data_path,
+        every annotation file it lists, the tokenizer folders (`tokenizers`) and the feature cache folder
+        (`feature_cache`). Called by the entry points before anything is built, not when the JSON is loaded."""
+        from ..data.annotations import parse_data_txt
+
+        dp = self.dataset_param
+        key = "dataset_param.basic_parameters.data_path"
+        check_path(file, key, dp.basic_parameters.data_path, "file")
+        for lineno, (folder, anno) in enumerate(parse_data_txt(dp.basic_parameters.data_path), 1):
+            check_path(file, f"{key} ({dp.basic_parameters.data_path}, entry {lineno})", anno, "file")
+            check_path(file, f"{key} ({dp.basic_parameters.data_path}, entry {lineno})", folder or ".", "dir")
+        for name in ("tokenizer_config", "tokenizer_config_2"):
+            tok = getattr(dp, name)
+            if tokenizers and tok is not None:
+                check_path(file, f"dataset_param.{name}.from_pretrained", tok.from_pretrained, "dir")
+        if feature_cache:
+            check_path(file, "dataset_param.feature_cache_dir", dp.feature_cache_dir, "dir")
 
 
 def load_data_config(path: str | Path) -> DataConfig:

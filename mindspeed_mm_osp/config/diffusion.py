@@ -28,6 +28,10 @@ class DiffusionConfig:
     guidance_rescale: float = 0.7
     use_linear_quadratic_schedule: bool = False
 
+    # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
+    _ranges = {"mode_scale": ">= 0", "base_image_seq": ">= 1", "guidance_scale": "[0, 100]",
+               "num_inference_steps": "[1, 10000]"}
+
     def validate(self, file, path: str) -> None:
         p = f"{path}." if path else ""
         require(self.num_inference_steps >= 1, file, f"{p}num_inference_steps", "must be >= 1")

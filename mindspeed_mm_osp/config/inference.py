@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from .ae import AEConfig
 from .diffusion import DiffusionConfig
 from .dtypes import Dtype
-from .loader import from_dict, read_json, require
+from .loader import check_path, from_dict, read_json, require
 from .predictor import PredictorConfig, check_mask_channels
 from .text import TextEncoderConfig, TokenizerConfig
 
@@ -78,6 +78,10 @@ class InferenceConfig:
     device: str = "auto"
     weight_dtype: Dtype = "fp16"
 
+    # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
+    _ranges = {"micro_batch_size": "[1, 1024]", "frame_interval": ">= 1", "model_max_length": ">= 1", "fps": "[1, 1000]",
+               "seed": "[0, 4294967295]"}
+
     @property
     def output_fps(self) -> int:
         """The fps videos are written at: the source fps over the frame sampling interval."""
@@ -91,6 +95,17 @@ class InferenceConfig:
         require(self.ae.latent_dim == self.predictor.in_channels, file, "predictor.in_channels",
                 f"must equal ae.latent_dim={self.ae.latent_dim}, got {self.predictor.in_channels}")
         check_mask_channels(self.predictor, self.ae, file)
+
+    def check_paths(self, file, *, text: bool = True, vae: bool = True) -> None:
+        """The weights and tokenizers this config names exist and are of the right kind (ConfigError naming the
+        key): the text side (`text`, for sampling) and the VAE (`vae`, for decoding). Called by the entry point
+        before anything is built; the predictor weights are checked where `--predictor-weights` may replace them."""
+        if vae:
+            check_path(file, "ae.from_pretrained", self.ae.from_pretrained, "file")
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            block = getattr(self, name)
+            if text and block is not None:
+                check_path(file, f"{name}.from_pretrained", block.from_pretrained, "dir")
 
 
 def load_inference_config(path: str | Path) -> InferenceConfig:

@@ -11,10 +11,11 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,12 @@ def read_json(path: str | Path) -> dict:
     """Read a config file; syntax errors point at the line and column."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(path, "", "file not found; pass an existing JSON config path")
-    text = strip_json_comments(path.read_text(encoding="utf-8"))
+        what = "is a folder" if path.is_dir() else "file not found"
+        raise ConfigError(path, "", f"{what}; pass an existing JSON config file")
+    try:
+        text = strip_json_comments(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start}); pass the JSON config file") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -99,7 +104,7 @@ def _type_name(tp: Any) -> str:
 _SCALARS = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -242,6 +247,8 @@ def from_dict(cls, data: dict, *, file=None, path: str = ""):
             sub = f"{path}.{name}" if path else name
             raise ConfigError(file, sub, f"required key is missing (expected {_type_name(hints[name])})")
     obj = cls(**kwargs)
+    for name, spec in getattr(cls, "_ranges", {}).items():
+        check_range(getattr(obj, name), spec, file, f"{path}.{name}" if path else name)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate(file, path)
@@ -261,6 +268,42 @@ def to_dict(obj) -> dict:
         return v
 
     return plain(obj)
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` satisfies a range written as in the `_ranges` tables: ">= 1", "> 0", "[0, 1]", "[0, 1)"."""
+    spec = spec.strip()
+    if spec[0] in "[(":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        return above and (value <= high if spec[-1] == "]" else value < high)
+    op, bound = spec.split()
+    return {">=": value >= float(bound), ">": value > float(bound), "<=": value <= float(bound)}[op]
+
+
+def check_range(value, spec: str, file, key: str) -> None:
+    """Raise ConfigError naming `key` unless `value` (a number, or each number of a list; None passes) is in the
+    range `spec` (see `in_range`). A dataclass declares its numeric keys' ranges in one `_ranges` table that
+    `from_dict` checks before the dataclass's own cross-key `validate`."""
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    for v in values:
+        if v is not None and not in_range(v, spec):
+            raise ConfigError(file, key, f"must be {spec}, got {value}")
+
+
+def check_path(file, key: str, path: Optional[str], kind: str) -> None:
+    """A path the config names exists and is a file (`kind="file"`), a folder (`"dir"`) or either (`"any"`);
+    raise ConfigError naming the config file and key. None (not set) passes."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(file, key, f"{path} does not exist; give an existing local "
+                                     f"{ {'file': 'file', 'dir': 'folder'}.get(kind, 'file or folder') }")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(file, key, f"{path} is a folder, expected a file")
+    if kind == "dir" and not p.is_dir():
+        raise ConfigError(file, key, f"{path} is a file, expected a folder")
 
 
 def require(condition: bool, file, path: str, message: str) -> None:

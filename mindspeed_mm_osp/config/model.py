@@ -10,7 +10,7 @@ from .ae import AEConfig
 from .data import DataConfig
 from .diffusion import DiffusionConfig
 from .dtypes import Dtype
-from .loader import from_dict, read_json, require
+from .loader import check_path, from_dict, read_json, require
 from .predictor import PredictorConfig, check_mask_channels
 from .text import TextEncoderConfig
 
@@ -31,6 +31,8 @@ class ModelConfig:
     enable_encoder_dp: bool = False
     weight_dtype: Dtype = "bf16"
 
+    _ranges = {"frames": ">= 1"}
+
     def validate(self, file, path: str) -> None:
         require(self.load_video_features or self.ae is not None, file, "ae",
                 "the `ae` block is required unless load_video_features is true")
@@ -40,6 +42,18 @@ class ModelConfig:
             require(self.ae.latent_dim == self.predictor.in_channels, file, "predictor.in_channels",
                     f"must equal ae.latent_dim={self.ae.latent_dim}, got {self.predictor.in_channels}")
         check_mask_channels(self.predictor, self.ae, file)
+
+    def check_paths(self, file) -> None:
+        """The weights this config names exist and are of the right kind (ConfigError naming the key); the VAE and
+        text encoders only where their features are not read from the cache. Called by the entry points before
+        anything is built, not when the JSON is loaded."""
+        if self.ae is not None and not self.load_video_features:
+            check_path(file, "ae.from_pretrained", self.ae.from_pretrained, "file")
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(self, name)
+            if encoder is not None and not self.load_text_features:
+                check_path(file, f"{name}.from_pretrained", encoder.from_pretrained, "dir")
+        check_path(file, "predictor.from_pretrained", self.predictor.from_pretrained, "any")
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -71,6 +71,9 @@ class PredictorConfig:
     def output_channels(self) -> int:
         return self.out_channels if self.out_channels is not None else self.in_channels
 
+    # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
+    _ranges = {"interpolation_scale_t": "> 0", "interpolation_scale_h": "> 0", "interpolation_scale_w": "> 0"}
+
     def validate(self, file, path: str) -> None:
         p = f"{path}." if path else ""
         require(len(self.num_layers) == len(self.sparse_n), file, f"{p}sparse_n",

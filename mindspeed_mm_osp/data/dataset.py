@@ -26,7 +26,7 @@ import torch
 from ..config.data import DatasetParam
 from .index import KIND_IMAGE, SampleIndex
 from .masks import MaskDrawer
-from .readers import ReadError, VideoReader, read_image
+from .readers import NoReadableSampleError, ReadError, VideoReader, read_image
 from .transforms import Compose, build_pipeline, default_pipeline
 
 logger = logging.getLogger(__name__)
@@ -135,9 +135,10 @@ class T2VDataset(torch.utils.data.Dataset):
                 logger.warning("read failed (%s), attempt %d/%d", e, attempt + 1, self.preprocess.max_read_retries + 1)
                 untried = np.setdiff1d(group, np.fromiter(tried, np.int64), assume_unique=False)
                 if len(untried) == 0 or attempt == self.preprocess.max_read_retries:
-                    raise RuntimeError(
-                        f"no readable sample of shape {self.index.shape(position)} after {attempt + 1} attempts; "
-                        f"read failures so far: {dict(self._failures)}") from e
+                    raise NoReadableSampleError(
+                        f"no readable sample of shape {self.index.shape(position)} after {attempt + 1} attempts "
+                        f"(read failures so far: {dict(self._failures)}; last: {e}); check the media files of "
+                        "the annotations") from e
                 position = int(untried[int(rng.integers(len(untried)))])
                 tried.add(position)
         item = {"video": video, **self.text(self.text.choose(self.index.captions[position], rng))}

@@ -3,6 +3,9 @@
 Each record is kept or dropped for exactly one reason (first failing check wins), counted per
 reason (docs/data.md lists the checks in order and where they differ from the reference loader):
 
+0. `path_outside_data_folder` — the annotation's `path` is absolute or climbs out of its data folder with
+   `..` (a dataset from someone else must not make us read arbitrary files), unless the data JSON sets
+   `basic_parameters.allow_paths_outside_data_folder`;
 1. `unsupported_ext` — neither a video nor an image extension (case-insensitive);
 2. `no_cap`, `no_resolution` (also `no_num_frames` for videos);
 3. `{vid,img}_aspect_mismatch` — h/w outside `[min_h_div_w_ratio, max_h_div_w_ratio]`;
@@ -33,6 +36,7 @@ from PIL import Image
 from ..config.data import PreprocessParameters
 from . import frames as F
 from .geometry import force_resolution_min_area, multires_bucket
+from .readers import DatasetError
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv"})
@@ -41,8 +45,11 @@ IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions(
 
 KIND_VIDEO, KIND_IMAGE, KIND_VIDEO_FRAME = 0, 1, 2
 
+# The key `annotations.load_annotations` records each record's data folder under.
+DATA_FOLDER_KEY = "data_folder"
+
 COUNTER_NAMES = (
-    "unsupported_ext", "no_cap", "no_resolution", "no_num_frames",
+    "path_outside_data_folder", "unsupported_ext", "no_cap", "no_resolution", "no_num_frames",
     "vid_aspect_mismatch", "img_aspect_mismatch", "vid_res_too_small", "img_res_too_small",
     "vid_res_mismatch_stride", "img_res_mismatch_stride",
     "too_long", "fps_too_low", "below_min_num_frames", "too_short", "no_valid_frame_count",
@@ -124,10 +131,15 @@ class FilterStats:
     # Per input record (malformed ones excluded): index into COUNTER_NAMES of the reason it
     # was dropped, -1 if kept.
     reason: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    dropped: dict = field(default_factory=dict)  # the annotation reader's drops per reason (`malformed` in total)
 
     def reason_of(self, record: int) -> str:
         code = int(self.reason[record])
         return "kept" if code < 0 else COUNTER_NAMES[code]
+
+    def reasons(self) -> dict:
+        """Every non-zero drop count, reader and filter reasons together."""
+        return {k: v for k, v in {**self.dropped, **self.counters}.items() if v}
 
     def table(self) -> str:
         """Human-readable report: per-reason drops, kept ratios and the shape histogram."""
@@ -135,6 +147,7 @@ class FilterStats:
             return f"{100.0 * a / b:6.2f}%" if b else "   n/a"
 
         rows = [("records in", self.records_in, ""), ("malformed", self.malformed, pct(self.malformed, self.records_in))]
+        rows += [(f"  {k}", v, pct(v, self.records_in)) for k, v in self.dropped.items() if k != "malformed"]
         rows += [(k, v, pct(v, self.records_in)) for k, v in self.counters.items()]
         rows += [("videos kept / in", f"{self.videos_kept}/{self.videos_in}", pct(self.videos_kept, self.videos_in)),
                  ("images kept / in", f"{self.images_kept}/{self.images_in}", pct(self.images_kept, self.images_in)),
@@ -213,6 +226,20 @@ def _columns(records: list[dict]) -> _Columns:
     return _Columns(np.array(kind, np.int8), np.array(has_cap, bool), h, w,
                     np.array(nf, np.float64).astype(np.int64), np.array(fps, np.float64),
                     np.array(start, np.float64).astype(np.int64), crop, np.array(aes, np.float64))
+
+
+def _outside_data_folder(records: list[dict]) -> np.ndarray:
+    """Per record: its `path` (already joined to its data folder) is outside that folder, judged on the text of
+    the path (an absolute path elsewhere, or `..` past the folder; links are not followed). Records without a
+    folder pass."""
+    out = np.zeros(len(records), bool)
+    for i, r in enumerate(records):
+        folder, path = r.get(DATA_FOLDER_KEY), r["path"]
+        if not folder or (path.startswith(os.path.join(folder, "")) and ".." not in path):
+            continue
+        rel = os.path.relpath(os.path.normpath(path), os.path.normpath(folder))
+        out[i] = rel == ".." or rel.startswith(".." + os.sep)
+    return out
 
 
 def _buckets(h: np.ndarray, w: np.ndarray, preprocess: PreprocessParameters, min_hxw: int):
@@ -355,15 +382,22 @@ def _summarize(stats: FilterStats, kinds: np.ndarray, shape_id: np.ndarray, shap
 
 
 def build_index(records: list[dict], preprocess: PreprocessParameters, *, global_batch_size: int,
-                use_img_from_vid: bool = False, malformed: int = 0) -> tuple[SampleIndex, FilterStats]:
-    """Filter `records` (from `load_annotations`) and bucket the survivors.
+                use_img_from_vid: bool = False, malformed: int = 0, dropped: Optional[dict] = None,
+                first_dropped: Optional[str] = None,
+                allow_paths_outside_data_folder: bool = False) -> tuple[SampleIndex, FilterStats]:
+    """Filter `records` (from `load_annotations`; `dropped` its per-reason drops, `malformed` their total) and
+    bucket the survivors.
 
-    Raises ValueError (with the counter table) if nothing survives.
+    Raises DatasetError (one line: the counts, the reasons, the first dropped record) if nothing survives.
     """
-    stats = FilterStats(records_in=len(records) + malformed, malformed=malformed)
+    malformed = sum(dropped.values()) if dropped else malformed
+    stats = FilterStats(records_in=len(records) + malformed, malformed=malformed,
+                        dropped=dict(dropped or ({"malformed": malformed} if malformed else {})))
     c = _columns(records)
     stats.videos_in, stats.images_in = int((c.kind == KIND_VIDEO).sum()), int((c.kind == KIND_IMAGE).sum())
     f = _Filter(stats, len(records))
+    if not allow_paths_outside_data_folder:
+        f.drop(_outside_data_folder(records), "path_outside_data_folder")
     min_hxw = effective_min_hxw(preprocess)
     _drop_unusable(f, c, preprocess, min_hxw)
     sh, sw = _drop_by_bucket(f, c, preprocess, min_hxw)
@@ -372,13 +406,23 @@ def build_index(records: list[dict], preprocess: PreprocessParameters, *, global
                                                   global_batch_size=global_batch_size)
     _summarize(stats, kinds, shape_id, shapes, c.aes)
     if len(keep) == 0:
-        raise ValueError("no annotation record survived filtering; check the data config:\n" + stats.table())
+        raise _nothing_survived(records, stats, first_dropped)
     index = SampleIndex(
         paths=[records[i]["path"] for i in keep.tolist()], captions=[records[i]["cap"] for i in keep.tolist()],
         kind=kinds, start=c.start[keep], num_frames=c.nf[keep], interval=np.asarray(interval)[keep],
         crop=c.crop[keep], src_hw=np.stack([c.h[keep], c.w[keep]], 1).astype(np.int32), aesthetic=c.aes[keep],
         record=keep.astype(np.int64), shape_id=shape_id, shapes=shapes)
     return index, stats
+
+
+def _nothing_survived(records: list[dict], stats: FilterStats, first_dropped: Optional[str]) -> DatasetError:
+    """The one-line error of an empty index: record count, reasons counted, the first dropped record."""
+    dropped = np.flatnonzero(stats.reason >= 0)
+    first = (f"{records[int(dropped[0])]['path']} ({stats.reason_of(int(dropped[0]))})" if len(dropped) else
+             first_dropped or "none (no record at all)")
+    return DatasetError(f"no annotation record survived filtering: {stats.records_in} records in, dropped "
+                        f"{stats.reasons()}; first dropped: {first}; check the annotations and the data JSON's "
+                        "preprocess_parameters")
 
 
 class SamplePlan(NamedTuple):
@@ -404,6 +448,6 @@ def iter_plans(index: SampleIndex, preprocess: PreprocessParameters, seed: int) 
                          index.frame_indices(i, preprocess, plan_rng(seed, i)))
 
 
-__all__ = ["COUNTER_NAMES", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
+__all__ = ["COUNTER_NAMES", "DATA_FOLDER_KEY", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
            "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS", "build_index", "effective_min_hxw",
            "iter_plans", "media_kind", "plan_rng"]

@@ -53,7 +53,9 @@ def build_index_from_config(data_config: DataConfig, *, global_batch_size: int) 
     dp = data_config.dataset_param
     loaded = load_annotations(dp.basic_parameters.data_path)
     index, stats = build_index(loaded.records, dp.preprocess_parameters, global_batch_size=global_batch_size,
-                               use_img_from_vid=dp.use_img_from_vid, malformed=loaded.malformed)
+                               use_img_from_vid=dp.use_img_from_vid, dropped=loaded.dropped,
+                               first_dropped=loaded.first_dropped,
+                               allow_paths_outside_data_folder=dp.basic_parameters.allow_paths_outside_data_folder)
     logger.info("annotation filter (%s):\n%s", dp.basic_parameters.data_path, stats.table())
     return index, stats
 

@@ -20,6 +20,17 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
+
+class DatasetError(UserError, ValueError):
+    """The dataset as a whole is unusable (data.txt or an annotation file unreadable, no record survives the
+    filter): one line naming the file, the counts and the first example."""
+
+
+class NoReadableSampleError(UserError, RuntimeError):
+    """Every file tried for a sample slot failed to read: the counts and the first failing path."""
+
 
 class ReadError(RuntimeError):
     """A sample's file cannot deliver the requested frames; `reason` names why."""

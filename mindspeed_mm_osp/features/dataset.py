@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +34,7 @@ from ..data import (CaptionProcessor, DatasetStats, GroupLengthCollate, SampleIn
 from ..data.batch import LatentBatch, PixelBatch, stack_text, sum_read_failures
 from ..data.readers import ReadError
 from .format import (FORMAT_VERSION, INDEX_FILE, CacheMismatchError, TensorFiles, caption_key, check_provenance,
-                     provenance, sample_id)
+                     provenance, safetensors_offsets, sample_id)
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,15 @@ class FeatureCache:
         self.root = Path(root)
         path = self.root / INDEX_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no feature cache at {self.root} ({INDEX_FILE} missing): run "
-                                    "`python -m mindspeed_mm_osp.tools.extract_features` first, or finish an "
-                                    "interrupted extraction by running it again")
-        meta = json.loads(path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(f"no feature cache at {self.root} ({INDEX_FILE} missing): run "
+                                     "`python -m mindspeed_mm_osp.tools.extract_features` first, or finish an "
+                                     "interrupted extraction by running it again")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CacheMismatchError(f"{path}: not a feature-cache index ({e}); re-run extraction") from e
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise CacheMismatchError(f"{path}: cache format {meta.get('format_version')}, this code reads "
                                      f"{FORMAT_VERSION}; re-run extraction")
         self.provenance: dict = meta["provenance"]
@@ -58,6 +63,8 @@ class FeatureCache:
         self.samples: dict[str, dict] = meta["samples"]
         self.texts: dict[str, dict] = meta["texts"]
         self.failed: dict[str, dict] = meta["failed"]
+        for shard in meta.get("shards", []):
+            self._check_shard(shard)
         self.files = TensorFiles(self.root)
         z = self.latent["latent_dim"]
         self.shift = torch.tensor(self.latent["shift"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
@@ -102,6 +109,19 @@ class FeatureCache:
                                          f"{list(index.shape(i))}")
             ids.append(sid if sid in self.samples else None)
         return ids
+
+    def _check_shard(self, shard: dict) -> None:
+        """A shard the index lists is there, of its recorded size, with a readable safetensors header: a garbage
+        or truncated file is refused here, naming it, instead of feeding garbage tensors to training."""
+        path = self.root / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise CacheMismatchError(f"feature cache shard {path}: missing or not of its recorded size "
+                                     f"{shard['bytes']} bytes; re-run extract_features (it recomputes broken shards)")
+        try:
+            safetensors_offsets(path)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise CacheMismatchError(f"feature cache shard {path}: not a readable safetensors file ({e}); re-run "
+                                     "extract_features (it recomputes broken shards)") from e
 
     def latents(self, sid: str) -> dict[str, torch.Tensor]:
         rec = self.samples[sid]

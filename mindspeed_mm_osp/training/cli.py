@@ -1,17 +1,62 @@
-"""`pretrain.py` / `osp-pretrain`: parse flags, train, turn expected failures into clear exits."""
+"""`pretrain.py` / `osp-pretrain`: parse flags, check the paths they name, train; errors per `errors.entry_point`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import UserError, check_input_path, entry_point
 from .arguments import parse_args
+from .args import TrainingArgs
 
 
+def _is_checkpoint(folder: Path, step: Optional[int]) -> bool:
+    from ..checkpoint.layout import iteration_dir, tracker_path
+
+    return tracker_path(folder).is_file() or (step is not None and iteration_dir(folder, step).is_dir())
+
+
+def check_resume_path(args: TrainingArgs) -> None:
+    """The `--load` rule (docs/training.md): the resume folder must hold a checkpoint, unless it is empty or absent
+    and the same folder as `--save` (the "resume if present" launcher pattern). Under LoRA the resume folder is
+    `--lora-load` and `--load` names the base weights, which must exist."""
+    if args.lora_r is not None and args.load is not None:
+        check_input_path("--load (LoRA base weights)", args.load)
+    flag, path = ("--lora-load", args.lora_load) if args.lora_r is not None else ("--load", args.load)
+    if path is None:
+        return
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {path}: is a file, expected a checkpoint folder written by --save (merged weights "
+                        "go to predictor.from_pretrained in the model JSON)")
+    if folder.is_dir() and _is_checkpoint(folder, args.ckpt_step):
+        return
+    empty = not folder.exists() or not any(folder.iterdir())
+    same_as_save = args.save is not None and folder.resolve() == Path(args.save).resolve()
+    if empty and same_as_save:
+        return
+    what = f"has no iteration {args.ckpt_step}" if args.ckpt_step is not None and folder.is_dir() else (
+        "is not a checkpoint (no latest_checkpointed_iteration.txt)" if folder.exists() else "does not exist")
+    raise UserError(f"{flag} {path}: {what}; pass a checkpoint folder written by --save, or drop {flag} to start "
+                    f"from scratch (an empty or absent folder is accepted only when it is also --save)")
+
+
+def check_config_paths(args: TrainingArgs) -> None:
+    """Files the model and data JSON name (data_path, annotation files, encoder and VAE weights) exist and are
+    of the right kind, before anything is built."""
+    from ..config import load_data_config, load_model_config
+
+    model, data = load_model_config(args.mm_model), load_data_config(args.mm_data)
+    model.check_paths(args.mm_model)
+    data.check_paths(args.mm_data, tokenizers=not model.load_text_features,
+                     feature_cache=model.load_video_features or model.load_text_features)
+
+
+@entry_point("pretrain.py")
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from ..errors import user_errors
     from ..parallel import destroy_distributed
     from .trainer import TrainingStopped, pretrain
 
@@ -21,15 +66,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         return plan_main(argv)
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_resume_path(args)
+    check_config_paths(args)
     try:
         pretrain(args)
-    except user_errors() as e:
-        logging.getLogger("mindspeed_mm_osp.train").error("error: %s", e)
-        print(f"pretrain.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     except TrainingStopped as e:
         print(f"pretrain.py: stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    except Exception as e:
+        logging.getLogger("mindspeed_mm_osp.train").error("error: %s", e)
+        raise
     finally:
         destroy_distributed()
 
