@@ -32,6 +32,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..errors import entry_point
 from ..io_atomic import atomic_save_safetensors, atomic_write_text
 from .checkpointing import CHECKPOINT_VERSION
 from .io import atomic_save
@@ -227,7 +228,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "(it can run code; docs/security.md); repeatable")
     args = p.parse_args(argv)
     if args.iteration is not None and args.iteration != RELEASE:
+        if not args.iteration.isdigit():
+            p.error(f"--iteration must be an iteration number >= 0 or '{RELEASE}', got {args.iteration!r}")
         args.iteration = int(args.iteration)
+    if args.target_tp is not None and not 1 <= args.target_tp <= 1024:
+        p.error(f"--target-tp must be in [1, 1024], got {args.target_tp}")
     if args.lora_merge != (args.base is not None):
         p.error("--lora-merge and --base go together (adapters from --load_dir, base weights from --base)")
     return args
@@ -272,11 +277,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(path)
 
 
-def cli() -> None:
+@entry_point("convert_mm_to_ckpt.py")
+def cli(argv: Optional[Sequence[str]] = None) -> None:
     """`convert_mm_to_ckpt.py` / `osp-convert`: an error is one line on stderr and exit status 2, as the other
-    entry points (a SystemExit carrying a message would exit 1)."""
+    entry points (a SystemExit carrying a message would exit 1); a bug keeps its traceback (`errors.entry_point`)."""
     try:
-        main()
+        main(argv)
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(f"convert_mm_to_ckpt.py: {exc.code}", file=sys.stderr)
@@ -284,5 +290,5 @@ def cli() -> None:
         raise
 
 
-__all__ = ["MergedCheckpoint", "cli", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint", "merge_shards",
-           "save_merged", "save_split_checkpoint", "split_weights"]
+__all__ = ["MergedCheckpoint", "cli", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint",
+           "merge_shards", "save_merged", "save_split_checkpoint", "split_weights"]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
 from ..config.inference import COMPILE_MODES
+from ..errors import UserError, check_ranges
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
 from .conditioning import ConditionRequest
@@ -38,6 +39,7 @@ class InferenceArgs:
     aspect_ratio: Optional[str] = None
     duration: Optional[Duration] = None
     save_path: Optional[str] = None
+    overwrite: bool = False  # replace outputs already in the save path (refused otherwise)
     weight_dtype: Optional[str] = None
     # overrides of the JSON's `acceleration` block (docs/inference_acceleration.md)
     cfg_parallel: Optional[bool] = None
@@ -76,8 +78,25 @@ class InferenceArgs:
         return any(v is not None for v in (self.resolution, self.aspect_ratio, self.duration))
 
 
+# The valid range of every numeric flag (`errors.check_ranges`; NaN and inf are refused everywhere).
+RANGES = {
+    "--seed": dict(low=0, high=2**32 - 1),
+    "--num-inference-steps": dict(low=1, high=10000),
+    "--guidance-scale": dict(low=0, high=100),
+    "--guidance-rescale": dict(low=0, high=1),
+    "--shift": dict(low=0, low_open=True, high=100),
+    "--cache-threshold": dict(low=0),
+    "--tensor-model-parallel-size": dict(low=1, high=1024),
+    "--context-parallel-size": dict(low=1, high=1024),
+    "--lora-scale": dict(low=-100, high=100),
+    "--warmup": dict(low=0, high=10000),
+    "--repeat": dict(low=1, high=10000),
+    "--condition-frames": dict(low=1, high=100000),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun).")
+    p = argparse.ArgumentParser(prog="inference.py", description="Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun).")
     p.add_argument("--config", required=True, help="inference JSON (e.g. inference_t2v_model1_5.json)")
     p.add_argument("--prompt", help="prompt text, or a file with one prompt per line")
     p.add_argument("--negative-prompt", help="appended to the v1.5 negative prompt")
@@ -89,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"))
     add_preset_arguments(p)
     p.add_argument("--save-path", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs already in --save-path (and an existing --report); refused without it")
     p.add_argument("--weight-dtype", choices=["fp32", "fp16", "bf16"], help="predictor and text encoder dtype")
     accel = p.add_argument_group("acceleration (override the JSON's `acceleration` block; all off by default)")
     accel.add_argument("--cfg-parallel", action="store_const", const=True,
@@ -150,14 +171,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
     if ns.lora_scale != 1.0 and ns.lora is None:
         p.error("--lora-scale needs --lora DIR")
-    if ns.warmup < 0 or ns.repeat < 1:
-        p.error("--warmup must be >= 0 and --repeat >= 1")
+    dests = {a.option_strings[0]: a.dest for a in p._actions if a.option_strings}
+    try:
+        check_ranges({flag: getattr(ns, dests[flag]) for flag in RANGES}, RANGES)
+    except UserError as e:
+        p.error(str(e))
     if (ns.video is None) != (ns.condition_frames is None):
         p.error("--video and --condition-frames K go together")
     if ns.video is not None and (ns.image is not None or ns.last_image is not None):
         p.error("--video (continuation) cannot be combined with --image/--last-image")
-    if ns.condition_frames is not None and ns.condition_frames < 1:
-        p.error("--condition-frames must be >= 1")
     try:
         check_context_parallel(ns.cp, ns.context_parallel_algo)
     except ParallelConfigError as e:

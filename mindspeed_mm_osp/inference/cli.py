@@ -15,30 +15,84 @@ writes, so every file has one writer; it also decodes, together with the replica
 `--parallel-vae-decode`. The stages live in `runner.InferenceRunner` (docs/inference.md); accelerations:
 docs/inference_acceleration.md.
 Output per prompt i: `{i:06d}.mp4` + `{i:06d}.json` (settings), or
-`{i:06d}.safetensors` with `--save-latents`. Every file is written atomically and none is ever deleted.
+`{i:06d}.safetensors` with `--save-latents`. Every file is written atomically; outputs already in the save path
+are refused unless `--overwrite`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import re
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .arguments import parse_args
+from ..errors import UserError, check_input_path, check_output_dir, entry_point
+from .arguments import InferenceArgs, build_config, parse_args
 from .runner import InferenceRunner
 
+# What a run writes into the save path: refused when already there, unless --overwrite.
+OUTPUT_NAME = re.compile(r"\d{6}\.(mp4|json|safetensors)|benchmark\.json")
 
+
+def _check_latents(folder: str) -> None:
+    """`--decode-latents`: a folder of readable latents files (a garbage `.safetensors` is named, not decoded)."""
+    from safetensors import safe_open
+
+    files = sorted(check_input_path("--decode-latents", folder, "dir").glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--decode-latents {folder}: no *.safetensors latents in it; pass the --save-path of an "
+                        "inference.py --save-latents run")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for any malformed header
+            raise UserError(f"--decode-latents {path}: not a readable safetensors file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); remove it or rerun --save-latents") from e
+
+
+def _check_prompt(source: str) -> None:
+    """A prompt file (a `--prompt` or `prompt` that names an existing file) must be UTF-8 text."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt {source}: not UTF-8 text (byte {e.start}); save the prompt file as UTF-8") from e
+
+
+def check_paths(args: InferenceArgs) -> None:
+    """Every input the flags and the inference JSON name exists and is of the right kind; outputs are not already
+    there unless `--overwrite` (docs/reliability.md)."""
+    cfg = build_config(args)
+    decode_only = args.decode_latents is not None
+    cfg.check_paths(args.config, text=not decode_only, vae=not args.save_latents)
+    for flag, path, kind in (("--predictor-weights", args.predictor_weights, "any"), ("--lora", args.lora, "dir"),
+                             ("--image", args.image, "file"), ("--last-image", args.last_image, "file"),
+                             ("--video", args.video, "file")):
+        if path is not None and not decode_only:
+            check_input_path(flag, path, kind)
+    if decode_only:
+        _check_latents(args.decode_latents)
+    else:
+        _check_prompt(cfg.prompt)
+    if args.benchmark and args.report is not None:
+        report = Path(args.report)
+        if report.is_dir() or (report.exists() and not args.overwrite):
+            raise UserError(f"--report {report}: {'is a folder' if report.is_dir() else 'already exists'}; "
+                            "choose a new file name or pass --overwrite")
+        return
+    check_output_dir("--save-path", cfg.save_path, overwrite=args.overwrite,
+                     taken=lambda p: OUTPUT_NAME.fullmatch(p.name) is not None)
+
+
+@entry_point("inference.py")
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Parse the flags and run; a user error (bad flag, config key, file) is one line on stderr and exit status 2."""
-    from ..errors import user_errors
-
+    """Parse the flags, check the paths, run; errors per `errors.entry_point` (one line and exit 2 for bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        InferenceRunner(args).run()
-    except (*user_errors(), FileNotFoundError) as e:
-        print(f"inference.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_paths(args)
+    InferenceRunner(args).run()
 
 
 if __name__ == "__main__":
