@@ -161,5 +161,5 @@ def verify_files(it_dir: Path, files: Sequence[Path], checksums: bool, complete:
             raise CheckpointError(f"{it_dir / name}: {problem}; refusing to use it. {hint}")
 
 
-__all__ = ["DigestWriter", "FileDigest", "MANIFEST_FILE", "file_digest", "tensors_crc32", "last_verified_iteration", "read_manifest",
-           "verify_files", "write_manifest"]
+__all__ = ["DigestWriter", "FileDigest", "MANIFEST_FILE", "file_digest", "last_verified_iteration", "read_manifest",
+           "tensors_crc32", "verify_files", "write_manifest"]

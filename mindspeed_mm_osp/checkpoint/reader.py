@@ -210,5 +210,5 @@ def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tens
     return state
 
 
-__all__ = ["TENSORS_CRC32_KEY", "RankFile", "SavedCheckpoint", "load_weights", "locate_iteration", "read_checkpoint", "read_rank",
-           "read_rank_file"]
+__all__ = ["RankFile", "SavedCheckpoint", "TENSORS_CRC32_KEY", "load_weights", "locate_iteration", "read_checkpoint",
+           "read_rank", "read_rank_file"]

@@ -165,6 +165,7 @@ def test_tp2_layout_failed_write_on_one_rank_and_tp_mismatch(tmp_path):
     assert "Input/output error" in results[1][0] and "another rank failed" in results[0][0]
     assert all(r[1:] == (2, True) for r in results)
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert sorted(p.name for p in (tmp_path / "iter_0000002").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    names = sorted(p.name for p in (tmp_path / "iter_0000002").iterdir())
+    assert names == ["manifest.json", "mp_rank_00", "mp_rank_01"]
     assert not (tmp_path / "iter_0000003").exists()
     assert run_distributed(_load_at_tp1, 1, str(tmp_path), tp=1) == [True]
