@@ -36,6 +36,7 @@ from mindspeed_mm_osp.inference.compile import COMPILE_MODES, compile_blocks
 from mindspeed_mm_osp.metrics.quality import psnr
 from mindspeed_mm_osp.models.ae import VideoAutoencoder, tiny_ae_config_dict
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
+from mindspeed_mm_osp.parallel import ParallelDims
 from mindspeed_mm_osp.testing import run_distributed
 
 LAYOUT = dict(num_layers=[2] * 7, sparse_n=[1, 2, 4, 8, 4, 2, 1], in_channels=4, caption_channels=24,
@@ -101,7 +102,7 @@ class Judge:
 def _cfg_parallel_rank(rank, world_size, state, widths, steps):
     model = build(widths)
     load_merged_state_dict(model, state)
-    group = init_cfg_parallel()
+    group = init_cfg_parallel(ParallelDims.current())
     noise, cond, uncond, kwargs = inputs(steps)
     fn = cfg_parallel_model_fn(model, group)
     torch.distributed.barrier()

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..parallel import ParallelConfigError
+from ..parallel import ParallelConfigError, ParallelDims
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -45,17 +45,13 @@ def group_by(key) -> dist.ProcessGroup:
     return mine
 
 
-def init_cfg_parallel() -> CfgParallelGroup:
-    """Pairs of consecutive DP ranks (collective: every rank must call it once, after megatron's groups)."""
-    from megatron.core import parallel_state as ps
-
-    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if dp_size % 2:
-        tp = ps.get_tensor_model_parallel_world_size()
+def init_cfg_parallel(dims: ParallelDims) -> CfgParallelGroup:
+    """Pairs of consecutive DP ranks of `dims` (collective: every rank must call it once, after megatron's groups)."""
+    if dims.dp % 2:
         raise ParallelConfigError(f"--cfg-parallel needs an even data-parallel size (world size / TP = "
-                                  f"{dist.get_world_size()} / {tp} = {dp_size}); launch 2 x TP x n ranks")
-    dp_group = tuple(dist.get_process_group_ranks(ps.get_data_parallel_group()))
-    return CfgParallelGroup(group_by((dp_group, dp_rank // 2)), dp_rank % 2, dp_rank // 2, dp_size // 2)
+                                  f"{dims.world_size} / {dims.tp} = {dims.dp}); launch 2 x TP x n ranks")
+    dp_group = tuple(dist.get_process_group_ranks(dims.dp_group))
+    return CfgParallelGroup(group_by((dp_group, dims.dp_rank // 2)), dims.dp_rank % 2, dims.dp_rank // 2, dims.dp // 2)
 
 
 def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:

@@ -8,41 +8,36 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from ..parallel import ParallelDims
 from .cfg_parallel import CfgParallelGroup, group_by, init_cfg_parallel
 
 
 @dataclass(frozen=True)
 class Ranks:
-    """This rank's coordinates. `cfg` is its CFG pair under `--cfg-parallel`; `decode_group` (parallel VAE
-    decode) holds every rank of the replica, and without it only the writer decodes."""
+    """This rank's place: `dims` the TP x CP x DP layout, `cfg` its CFG pair under `--cfg-parallel`;
+    `decode_group` (parallel VAE decode) holds every rank of the replica, and without it only the writer decodes."""
 
-    tp_rank: int = 0
-    tp_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    rank: int = 0
+    dims: ParallelDims = field(default_factory=ParallelDims.single)
     cfg: Optional[CfgParallelGroup] = None
     decode_group: Optional[torch.distributed.ProcessGroup] = None
-    cp_rank: int = 0
-    cp_size: int = 1
 
     @property
     def replica(self) -> int:
-        return self.dp_rank if self.cfg is None else self.cfg.replica
+        return self.dims.dp_rank if self.cfg is None else self.cfg.replica
 
     @property
     def num_replicas(self) -> int:
-        return self.dp_size if self.cfg is None else self.cfg.num_replicas
+        return self.dims.dp if self.cfg is None else self.cfg.num_replicas
 
     @property
     def writer(self) -> bool:
         """TP rank 0 / CP rank 0 of the (unconditional branch of the) replica: the one rank that writes its files."""
-        return self.tp_rank == 0 and self.cp_rank == 0 and (self.cfg is None or self.cfg.branch == 0)
+        return self.dims.tp_rank == 0 and self.dims.cp_rank == 0 and (self.cfg is None or self.cfg.branch == 0)
 
     @property
     def decodes(self) -> bool:
@@ -61,17 +56,12 @@ def init_parallel(tp: int, cp: int, seed: int, cfg_parallel: bool = False,
             raise ParallelConfigError("--cfg-parallel needs 2 x TP ranks (e.g. torchrun --nproc_per_node 2)")
         return Ranks(), False
     owned = not dist.is_initialized()
-    initialize_distributed(tp=tp, cp=cp, seed=seed)
-    from megatron.core import parallel_state as ps
-
-    have = (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size())
+    dims = initialize_distributed(tp=tp, cp=cp, seed=seed)
+    have = (dist.get_world_size(dims.tp_group), dist.get_world_size(dims.cp_group))
     if have != (tp, cp):
         raise ParallelConfigError(f"torch.distributed is already set up with TP={have[0]} CP={have[1]}, but "
                                   f"--tensor-model-parallel-size {tp} --context-parallel-size {cp} was asked")
-    ranks = Ranks(ps.get_tensor_model_parallel_rank(), tp, ps.get_data_parallel_rank(),
-                  ps.get_data_parallel_world_size(), dist.get_rank(),
-                  init_cfg_parallel() if cfg_parallel else None,
-                  cp_rank=ps.get_context_parallel_rank(), cp_size=cp)
+    ranks = Ranks(dims, init_cfg_parallel(dims) if cfg_parallel else None)
     if parallel_vae_decode:
         group = group_by(ranks.replica)
         if (dist.get_rank(group) == 0) != ranks.writer:

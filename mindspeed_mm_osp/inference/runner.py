@@ -108,7 +108,7 @@ class InferenceRunner:
         acc = cfg.acceleration
         ranks, owned = init_parallel(args.tp, args.cp, cfg.seed, acc.cfg_parallel, acc.parallel_vae_decode)
         self.state = RunState(cfg, ranks, owned)
-        if args.size_preset and ranks.rank == 0:
+        if args.size_preset and ranks.dims.rank == 0:
             frames, height, width = cfg.pipeline_config.input_size
             print(f"size preset -> frames {frames}, height {height}, width {width}")
 
@@ -160,8 +160,9 @@ class InferenceRunner:
         from .weights import apply_adapters
 
         cfg, args = self.state.cfg, self.args
+        dims = self.state.ranks.dims
         model = build_predictor(cfg.predictor, load_predictor_weights(weights), dtype, device,
-                                sequence_parallel=self.state.ranks.tp_size > 1)
+                                sequence_parallel=dims.tp > 1, dims=dims)
         if args.lora:
             apply_adapters(model, args.lora, args.lora_scale)
         if cfg.acceleration.compile:  # after the adapters, so that the compiled blocks include them
@@ -262,7 +263,7 @@ class InferenceRunner:
         mine = [i for i in range(len(prompts)) if i % ranks.num_replicas == ranks.replica]
         size = state.cfg.micro_batch_size
         for chunk in [mine[i:i + size] for i in range(0, len(mine), size)]:
-            batch = self.sample(chunk, [prompts[i] for i in chunk], progress=ranks.rank == 0)
+            batch = self.sample(chunk, [prompts[i] for i in chunk], progress=ranks.dims.rank == 0)
             for b, index in enumerate(batch.indices):
                 record = self._record(batch, b)
                 if save_latents_only and ranks.writer:
@@ -307,11 +308,11 @@ class InferenceRunner:
         for run in range(args.warmup + args.repeat):
             timer.enabled = run >= args.warmup
             with timer.time("total"):
-                batch = self.sample(indices, [prompts[i] for i in indices], progress=state.ranks.rank == 0)
+                batch = self.sample(indices, [prompts[i] for i in indices], progress=state.ranks.dims.rank == 0)
                 if state.vae is not None:
                     with timer.time("vae_decode"):
                         self.decode(batch.latents)
-        if state.ranks.rank != 0:
+        if state.ranks.dims.rank != 0:
             return []
         report = self._benchmark_report(len(indices))
         path = Path(args.report) if args.report else Path(state.cfg.save_path) / "benchmark.json"
@@ -335,7 +336,7 @@ class InferenceRunner:
             "use_linear_quadratic_schedule": d.use_linear_quadratic_schedule,
             "size": list(pc.input_size), "latent_shape": list(latent_shape(cfg)),
             "fps": cfg.output_fps, "weight_dtype": cfg.weight_dtype, "vae_dtype": cfg.ae.dtype,
-            "tensor_model_parallel_size": ranks.tp_size, "context_parallel_size": ranks.cp_size,
+            "tensor_model_parallel_size": ranks.dims.tp, "context_parallel_size": ranks.dims.cp,
             "config": str(args.config),
             "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
             "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
@@ -360,8 +361,8 @@ class InferenceRunner:
         report = {
             "device": str(platform.device()), "device_name": platform.device_name(),
             "accelerator": platform.accelerator(), "weight_dtype": str(to_torch_dtype(cfg.weight_dtype)),
-            "vae_dtype": cfg.ae.dtype, "tensor_model_parallel_size": ranks.tp_size,
-            "context_parallel_size": ranks.cp_size, "data_parallel_size": ranks.dp_size, "batch_size": batch_size,
+            "vae_dtype": cfg.ae.dtype, "tensor_model_parallel_size": ranks.dims.tp,
+            "context_parallel_size": ranks.dims.cp, "data_parallel_size": ranks.dims.dp, "batch_size": batch_size,
             "input_size": list(cfg.pipeline_config.input_size), "latent_shape": list(latent_shape(cfg)),
             "num_inference_steps": cfg.diffusion.num_inference_steps,
             "guidance": cfg.diffusion.guidance_scale > 1.0, "warmup": self.args.warmup, "repeat": self.args.repeat,

@@ -10,7 +10,7 @@ from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, sample
 from mindspeed_mm_osp.diffusion.step_cache import StepCache
 from mindspeed_mm_osp.inference.cfg_parallel import cfg_parallel_model_fn, init_cfg_parallel
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
-from mindspeed_mm_osp.parallel import ParallelConfigError
+from mindspeed_mm_osp.parallel import ParallelDims
 from mindspeed_mm_osp.testing import perturb_parameters, run_distributed
 
 TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
@@ -36,7 +36,7 @@ def _cond(seed: int) -> dict:
 def _compare(rank, world_size, weights, tp, threshold):
     model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=tp > 1).eval()
     load_merged_state_dict(model, weights)
-    cfg = init_cfg_parallel()
+    cfg = init_cfg_parallel(ParallelDims.current())
     noise = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(7))
     kwargs = dict(sigmas=FlowMatchingScheduler(DiffusionConfig(shift=3.0)).sampling_sigmas(STEPS),
                   guidance_scale=4.5, guidance_rescale=0.7)
@@ -65,7 +65,7 @@ def test_cfg_parallel_latents_equal_batched_cfg(world_size, tp, threshold):
 
 
 def _odd(rank, world_size):
-    init_cfg_parallel()
+    init_cfg_parallel(ParallelDims.current())
 
 
 def test_odd_data_parallel_size_is_rejected():

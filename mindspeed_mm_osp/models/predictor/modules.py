@@ -28,9 +28,9 @@ from .skiparse import skiparse_attention, skiparse_key_mask
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """How the layers are built: TP size/rank, SP, CP size, and the megatron configs of the parallel linears.
+    """How the layers are built: TP size/rank, SP, CP size/rank, and the megatron configs of the parallel linears.
 
-    `megatron=False` (parallel_state not initialised, TP=1) builds plain `LocalLinear` stand-ins with the same
+    `megatron=False` (no process groups in the dims, TP=1) builds plain `LocalLinear` stand-ins with the same
     parameter names, so the model also runs without torch.distributed (e.g. on the `meta` device).
     """
 
@@ -42,6 +42,7 @@ class ParallelContext:
     layer_config: object = None        # TransformerConfig, sequence_parallel as requested
     modulation_config: object = None   # same without SP: the adaLN linears read the replicated conditioning
     cp_size: int = 1                   # context-parallel (Ulysses) ranks sharing one sample's video sequence
+    cp_rank: int = 0                   # which shard of that sequence this rank holds
 
 
 def _normal_init(weight: torch.Tensor) -> torch.Tensor:

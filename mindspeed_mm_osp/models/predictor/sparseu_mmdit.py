@@ -53,7 +53,7 @@ def _parallel_context(config: PredictorConfig, sequence_parallel: bool, params_d
     return ParallelContext(
         tp_size=tp, tp_rank=dims.tp_rank, sequence_parallel=bool(sequence_parallel and tp > 1),
         megatron=dims.distributed,
-        init_weights=not on_meta, cp_size=cp_size,
+        init_weights=not on_meta, cp_size=cp_size, cp_rank=dims.cp_rank,
         layer_config=make_transformer_config(config.num_heads, config.hidden_size,
                                              sequence_parallel=sequence_parallel, **kwargs),
         modulation_config=make_transformer_config(config.num_heads, config.hidden_size, **kwargs))
@@ -202,8 +202,7 @@ class SparseUMMDiT(nn.Module):
     def shard_streams(self, inputs: "EmbeddedInputs") -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (video, text) streams: the video split over CP, then each CP shard (and the CP-replicated
         text) over TP under SP. The padding to a multiple of CP x TP never reaches attention."""
-        x = context_parallel.split_sequence(inputs.x, self.ctx.cp_size, context_parallel.context_parallel_rank(),
-                                            self._sp_shards())
+        x = context_parallel.split_sequence(inputs.x, self.ctx.cp_size, self.ctx.cp_rank, self._sp_shards())
         return self._scatter(x), self._scatter(inputs.c)
 
     def run_blocks(self, x: torch.Tensor, c: torch.Tensor, inputs: "EmbeddedInputs") -> torch.Tensor:
