@@ -83,13 +83,25 @@ def check_number(flag: str, value, *, low: Optional[float] = None, high: Optiona
     """Raise UserError naming `flag` unless `value` is finite and inside the stated range (None: not given)."""
     if value is None:
         return
-    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
     ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and \
         (high is None or (value < high if high_open else value <= high))
     if not ok:
-        what = " and ".join(filter(None, (lo, hi))) or "finite"
-        raise UserError(f"{flag} must be {what}, got {value}")
+        raise UserError(f"{flag} must be {describe_range(low, high, low_open, high_open)}, got {value}")
+
+
+def describe_range(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+                   high_open: bool = False) -> str:
+    """"in [0, 1)", ">= 1", "> 0", "<= 8" or "finite"."""
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {num(low)}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {num(high)}"
+    return "finite"
 
 
 def check_ranges(values: dict, ranges: dict) -> None:
@@ -129,4 +141,4 @@ def _kind(kind: str) -> str:
 
 
 __all__ = ["EXIT_BUG", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
-           "check_ranges", "entry_point", "one_line", "user_errors"]
+           "check_ranges", "describe_range", "entry_point", "one_line", "user_errors"]

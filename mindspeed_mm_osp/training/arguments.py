@@ -9,11 +9,11 @@ Unknown flags fail with the flag named.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Optional, Sequence
 
 from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
+from ..errors import UserError, check_ranges
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
 from .args import TrainingArgs
@@ -236,26 +236,44 @@ def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
     return faults
 
 
-class ArgumentError(ValueError):
-    pass
+class ArgumentError(UserError, ValueError):
+    """A flag value or combination that cannot work; the message names the flag."""
+
+
+# The valid range of every numeric flag (`errors.check_ranges`; NaN and inf are refused everywhere; a flag left
+# unset passes). Cross-flag rules are in `_derive_batches` and `_check_combinations`; LoRA's in `LoRAConfig`.
+RANGES = {
+    "--tensor-model-parallel-size": dict(low=1), "--pipeline-model-parallel-size": dict(low=1),
+    "--context-parallel-size": dict(low=1), "--micro-batch-size": dict(low=1),
+    "--global-batch-size": dict(low=1),
+    "--train-iters": dict(low=1),
+    "--train-samples": dict(low=1),
+    "--seed": dict(low=0, high=2**32 - 1),
+    "--max-consecutive-skips": dict(low=1),
+    "--log-interval": dict(low=0, low_open=True),
+    "--save-interval": dict(low=0, low_open=True),
+    "--tensorboard-log-interval": dict(low=1),
+    "--lr": dict(low=0), "--min-lr": dict(low=0), "--lr-warmup-init": dict(low=0),
+    "--weight-decay": dict(low=0), "--clip-grad": dict(low=0),
+    "--lr-decay-iters": dict(low=1), "--lr-warmup-iters": dict(low=0), "--lr-warmup-fraction": dict(low=0, high=1),
+    "--adam-beta1": dict(low=0, high=1, high_open=True), "--adam-beta2": dict(low=0, high=1, high_open=True),
+    "--adam-eps": dict(low=0, low_open=True),
+    "--ema-decay": dict(low=0, high=1, low_open=True, high_open=True),
+    "--clip_grad_ema_decay": dict(low=0, high=1, low_open=True, high_open=True),
+    "--distributed-timeout-minutes": dict(low=0, low_open=True),
+    "--exit-interval": dict(low=0), "--exit-duration-in-mins": dict(low=0), "--peak-tflops": dict(low=0),
+    "--ckpt-step": dict(low=0),
+    "--recompute-num-layers": dict(low=0), "--recom_ffn_layers": dict(low=0),
+}
 
 
 def _check_values(args: argparse.Namespace) -> None:
-    """Per-flag ranges."""
-    def check(names, ok, what, optional=False):
-        for name in names:
-            value = getattr(args, name)
-            if (value is not None or not optional) and not ok(value):
-                raise ArgumentError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-
-    check(("tensor_model_parallel_size", "micro_batch_size", "max_consecutive_skips", "tensorboard_log_interval",
-           "train_iters"), lambda v: v is None or v >= 1, ">= 1")
-    check(("global_batch_size", "lr_decay_iters", "train_samples"), lambda v: v >= 1, ">= 1", optional=True)
-    check(("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters"), lambda v: math.isfinite(v) and v >= 0, ">= 0")
-    check(("exit_interval", "peak_tflops"), lambda v: math.isfinite(v) and v >= 0, ">= 0", optional=True)
-    check(("lr_warmup_fraction",), lambda v: 0 <= v <= 1, "in [0, 1]", optional=True)
-    check(("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)")
-    check(("adam_eps", "distributed_timeout_minutes"), lambda v: math.isfinite(v) and v > 0, "> 0")
+    """Per-flag ranges (`RANGES`), the fault spec and the context-parallel algorithm."""
+    dests = {a.option_strings[0]: a.dest for a in build_parser()._actions if a.option_strings}
+    try:
+        check_ranges({flag: getattr(args, dests[flag]) for flag in RANGES}, RANGES)
+    except UserError as e:
+        raise ArgumentError(str(e)) from None
     try:
         parse_fault_spec(args.inject_nonfinite_grad)
     except ValueError as e:
@@ -302,16 +320,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ArgumentError("only --recompute-method block is supported with --recompute-granularity full")
     if args.recom_ffn_layers and not args.selective_recom:
         raise ArgumentError("--recom_ffn_layers needs --selective_recom (the reference applied it silently; we don't)")
-    for name in ("save_interval", "log_interval"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
-    if args.clip_grad_ema_decay is not None and not (0.0 < args.clip_grad_ema_decay < 1.0):
-        raise ArgumentError(f"--clip_grad_ema_decay must be in (0, 1), got {args.clip_grad_ema_decay}")
-    if not (0.0 < args.ema_decay < 1.0):
-        raise ArgumentError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     _check_lora(args)
 
 
