@@ -15,8 +15,8 @@ HALF=$((ITERS / 2))
 rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples"
 
 echo "== 1/5 synthetic dataset and tiny models"
-$PY -m mindspeed_mm_osp.tools.make_synthetic_dataset "$OUT/data"
-$PY -m mindspeed_mm_osp.tools.make_tiny_models "$OUT/models"
+$PY -m mindspeed_mm_osp.tools.make_synthetic_dataset "$OUT/data" --overwrite
+$PY -m mindspeed_mm_osp.tools.make_tiny_models "$OUT/models" --overwrite
 
 TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \

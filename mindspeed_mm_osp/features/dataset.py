@@ -63,8 +63,7 @@ class FeatureCache:
         self.samples: dict[str, dict] = meta["samples"]
         self.texts: dict[str, dict] = meta["texts"]
         self.failed: dict[str, dict] = meta["failed"]
-        for shard in meta.get("shards", []):
-            self._check_shard(shard)
+        self.shards: list[dict] = meta.get("shards", [])
         self.files = TensorFiles(self.root)
         z = self.latent["latent_dim"]
         self.shift = torch.tensor(self.latent["shift"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
@@ -108,6 +107,8 @@ class FeatureCache:
                                          f"{rec['shape']} (frames, height, width), the data config makes it "
                                          f"{list(index.shape(i))}")
             ids.append(sid if sid in self.samples else None)
+        for shard in self.shards:
+            self._check_shard(shard)
         return ids
 
     def _check_shard(self, shard: dict) -> None:

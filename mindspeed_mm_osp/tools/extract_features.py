@@ -15,8 +15,32 @@ import argparse
 import datetime
 import logging
 import os
+from pathlib import Path
+
+from ..errors import UserError, check_number, check_ranges, entry_point
 
 
+# The valid range of every numeric flag (`errors.check_ranges`).
+RANGES = {"--shard-size": dict(low=1, high=1 << 20), "--batch-size": dict(low=1, high=4096),
+          "--text-batch-size": dict(low=1, high=1 << 16), "--seed": dict(low=0, high=2**32 - 1),
+          "--global-batch-size": dict(low=1, high=1 << 24), "--stop-after-shards": dict(low=0)}
+
+
+def _check(a: argparse.Namespace, world: int):
+    """Flag ranges, the world size, the configs and the files they name, the output folder; returns the configs."""
+    from ..config import load_data_config, load_model_config
+
+    check_ranges({flag: getattr(a, flag[2:].replace("-", "_")) for flag in RANGES}, RANGES)
+    check_number("WORLD_SIZE (environment)", world, low=1)
+    data_cfg, model_cfg = load_data_config(a.mm_data), load_model_config(a.mm_model)
+    model_cfg.check_paths(a.mm_model)
+    data_cfg.check_paths(a.mm_data)
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UserError(f"--out {a.out}: is a file, expected the cache folder (created; reused to resume)")
+    return data_cfg, model_cfg
+
+
+@entry_point("extract_features")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mm-data", required=True, help="data JSON (the training one)")
@@ -35,10 +59,10 @@ def main(argv=None) -> None:
     import torch.distributed as dist
 
     from .. import platform
-    from ..config import load_data_config, load_model_config
     from ..features import extract_features
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    data_cfg, model_cfg = _check(a, world)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
     if world > 1:
@@ -46,7 +70,7 @@ def main(argv=None) -> None:
         # Ranks meet only at the end; a long extraction must not trip the collective timeout.
         dist.init_process_group(platform.dist_backend(), timeout=datetime.timedelta(days=2))
     try:
-        result = extract_features(load_data_config(a.mm_data), load_model_config(a.mm_model), a.out,
+        result = extract_features(data_cfg, model_cfg, a.out,
                                   shard_size=a.shard_size, batch_size=a.batch_size, text_batch_size=a.text_batch_size,
                                   seed=a.seed, global_batch_size=a.global_batch_size,
                                   stop_after_shards=a.stop_after_shards, progress=not a.no_progress)
@@ -55,6 +79,13 @@ def main(argv=None) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.strip().lstrip("-").isdigit():
+        raise UserError(f"{name} (environment) must be an integer, got {text!r}; launch with torchrun or unset it")
+    return int(text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import check_output_dir, check_ranges, entry_point
+
 RED_BAND = 16
 
 
@@ -253,13 +255,22 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images:
     return SyntheticDataset(root, data_txt, data_json, tuple(annos))
 
 
+# The valid range of every numeric flag (`errors.check_ranges`).
+RANGES = {"--num-videos": dict(low=0, high=10000), "--num-images": dict(low=0, high=10000),
+          "--seed": dict(low=0, high=2**32 - 1)}
+
+
+@entry_point("make_synthetic_dataset")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", help="output folder (created; refused when it holds files, unless --overwrite)")
     p.add_argument("--num-videos", type=int, default=8, help="random extra videos in set3")
     p.add_argument("--num-images", type=int, default=4, help="random extra images in set3")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT that already holds files")
     a = p.parse_args(argv)
+    check_ranges({"--num-videos": a.num_videos, "--num-images": a.num_images, "--seed": a.seed}, RANGES)
+    check_output_dir("OUT", a.out, overwrite=a.overwrite)
     ds = make_synthetic_dataset(a.out, a.num_videos, a.num_images, a.seed)
     print(f"wrote {ds.root}: data.txt={ds.data_txt} data.json={ds.data_json}")
 

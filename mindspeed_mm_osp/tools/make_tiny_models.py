@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import check_number, check_output_dir, entry_point
+
 T5_DIM = 32
 CLIP_PROJECTION = 16
 
@@ -31,11 +33,15 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     }
 
 
+@entry_point("make_tiny_models")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", help="output folder (created; refused when it holds files, unless --overwrite)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="write into an OUT that already holds files")
     a = p.parse_args(argv)
+    check_number("--seed", a.seed, low=0, high=2**32 - 1)
+    check_output_dir("OUT", a.out, overwrite=a.overwrite)
     for name, path in make_tiny_models(a.out, a.seed).items():
         print(f"{name}: {path}")
 

@@ -18,13 +18,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ..config.predictor import PredictorConfig, RecomputeConfig
+from ..errors import UserError, check_ranges, entry_point
 from ..training.memory_plan import GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, Workload, plan_memory
 
 # Architectures of the release's text encoders, used to count their parameters when the local folder is absent
@@ -161,7 +161,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
                                model_cfg.ae.vae_scale_factor if model_cfg.ae is not None else (8, 8, 8))
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     if args.world_size % (tp * cp):
-        raise ValueError(f"--world-size={args.world_size} must be a multiple of TP x CP = {tp} x {cp}")
+        raise UserError(f"--world-size={args.world_size} must be a multiple of TP x CP = {tp} x {cp}")
     model_cfg.predictor.validate_parallel(tp, cp, file=args.mm_model)
     dp = args.world_size // (tp * cp)
     precision = resolve_precision(model_cfg, ModelArgs.from_namespace(args))
@@ -213,13 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The valid range of every planner flag (`errors.check_ranges`); the training flags keep their own table.
+RANGES = {"--world-size": dict(low=1, high=1 << 20), "--frames": dict(low=1, high=100000),
+          "--height": dict(low=16, high=65536), "--width": dict(low=16, high=65536), "--text-len": dict(low=1, high=100000),
+          "--device-memory-gib": dict(low=0, low_open=True, high=1 << 20)}
+
+
+@entry_point("plan")
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Print the plan; the flags are range-checked as `pretrain.py` checks them, errors per `errors.entry_point`."""
+    from ..training.arguments import check_values
+
     args = build_parser().parse_args(argv)
-    try:
-        print(run(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"plan: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    check_ranges({flag: getattr(args, flag[2:].replace("-", "_")) for flag in RANGES}, RANGES)
+    check_values(args)
+    print(run(args))
 
 
 if __name__ == "__main__":

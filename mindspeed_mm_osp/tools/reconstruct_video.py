@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 from .. import platform
-from ..checkpoint import CheckpointError
 from ..checkpoint.safe_load import trust_pickle
 from ..config import AEConfig, ConfigError, from_dict, read_json
+from ..config.loader import check_path
 from ..data.readers import ReadError, make_video_reader
+from ..errors import UserError, check_input_path, check_output_dir, check_ranges, entry_point
 from ..data.transforms import CenterCropResizeVideo, ToTensorVideo
 from ..inference.presets import check_size
 from ..inference.video_io import to_uint8_frames, write_json_atomic, write_mp4
@@ -64,9 +65,10 @@ def load_ae_config(path: str | Path) -> AEConfig:
     else:
         raise ConfigError(path, "ae", "no `ae` block: pass a model JSON, an inference JSON or an `ae` JSON")
     config = from_dict(AEConfig, block, file=str(path), path=where)
+    key = f"{where}.from_pretrained" if where else "from_pretrained"
     if not config.from_pretrained:
-        raise ConfigError(path, f"{where}.from_pretrained" if where else "from_pretrained",
-                          "must name the VAE checkpoint: reconstructing with random weights measures nothing")
+        raise ConfigError(path, key, "must name the VAE checkpoint: reconstructing with random weights measures nothing")
+    check_path(path, key, config.from_pretrained, "file")
     return config
 
 
@@ -76,7 +78,7 @@ def find_videos(data: str | Path) -> list[tuple[Path, Path]]:
     if root.is_file():
         return [(root, Path(root.name))]
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such file or directory")
+        raise UserError(f"--data {data}: no such file or directory")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -148,7 +150,7 @@ def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], ou
     config = load_ae_config(model_config)
     videos = find_videos(data)[:max_videos]
     if not videos:
-        raise FileNotFoundError(f"--data {data}: no videos found (extensions: {' '.join(sorted(VIDEO_EXTENSIONS))})")
+        raise UserError(f"--data {data}: no videos found (extensions: {' '.join(sorted(VIDEO_EXTENSIONS))})")
     out = Path(out)
     vae = VideoAutoencoder(config).to(platform.device())
     reader = make_video_reader("pyav")
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, required=True, help="first N frames of each video, N = 8k+1")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="multiples of 8")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     p.add_argument("--max-videos", type=int, default=None, help="only the first K videos (sorted by path)")
     p.add_argument("--ssim-channels", choices=("y", "rgb"), default="y",
                    help="SSIM on BT.601 luma (default) or averaged over R, G, B")
@@ -210,20 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The valid range of every numeric flag (`errors.check_ranges`).
+RANGES = {"--num-frames": dict(low=1, high=100000), "--max-videos": dict(low=1)}
+
+
+@entry_point("reconstruct_video")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Check the flags and paths at the edge, then `run`; errors per `errors.entry_point`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_videos is not None and args.max_videos < 1:
-        parser.error("--max-videos must be >= 1")
+    check_ranges({"--num-frames": args.num_frames, "--max-videos": args.max_videos}, RANGES)
     try:
-        trust_pickle(args.trust_pickle)
-        run(args.model_config, args.data, args.num_frames, tuple(args.size), args.out, args.max_videos,
-            args.ssim_channels)
-    except CheckpointError as e:  # a refused or unreadable weights file: one line, as the other entry points
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        parser.error(str(e))
+        check_size(args.num_frames, *args.size, multiple=SPATIAL_FACTOR)
+    except ValueError as e:
+        raise UserError(f"--num-frames/--size: {e}") from e
+    check_input_path("--data", args.data)
+    check_output_dir("--out", args.out, overwrite=args.overwrite,
+                     taken=lambda p: p.name == "metrics.json" or p.suffix == ".mp4")
+    trust_pickle(args.trust_pickle)
+    run(args.model_config, args.data, args.num_frames, tuple(args.size), args.out, args.max_videos,
+        args.ssim_channels)
     return 0
 
 

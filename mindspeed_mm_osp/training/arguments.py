@@ -267,7 +267,7 @@ RANGES = {
 }
 
 
-def _check_values(args: argparse.Namespace) -> None:
+def check_values(args: argparse.Namespace) -> None:
     """Per-flag ranges (`RANGES`), the fault spec and the context-parallel algorithm."""
     dests = {a.option_strings[0]: a.dest for a in build_parser()._actions if a.option_strings}
     try:
@@ -343,7 +343,7 @@ def _check_lora(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Cross-flag checks and derived sizes, done once before anything is built (fills in `args`)."""
-    _check_values(args)
+    check_values(args)
     _derive_batches(args, world_size)
     _check_combinations(args)
     return args
