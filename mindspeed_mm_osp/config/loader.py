@@ -298,12 +298,12 @@ def check_path(file, key: str, path: Optional[str], kind: str) -> None:
         return
     p = Path(path)
     if not p.exists():
-        raise ConfigError(file, key, f"{path} does not exist; give an existing local "
-                                     f"{ {'file': 'file', 'dir': 'folder'}.get(kind, 'file or folder') }")
+        what = {"file": "file", "dir": "folder"}.get(kind, "file or folder")
+        raise ConfigError(file, key, f"{path}: does not exist; give an existing local {what}")
     if kind == "file" and not p.is_file():
-        raise ConfigError(file, key, f"{path} is a folder, expected a file")
+        raise ConfigError(file, key, f"{path}: is a folder, expected a file")
     if kind == "dir" and not p.is_dir():
-        raise ConfigError(file, key, f"{path} is a file, expected a folder")
+        raise ConfigError(file, key, f"{path}: is a file, expected a folder")
 
 
 def require(condition: bool, file, path: str, message: str) -> None:

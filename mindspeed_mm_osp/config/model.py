@@ -45,15 +45,15 @@ class ModelConfig:
 
     def check_paths(self, file) -> None:
         """The weights this config names exist and are of the right kind (ConfigError naming the key); the VAE and
-        text encoders only where their features are not read from the cache. Called by the entry points before
-        anything is built, not when the JSON is loaded."""
+        text encoders only where their features are not read from the cache (the predictor's weights are named by
+        the weights reader, which also reads them). Called by the entry points before anything is built, not when
+        the JSON is loaded."""
         if self.ae is not None and not self.load_video_features:
             check_path(file, "ae.from_pretrained", self.ae.from_pretrained, "file")
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(self, name)
             if encoder is not None and not self.load_text_features:
                 check_path(file, f"{name}.from_pretrained", encoder.from_pretrained, "dir")
-        check_path(file, "predictor.from_pretrained", self.predictor.from_pretrained, "any")
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
