@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA device check: one command for a lent, offline GPU machine (one H100/H200; at most 7 minutes there).
 #
-#   bash scripts/device_check.sh [--wheels DIR] [--out DIR]   run it (DIR: wheels .whl; report $OUT, else ./device_report)
+#   bash scripts/device_check.sh [--wheels DIR] [--out DIR]   run it (wheels: .whl; report: $OUT, else ./device_report)
 #   bash scripts/device_check.sh --dry-run                     list the steps, their commands and time budgets
 #   bash scripts/device_check.sh --simulate                    prove here, with the network cut, that it needs none
 #
@@ -56,7 +56,8 @@ STEPS=(
 REPORT_BUDGET=5  # scripts/device_report.py, after the steps
 
 bare_pip() {  # pip without this machine's configuration (local wheel folders, constraints): only what it is given
-  env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null "$PY" -m pip "$@"
+  env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+    "$PY" -m pip "$@"
 }
 step_env() {
   if [ "$CUDA" = 1 ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || return 1; fi
@@ -70,8 +71,12 @@ step_env() {
   fi
 }
 step_install() {
-  ls "$WHL"/*.whl >/dev/null || { echo "no wheels in $WHL: run scripts/device_wheels.sh where a registry answers" >&2; return 1; }
-  bare_pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl || return 1
+  if ! ls "$WHL"/*.whl >/dev/null; then
+    echo "no wheels in $WHL: run scripts/device_wheels.sh where a registry answers" >&2
+    return 1
+  fi
+  bare_pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
+    || return 1
   "$PY" - <<'EOF'
 import importlib, importlib.metadata as md, os
 for mod, dist in (("torch", "torch"), ("megatron.core", "megatron-core"), ("av", "av"), ("ftfy", "ftfy"),
@@ -98,7 +103,8 @@ step_mfu() {
       --json "$WORK/mfu_121x576x1024.json"
 }
 step_profile() {
-  if [ "$CUDA" = 1 ]; then "$PY" scripts/device_profile.py "$WORK"; else "$PY" scripts/device_profile.py "$WORK" --tiny; fi
+  if [ "$CUDA" = 1 ]; then "$PY" scripts/device_profile.py "$WORK"
+  else "$PY" scripts/device_profile.py "$WORK" --tiny; fi
 }
 step_skiparse() {
   if [ "$CUDA" = 1 ]; then "$PY" bench/bench_skiparse.py --dtype bfloat16 --video-tokens 36864 --text-tokens 512
@@ -113,22 +119,27 @@ step_e2e() {
   "$PY" -c 'from mindspeed_mm_osp.tools.make_synthetic_dataset import make_synthetic_dataset as data
 from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models as models
 data("demo_out/data"); models("demo_out/models")' || return 1
-  local args=(--mm-data "$ROOT/examples/tiny/data.json" --mm-model "$ROOT/examples/tiny/model.json" --micro-batch-size 1
-              --global-batch-size 1 --train-iters 3 --lr 2e-4 --seed 1234 --log-interval 1 --save ckpt --save-interval 2)
+  local args=(--mm-data "$ROOT/examples/tiny/data.json" --mm-model "$ROOT/examples/tiny/model.json"
+              --micro-batch-size 1 --global-batch-size 1 --train-iters 3 --lr 2e-4 --seed 1234 --log-interval 1
+              --save ckpt --save-interval 2)
   "$PY" "$ROOT/pretrain.py" "${args[@]}" --exit-interval 2 || return 1
   "$PY" "$ROOT/pretrain.py" "${args[@]}" --load ckpt 2>&1 | tee resume.log
   [ "${PIPESTATUS[0]}" = 0 ] || return 1
-  grep -q "resumed from .* at iteration 2" resume.log || { echo "e2e: the second run did not resume at 2" >&2; return 1; }
+  if ! grep -q "resumed from .* at iteration 2" resume.log; then
+    echo "e2e: the second run did not resume at iteration 2" >&2
+    return 1
+  fi
   "$PY" "$ROOT/inference.py" --config "$ROOT/examples/tiny/inference.json" --predictor-weights ckpt \
     --save-path samples --prompt "$prompt" || return 1
   ls -l samples/*.mp4 && echo "e2e: trained 2 iterations, resumed from the checkpoint to 3, wrote samples/*.mp4"
 }
 step_latency() {
-  if [ "$CUDA" = 1 ]; then "$PY" bench/bench_sampling_latency.py --compile --iters 2 --budget-s 100 --json "$WORK/sampling_latency.json"
+  if [ "$CUDA" = 1 ]; then
+    "$PY" bench/bench_sampling_latency.py --compile --iters 2 --budget-s 100 --json "$WORK/sampling_latency.json"
   else "$PY" bench/bench_sampling_latency.py --quick --json "$WORK/sampling_latency.json"; fi
 }
-export -f bare_pip step_env step_install step_gpu_tests step_planner step_mfu step_profile step_skiparse step_optimizer \
-  step_e2e step_latency
+export -f bare_pip step_env step_install step_gpu_tests step_planner step_mfu step_profile step_skiparse \
+  step_optimizer step_e2e step_latency
 
 # ------------------------------------------------------------------------------------------------- the modes
 dry_run() {
@@ -182,8 +193,8 @@ simulate() {
   bash scripts/device_wheels.sh --python-version 3.11 --dest "$SIM/whl"
   echo "== simulate 3/3: the check inside unshare -n (loopback only), on that venv"
   set +e
-  unshare -n bash -c 'ip link set lo up && exec bash scripts/device_check.sh --offline-cpu --python "$0" --wheels "$1" --out "$2"' \
-    "$venv/bin/python" "$SIM/whl" "$ROOT/$SIM/out"
+  unshare -n bash -c 'ip link set lo up && exec bash scripts/device_check.sh --offline-cpu "$@"' _ \
+    --python "$venv/bin/python" --wheels "$SIM/whl" --out "$ROOT/$SIM/out"
   local rc=$?
   echo "simulate: rc=$rc; $(cat "$ROOT/$SIM/out/summary.txt" 2>/dev/null)"
   return $rc

@@ -98,8 +98,9 @@ def summary_line(report: dict, wall: str) -> str:
     status = " ".join(f"{s['step']}={'ok' if s['ok'] else ('TIMEOUT' if s['timed_out'] else 'rc' + str(s['rc']))}"
                       for s in steps)
     tests = report["gpu_tests"]
-    tests_text = (f"gpu tests {tests['tests'] - tests['failures'] - tests['errors'] - tests['skipped']} passed "
-                  f"{tests['failures'] + tests['errors']} failed {tests['skipped']} skipped" if tests else "gpu tests: none")
+    failed = tests["failures"] + tests["errors"] if tests else 0
+    tests_text = (f"gpu tests {tests['tests'] - failed - tests['skipped']} passed {failed} failed "
+                  f"{tests['skipped']} skipped" if tests else "gpu tests: none")
     ok = sum(s["ok"] for s in steps)
     return "; ".join([f"device_check: {ok}/{len(steps)} steps ok in {wall} s ({status})", tests_text,
                       *_headlines(report)])
