@@ -3,7 +3,8 @@
 `pretrain.py`, `inference.py`, `convert_mm_to_ckpt.py` and every `python -m mindspeed_mm_osp.tools.*` module wrap
 their `main` in `entry_point(name)`. A domain error (`user_errors()`: a config key, a flag value, a data or
 checkpoint file, a path) is printed as `NAME: error: MESSAGE` on one line and exits 2; the message names the file,
-key or flag and the fix. Anything else is a bug: its traceback is kept and one line asks to report it (exit 1).
+key or flag and the fix. A collective that fails because another rank died or hung is one line too (exit 4).
+Anything else is a bug: its traceback is kept and one line asks to report it (exit 1).
 Code raising a domain error from a lower-level exception chains it (`raise ... from exc`) so a debugger still sees
 the cause.
 """
@@ -20,6 +21,7 @@ from typing import Callable, Optional
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
+EXIT_LOST_PEER = 4  # another rank died or hung (3 is pretrain.py's "stopped after too many skipped steps")
 
 
 class UserError(Exception):
@@ -48,6 +50,20 @@ def one_line(error: BaseException) -> str:
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+# Words of gloo/NCCL/HCCL errors that mean a peer rank exited or stopped answering (not a bug of this rank).
+_LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset", "remote worker", "Timed out waiting",
+                    "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """A collective failed because another rank died or hung (`torch.distributed.DistBackendError` or the
+    backends' RuntimeError words)."""
+    torch = sys.modules.get("torch")
+    backend_error = getattr(getattr(torch, "distributed", None), "DistBackendError", ())
+    return (bool(backend_error) and isinstance(error, backend_error)) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in _LOST_PEER_WORDS))
+
+
 def _is_environment_error(error: BaseException) -> bool:
     """An OSError about a named file (missing, not writable, disk full): the user's environment, not a bug."""
     return isinstance(error, OSError) and error.filename is not None
@@ -67,6 +83,11 @@ def entry_point(name: str) -> Callable:
                 if _is_environment_error(e):
                     print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
                     raise SystemExit(EXIT_USER_ERROR) from None
+                if _is_lost_peer(e):
+                    print(f"{name}: error: lost contact with another rank (it exited, or hung longer than the "
+                          f"distributed timeout); see that rank's own error: {one_line(e)}", file=sys.stderr,
+                          flush=True)
+                    raise SystemExit(EXIT_LOST_PEER) from None
                 traceback.print_exc()
                 print(f"{name}: internal error ({type(e).__name__}): this is a bug, not a problem with your input; "
                       f"please report it with the traceback above", file=sys.stderr, flush=True)
@@ -140,5 +161,5 @@ def _kind(kind: str) -> str:
     return {"file": "file", "dir": "folder"}.get(kind, "file or folder")
 
 
-__all__ = ["EXIT_BUG", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
+__all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
            "check_ranges", "describe_range", "entry_point", "one_line", "user_errors"]
