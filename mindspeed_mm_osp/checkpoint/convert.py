@@ -37,8 +37,8 @@ from ..io_atomic import atomic_save_safetensors, atomic_write_text
 from .checkpointing import CHECKPOINT_VERSION
 from .io import atomic_save
 from .layout import RELEASE, CheckpointError, iteration_dir, model_file, tracker_path
-from .manifest import tensors_crc32, write_manifest
-from .reader import TENSORS_CRC32_KEY, SavedCheckpoint, load_weights, read_checkpoint
+from .manifest import tensors_checksum, write_manifest
+from .reader import TENSORS_CHECKSUM_KEY, SavedCheckpoint, load_weights, read_checkpoint
 from .safe_load import trust_pickle
 
 INFO_FILE = "convert_info.json"
@@ -133,7 +133,8 @@ def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both
     written = []
     if fmt in ("safetensors", "both"):
         path = save_dir / f"{stem}.safetensors"
-        metadata = {**{k: json.dumps(v) for k, v in info.items()}, TENSORS_CRC32_KEY: tensors_crc32(merged.state_dict)}
+        metadata = {k: json.dumps(v) for k, v in info.items()}
+        metadata[TENSORS_CHECKSUM_KEY] = tensors_checksum(merged.state_dict)
         atomic_save_safetensors(merged.state_dict, path, metadata)
         written.append(path)
     if fmt in ("pt", "both"):

@@ -25,11 +25,11 @@ import torch
 
 from .layout import (ITER_DIR, MODEL_FILE, MP_DIR, RELEASE, CheckpointError, iteration_dir, model_file, read_tracker,
                      saved_tp_size, tracker_path)
-from .manifest import tensors_crc32, verify_files
+from .manifest import tensors_checksum, verify_files
 from .safe_load import LEGACY_CHECKPOINT_GLOBALS, UntrustedPickleError, load_torch_file
 
-# The safetensors metadata key of a merged file's checksum (`manifest.tensors_crc32`).
-TENSORS_CRC32_KEY = "tensors_crc32"
+# The safetensors metadata key of a merged file's checksum (`manifest.tensors_checksum`).
+TENSORS_CHECKSUM_KEY = "tensors_xxh3_64"
 
 
 @dataclass(frozen=True)
@@ -175,9 +175,9 @@ def _read_safetensors(path: Path, verify: bool) -> dict[str, torch.Tensor]:
     state = load_file(str(path))
     if verify:
         with safe_open(str(path), "pt") as f:
-            expected = (f.metadata() or {}).get(TENSORS_CRC32_KEY)
-        if expected is not None and tensors_crc32(state) != expected:
-            raise CheckpointError(f"{path}: tensor checksum {tensors_crc32(state)} differs from the {expected} "
+            expected = (f.metadata() or {}).get(TENSORS_CHECKSUM_KEY)
+        if expected is not None and tensors_checksum(state) != expected:
+            raise CheckpointError(f"{path}: tensor checksum {tensors_checksum(state)} differs from the {expected} "
                                   "recorded when it was written (damaged copy); copy or convert it again")
     return state
 
@@ -210,5 +210,5 @@ def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tens
     return state
 
 
-__all__ = ["RankFile", "SavedCheckpoint", "TENSORS_CRC32_KEY", "load_weights", "locate_iteration", "read_checkpoint",
+__all__ = ["RankFile", "SavedCheckpoint", "TENSORS_CHECKSUM_KEY", "load_weights", "locate_iteration", "read_checkpoint",
            "read_rank", "read_rank_file"]

@@ -173,9 +173,10 @@ def test_wfvae_checkpoint_through_model_json_and_reconstruct_video(micro_assets,
     _assert_refused(out["code"], out["stderr"], str(vae), "builtins.exec")
     capsys.readouterr()
     video = next((micro_assets["root"] / "data").rglob("*.mp4"))
-    code = reconstruct_video.main(["--model-config", str(model_json), "--data", str(video), "--num-frames", "9",
-                                   "--size", "32", "32", "--out", str(tmp_path / "recon")])
-    _assert_refused(code, capsys.readouterr().err, str(vae), "builtins.exec", "--trust-pickle")
+    with pytest.raises(SystemExit) as exc:
+        reconstruct_video.main(["--model-config", str(model_json), "--data", str(video), "--num-frames", "9",
+                                "--size", "32", "32", "--out", str(tmp_path / "recon")])
+    _assert_refused(exc.value.code, capsys.readouterr().err, str(vae), "builtins.exec", "--trust-pickle")
 
 
 def test_trust_pickle_opts_in_for_the_named_file_only(tmp_path, capsys):
@@ -234,21 +235,21 @@ def test_damaged_checkpoint_is_refused_by_name_on_resume_and_convert(micro_asset
     _assert_refused(out["code"], out["stderr"], str(path), "is 1")
     code, err = _convert(capsys, "--load_dir", root, "--save_dir", tmp_path / "out")
     line = _assert_refused(code, err, str(path), "is 1 (--ckpt-step 1")
-    assert ("CRC-32" if how == "flipped" else "truncated") in line
+    assert ("checksum" if how == "flipped" else "truncated") in line
     assert not (tmp_path / "out").exists()
 
 
 def test_good_checkpoint_verifies_and_its_merged_file_carries_a_checksum(saved_run, tmp_path, capsys):
     from safetensors import safe_open
 
-    from mindspeed_mm_osp.checkpoint.reader import TENSORS_CRC32_KEY, load_weights
-    from mindspeed_mm_osp.checkpoint.manifest import tensors_crc32
+    from mindspeed_mm_osp.checkpoint.reader import TENSORS_CHECKSUM_KEY, load_weights
+    from mindspeed_mm_osp.checkpoint.manifest import tensors_checksum
 
     code, err = _convert(capsys, "--load_dir", saved_run, "--save_dir", tmp_path / "out", "--format", "safetensors")
     assert code == 0, err
     merged = tmp_path / "out" / "model.safetensors"
     with safe_open(str(merged), "pt") as f:
-        assert f.metadata()[TENSORS_CRC32_KEY] == tensors_crc32(load_weights(merged, verify=True))
+        assert f.metadata()[TENSORS_CHECKSUM_KEY] == tensors_checksum(load_weights(merged, verify=True))
     data = bytearray(merged.read_bytes())
     data[-3] ^= 0x01  # the last tensor's bytes
     merged.write_bytes(bytes(data))
