@@ -4,11 +4,13 @@ because `tests/conftest.py` lives there).
 * numpy references of the video metrics (PSNR, SSIM);
 * a two-layer tensor-parallel toy model, its batches and one training step, for the optimizer and checkpoint tests;
 * the seven-stage tiny predictor's inputs, configs and single-process reference for parallel-vs-single tests;
-* launcher and training-run helpers (the release launcher's argv, a short tiny run's flags, its final weights).
+* launcher and training-run helpers (the release launcher's argv, a short tiny run's flags, its final weights);
+* the tiny inference setup (models, random predictor weights, inference JSON) and a rank body running the CLI.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -233,3 +235,47 @@ def final_weights(save_dir):
     it = read_tracker(save_dir)
     payload = torch.load(model_file(save_dir, it, 0), map_location="cpu", weights_only=False)
     return it, payload["model"], payload["ema_model"]
+
+
+# ---- inference through the CLI ----
+
+INFERENCE_SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents
+INFERENCE_STEPS = 2
+
+
+def make_tiny_inference(root: Path, **predictor) -> Path:
+    """Tiny T5/CLIP/VAE folders, random predictor weights with the final block's text params (merged
+    safetensors), two prompts and an inference JSON of `INFERENCE_SIZE` x `INFERENCE_STEPS`; `predictor`
+    overrides keys of its predictor block (e.g. the image-to-video model_id)."""
+    from safetensors.torch import save_file
+
+    from mindspeed_mm_osp.config import from_dict
+    from mindspeed_mm_osp.config.predictor import PredictorConfig
+    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
+
+    models = make_tiny_models(root / "models")
+    data = json.loads((ROOT / "examples/tiny/inference.json").read_text())
+    data["predictor"].update(predictor)
+    torch.manual_seed(0)
+    model = SparseUMMDiT(from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": True}))
+    perturb_parameters(model)
+    save_file(local_state_dict(model), str(root / "model_ema.safetensors"))
+    data["ae"]["from_pretrained"] = str(models["vae"])
+    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
+                        ("tokenizer_2", "clip")]:
+        data[key]["from_pretrained"] = str(models[folder])
+    data["predictor"]["from_pretrained"] = str(root / "model_ema.safetensors")
+    data["pipeline_config"]["input_size"] = INFERENCE_SIZE
+    data["diffusion"]["num_inference_steps"] = INFERENCE_STEPS
+    data.update(model_max_length=16, save_path=str(root / "default_out"))
+    (root / "prompts.txt").write_text("a red fox runs in the snow\n\n  waves crash on a rocky shore  \n")
+    data["prompt"] = str(root / "prompts.txt")
+    (root / "inference.json").write_text(json.dumps(data))
+    return root / "inference.json"
+
+
+def infer_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
+    """Rank body for `run_distributed`: the inference CLI with `argv`."""
+    from mindspeed_mm_osp.inference import cli
+
+    cli.main(argv)

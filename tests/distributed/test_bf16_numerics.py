@@ -11,13 +11,10 @@ at most 3.3% (step 18) and 0.67% of the initial loss, the worst step using 53% o
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import DiffusionConfig, from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.config import DiffusionConfig
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler
-from mindspeed_mm_osp.testing import run_distributed, single_rank
+from mindspeed_mm_osp.testing import run_distributed, single_rank, tiny_predictor_config
 
-CFG = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-           timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 OUTPUT_TOLERANCE = 1.5e-2
 LOSS_TOLERANCE = 0.05
 LOSS_FLOOR = 0.01
@@ -35,7 +32,7 @@ def _model(dtype, seed=0):
     """The same initial weights in either dtype (a bf16 model loads the rounded fp32 init)."""
     from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
 
-    cfg = from_dict(PredictorConfig, CFG)
+    cfg = tiny_predictor_config()
     torch.manual_seed(seed)
     fp32 = SparseUMMDiT(cfg)
     if dtype == torch.float32:

@@ -4,23 +4,20 @@
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import DiffusionConfig, from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.config import DiffusionConfig
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, sample
 from mindspeed_mm_osp.diffusion.step_cache import StepCache
 from mindspeed_mm_osp.inference.cfg_parallel import cfg_parallel_model_fn, init_cfg_parallel
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
 from mindspeed_mm_osp.parallel import ParallelDims
-from mindspeed_mm_osp.testing import perturb_parameters, run_distributed
+from mindspeed_mm_osp.testing import perturb_parameters, run_distributed, tiny_predictor_config
 
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 STEPS = 6
 
 
 def _weights() -> dict:
     torch.manual_seed(0)
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+    model = SparseUMMDiT(tiny_predictor_config())
     perturb_parameters(model)
     return local_state_dict(model)
 
@@ -34,7 +31,7 @@ def _cond(seed: int) -> dict:
 
 
 def _compare(rank, world_size, weights, tp, threshold):
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=tp > 1).eval()
+    model = SparseUMMDiT(tiny_predictor_config(), sequence_parallel=tp > 1).eval()
     load_merged_state_dict(model, weights)
     cfg = init_cfg_parallel(ParallelDims.current())
     noise = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -74,7 +71,7 @@ def test_odd_data_parallel_size_is_rejected():
 
 
 def _cached(rank, world_size, weights, threshold):
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=True).eval()
+    model = SparseUMMDiT(tiny_predictor_config(), sequence_parallel=True).eval()
     load_merged_state_dict(model, weights)
     return _sample_cached(model, threshold)
 
@@ -90,7 +87,7 @@ def _sample_cached(model, threshold):
 def test_step_cache_decisions_agree_across_tp_and_cp_ranks():
     """TP=2 (SP) x CP=2: every rank skips the same steps as one process and ends with its latents."""
     weights = _weights()
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY)).eval()
+    model = SparseUMMDiT(tiny_predictor_config()).eval()
     load_merged_state_dict(model, weights)
     expected, skipped = _sample_cached(model, 0.15)
     assert 0 < len(skipped) < STEPS - 2

@@ -8,20 +8,20 @@ import torch
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import load_latents
 from mindspeed_mm_osp.testing import run_distributed
-from test_inference_tp import _infer, _make_config
+from helpers import infer_on_rank, make_tiny_inference
 
 pytestmark = pytest.mark.slow
 
 
 def test_cp2_and_tp2_cp2_inference_equal_cp1(tmp_path):
-    config = _make_config(tmp_path / "assets")
+    config = make_tiny_inference(tmp_path / "assets")
     base = ["--config", str(config), "--save-latents"]
     cli.main([*base, "--save-path", str(tmp_path / "cp1")])
-    run_distributed(_infer, 2, [*base, "--context-parallel-size", "2", "--save-path", str(tmp_path / "cp2")],
-                    cp=2, timeout=300)
-    run_distributed(_infer, 4, [*base, "--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
-                                "--context-parallel-algo", "ulysses_cp_algo", "--save-path", str(tmp_path / "tp2cp2")],
-                    tp=2, cp=2, timeout=300)
+    run_distributed(infer_on_rank, 2, [*base, "--context-parallel-size", "2", "--save-path",
+                                       str(tmp_path / "cp2")], cp=2, timeout=300)
+    run_distributed(infer_on_rank, 4, [*base, "--tensor-model-parallel-size", "2", "--context-parallel-size", "2",
+                                       "--context-parallel-algo", "ulysses_cp_algo", "--save-path",
+                                       str(tmp_path / "tp2cp2")], tp=2, cp=2, timeout=300)
     for stem in ("000000", "000001"):
         ref = load_latents(tmp_path / "cp1" / f"{stem}.safetensors")
         for other, (tp, cp) in {"cp2": (1, 2), "tp2cp2": (2, 2)}.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,22 +9,18 @@ import torch
 
 from mindspeed_mm_osp.checkpoint import save_checkpoint
 from mindspeed_mm_osp.checkpoint.convert import merge_checkpoint, split_weights
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import load_latents
 from mindspeed_mm_osp.inference.video_io import read_mp4
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, load_merged_state_dict, local_state_dict
-from mindspeed_mm_osp.testing import perturb_parameters, run_distributed
+from mindspeed_mm_osp.testing import run_distributed, tiny_predictor_config
+from helpers import INFERENCE_SIZE, infer_on_rank, make_tiny_inference
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
-SIZE = [9, 32, 48]
+SIZE = INFERENCE_SIZE
 
 
 def _save_tp(rank, world_size, full, root):
-    model = SparseUMMDiT(from_dict(PredictorConfig, TINY), sequence_parallel=True)
+    model = SparseUMMDiT(tiny_predictor_config(), sequence_parallel=True)
     load_merged_state_dict(model, full)
     save_checkpoint(root, 0, model, save_optim=False, save_rng=False)
     return local_state_dict(model)
@@ -33,7 +28,7 @@ def _save_tp(rank, world_size, full, root):
 
 def test_merged_tp2_checkpoint_equals_tp1_model_state(tmp_path):
     torch.manual_seed(0)
-    tp1 = local_state_dict(SparseUMMDiT(from_dict(PredictorConfig, TINY)))
+    tp1 = local_state_dict(SparseUMMDiT(tiny_predictor_config()))
     shards = run_distributed(_save_tp, 2, tp1, str(tmp_path), tp=2)
     merged = merge_checkpoint(tmp_path)
     assert merged.tp_size == 2 and list(merged.state_dict) == list(tp1)  # same keys, same order
@@ -47,47 +42,17 @@ def test_merged_tp2_checkpoint_equals_tp1_model_state(tmp_path):
 # ---------------------------------------------------------------------------------------------- inference
 
 
-def _make_config(root: Path, **predictor) -> Path:
-    """Tiny models, random predictor weights and an inference JSON; `predictor` overrides its predictor block."""
-    from safetensors.torch import save_file
-
-    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
-
-    models = make_tiny_models(root / "models")
-    data = json.loads((REPO / "examples/tiny/inference.json").read_text())
-    data["predictor"].update(predictor)
-    torch.manual_seed(0)
-    model = SparseUMMDiT(from_dict(PredictorConfig, data["predictor"]))
-    perturb_parameters(model)
-    save_file(local_state_dict(model), str(root / "model.safetensors"))
-    data["ae"]["from_pretrained"] = str(models["vae"])
-    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
-                        ("tokenizer_2", "clip")]:
-        data[key]["from_pretrained"] = str(models[folder])
-    data["predictor"]["from_pretrained"] = str(root / "model.safetensors")
-    data["pipeline_config"]["input_size"] = SIZE
-    data["diffusion"]["num_inference_steps"] = 2
-    (root / "prompts.txt").write_text("a red fox runs in the snow\nwaves crash on a rocky shore\n")
-    data.update(model_max_length=16, prompt=str(root / "prompts.txt"))
-    (root / "inference.json").write_text(json.dumps(data))
-    return root / "inference.json"
-
-
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    return _make_config(tmp_path_factory.mktemp("tiny_inference_tp"))
-
-
-def _infer(rank, world_size, argv):
-    cli.main(argv)
+    return make_tiny_inference(tmp_path_factory.mktemp("tiny_inference_tp"))
 
 
 def test_tp2_and_dp2_inference_equal_tp1(config, tmp_path):
     base = ["--config", str(config), "--save-latents"]
     cli.main([*base, "--save-path", str(tmp_path / "tp1")])
-    run_distributed(_infer, 2, [*base, "--tensor-model-parallel-size", "2", "--save-path", str(tmp_path / "tp2")],
-                    tp=2, timeout=300)
-    run_distributed(_infer, 2, [*base, "--save-path", str(tmp_path / "dp2")], tp=1, timeout=300)
+    run_distributed(infer_on_rank, 2, [*base, "--tensor-model-parallel-size", "2", "--save-path",
+                                       str(tmp_path / "tp2")], tp=2, timeout=300)
+    run_distributed(infer_on_rank, 2, [*base, "--save-path", str(tmp_path / "dp2")], tp=1, timeout=300)
     for stem in ("000000", "000001"):
         ref = load_latents(tmp_path / "tp1" / f"{stem}.safetensors")
         for other in ("tp2", "dp2"):
@@ -96,8 +61,8 @@ def test_tp2_and_dp2_inference_equal_tp1(config, tmp_path):
         assert load_latents(tmp_path / "tp2" / f"{stem}.safetensors").record["tensor_model_parallel_size"] == 2
 
     # Decode the TP=2 latents under a TP=2 launch: one writer per file, valid mp4s.
-    run_distributed(_infer, 2, ["--config", str(config), "--decode-latents", str(tmp_path / "tp2"),
-                                "--tensor-model-parallel-size", "2", "--save-path", str(tmp_path / "vid")],
+    run_distributed(infer_on_rank, 2, ["--config", str(config), "--decode-latents", str(tmp_path / "tp2"),
+                                       "--tensor-model-parallel-size", "2", "--save-path", str(tmp_path / "vid")],
                     tp=2, timeout=300)
     assert sorted(p.name for p in (tmp_path / "vid").iterdir()) == [
         "000000.json", "000000.mp4", "000001.json", "000001.mp4"]
@@ -111,8 +76,8 @@ def test_cfg_parallel_step_cache_and_parallel_decode_through_the_cli(config, tmp
     rank's (exactness of split decodes: tests/unit/test_vae_parallel_decode.py)."""
     base = ["--config", str(config), "--save-latents"]
     cli.main([*base, "--save-path", str(tmp_path / "ref")])
-    run_distributed(_infer, 2, [*base, "--cfg-parallel", "--cache-threshold", "0", "--save-path",
-                                str(tmp_path / "cfg")], tp=1, timeout=300)
+    run_distributed(infer_on_rank, 2, [*base, "--cfg-parallel", "--cache-threshold", "0", "--save-path",
+                                       str(tmp_path / "cfg")], tp=1, timeout=300)
     for stem in ("000000", "000001"):
         ref = load_latents(tmp_path / "ref" / f"{stem}.safetensors")
         got = load_latents(tmp_path / "cfg" / f"{stem}.safetensors")
@@ -121,14 +86,14 @@ def test_cfg_parallel_step_cache_and_parallel_decode_through_the_cli(config, tmp
 
     decode = ["--config", str(config), "--decode-latents", str(tmp_path / "ref")]
     cli.main([*decode, "--save-path", str(tmp_path / "vid1")])
-    run_distributed(_infer, 2, [*decode, "--parallel-vae-decode", "--tensor-model-parallel-size", "2",
-                                "--save-path", str(tmp_path / "vid2")], tp=2, timeout=300)
+    run_distributed(infer_on_rank, 2, [*decode, "--parallel-vae-decode", "--tensor-model-parallel-size", "2",
+                                       "--save-path", str(tmp_path / "vid2")], tp=2, timeout=300)
     assert sorted(p.name for p in (tmp_path / "vid2").iterdir()) == sorted(p.name for p in (tmp_path / "vid1").iterdir())
     for stem in ("000000", "000001"):
         assert torch.equal(torch.as_tensor(read_mp4(tmp_path / "vid2" / f"{stem}.mp4")[0]),
                            torch.as_tensor(read_mp4(tmp_path / "vid1" / f"{stem}.mp4")[0]))
     # Generation with both branches of the CFG pair decoding together: one writer, every video present.
-    run_distributed(_infer, 2, ["--config", str(config), "--cfg-parallel", "--parallel-vae-decode", "--save-path",
-                                str(tmp_path / "vid3")], tp=1, timeout=300)
+    run_distributed(infer_on_rank, 2, ["--config", str(config), "--cfg-parallel", "--parallel-vae-decode",
+                                       "--save-path", str(tmp_path / "vid3")], tp=1, timeout=300)
     assert sorted(p.name for p in (tmp_path / "vid3").iterdir()) == sorted(p.name for p in (tmp_path / "vid1").iterdir())
     assert read_mp4(tmp_path / "vid3" / "000001.mp4")[0].shape == (SIZE[0], SIZE[1], SIZE[2], 3)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import signal
 import sys
 import time
 import traceback
@@ -178,5 +180,104 @@ def log(msg: str) -> None:
     print(f"[reliability] {msg}", file=sys.stderr)
 
 
-__all__ = ["Ranks", "assert_same_tensors", "assert_same_training_state", "assert_step_skipped", "captured_log",
-           "cli_main", "load_file", "log", "run_ranks", "start_ranks", "train", "train_argv"]
+# ---- kill-during-save trials (test_kill_during_save, test_lora_reliability) ----
+
+SAVE_ITERS = 2  # iterations of a kill-during-save trial, with a save after each
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillAfterBytes:
+    """File wrapper for torch.save that dies once `limit` bytes went through."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.written = f, limit, 0
+
+    def write(self, data) -> int:
+        if self.written + len(data) > self.limit:
+            self.f.write(bytes(data)[: self.limit - self.written])
+            self.f.flush()
+            _die()
+        self.written += len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+class _KillingOs:
+    """`os` as seen by io_atomic, calling `at(point)` around fsync and replace (`at` kills at its point)."""
+
+    def __init__(self, at: Callable[[str], None]):
+        self.at = at
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fsync(self, fd):
+        from mindspeed_mm_osp.checkpoint.layout import TRACKER_FILE
+
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.is_dir():
+            self.at("payload_dir_fsync" if target.name.startswith("mp_rank_") else "tracker_dir_fsync")
+        else:
+            self.at("tracker_fsync" if TRACKER_FILE in target.name else "payload_fsync")
+        return os.fsync(fd)
+
+    def replace(self, src, dst):
+        from mindspeed_mm_osp.checkpoint.layout import TRACKER_FILE
+
+        kind = "tracker" if Path(dst).name == TRACKER_FILE else "payload"
+        self.at(f"{kind}_replace")
+        os.replace(src, dst)
+        self.at(f"{kind}_replaced")
+
+
+def train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fraction: float, payload_size: int):
+    """Train; SIGKILL this process at `point` of the save of `iteration` (`fraction` of the payload bytes)."""
+    from mindspeed_mm_osp import io_atomic
+    from mindspeed_mm_osp.checkpoint import io as ckpt_io
+
+    state = {"iteration": None}
+    write_payload = ckpt_io._write_payload
+
+    def at(name: str) -> None:
+        if state["iteration"] == iteration and name == point:
+            _die()
+
+    def payload(obj, f) -> None:
+        name = Path(f.name).parent.parent.name  # iter_XXXXXXX
+        state["iteration"] = int(name.split("_")[1])
+        if state["iteration"] == iteration and point == "payload_bytes":
+            f = _KillAfterBytes(f, int(fraction * payload_size))
+        write_payload(obj, f)
+
+    ckpt_io._write_payload = payload
+    io_atomic.os = _KillingOs(at)
+    return train(rank, world_size, argv)
+
+
+def check_survived(save_dir: Path, reference: dict) -> int:
+    """Every checkpoint file under its final name is complete and equals the uninterrupted run's (in
+    `reference["dir"]`); the tracker names one of them (or nothing, when the first save was killed). Returns the
+    tracker's iteration (0: none)."""
+    from mindspeed_mm_osp.checkpoint.layout import model_file, read_tracker
+
+    tracked = read_tracker(save_dir)  # raises on a torn tracker file
+    for it in range(1, SAVE_ITERS + 1):
+        path = model_file(save_dir, it, 0)
+        if path.exists():
+            got, want = load_file(path), load_file(model_file(reference["dir"], it, 0))
+            assert (got["iteration"], got["consumed_train_samples"]) == (it, it)
+            assert_same_training_state(got, want)
+    if tracked is None:
+        return 0
+    assert model_file(save_dir, tracked, 0).exists(), f"tracker names iteration {tracked} but its file is absent"
+    return int(tracked)
+
+
+__all__ = ["Ranks", "SAVE_ITERS", "assert_same_tensors", "assert_same_training_state", "assert_step_skipped",
+           "captured_log", "check_survived", "cli_main", "load_file", "log", "run_ranks", "start_ranks", "train",
+           "train_and_kill_self", "train_argv"]

@@ -25,86 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from mindspeed_mm_osp.checkpoint.layout import MODEL_FILE, TRACKER_FILE, model_file, read_tracker
-from reliability_harness import assert_same_training_state, load_file, log, run_ranks
-from reliability_harness import start_ranks, train, train_argv
+from mindspeed_mm_osp.checkpoint.layout import MODEL_FILE, model_file, read_tracker
+from reliability_harness import SAVE_ITERS, assert_same_training_state, check_survived, load_file, log, run_ranks
+from reliability_harness import start_ranks, train, train_and_kill_self, train_argv
 
 pytestmark = pytest.mark.slow
 
-ITERS = 2
 # Points of `io_atomic.atomic_write` where the internal trials kill, in the order a save passes them.
 POINTS = ("payload_bytes", "payload_fsync", "payload_replace", "payload_replaced", "payload_dir_fsync",
           "tracker_fsync", "tracker_replace", "tracker_replaced")
 
 
 def _argv(assets, save_dir: Path, *extra: str) -> list[str]:
-    return train_argv(assets, "--save", str(save_dir), "--save-interval", "1", *extra, iters=ITERS)
-
-
-def _train_and_kill_self(rank, world_size, argv, iteration: int, point: str, fraction: float, payload_size: int):
-    """Train; SIGKILL this process at `point` of the save of `iteration` (`fraction` of the payload bytes)."""
-    import os as real_os
-
-    from mindspeed_mm_osp import io_atomic
-    from mindspeed_mm_osp.checkpoint import io as ckpt_io
-
-    state = {"iteration": None}
-    write_payload = ckpt_io._write_payload
-
-    def die() -> None:
-        real_os.kill(real_os.getpid(), signal.SIGKILL)
-
-    def at(name: str) -> None:
-        if state["iteration"] == iteration and name == point:
-            die()
-
-    class KillAfterBytes:
-        """File wrapper for torch.save that dies once `limit` bytes went through."""
-
-        def __init__(self, f, limit: int):
-            self.f, self.limit, self.written = f, limit, 0
-
-        def write(self, data) -> int:
-            if self.written + len(data) > self.limit:
-                self.f.write(bytes(data)[: self.limit - self.written])
-                self.f.flush()
-                die()
-            self.written += len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    def payload(obj, f) -> None:
-        name = Path(f.name).parent.parent.name  # iter_XXXXXXX
-        state["iteration"] = int(name.split("_")[1])
-        if state["iteration"] == iteration and point == "payload_bytes":
-            f = KillAfterBytes(f, int(fraction * payload_size))
-        write_payload(obj, f)
-
-    class Os:
-        """`os` as seen by io_atomic, with kill points around fsync and replace."""
-
-        def __getattr__(self, name):
-            return getattr(real_os, name)
-
-        def fsync(self, fd):
-            target = Path(real_os.readlink(f"/proc/self/fd/{fd}"))
-            if target.is_dir():
-                at("payload_dir_fsync" if target.name.startswith("mp_rank_") else "tracker_dir_fsync")
-            else:
-                at("tracker_fsync" if TRACKER_FILE in target.name else "payload_fsync")
-            return real_os.fsync(fd)
-
-        def replace(self, src, dst):
-            kind = "tracker" if Path(dst).name == TRACKER_FILE else "payload"
-            at(f"{kind}_replace")
-            real_os.replace(src, dst)
-            at(f"{kind}_replaced")
-
-    ckpt_io._write_payload = payload
-    io_atomic.os = Os()
-    return train(rank, world_size, argv)
+    return train_argv(assets, "--save", str(save_dir), "--save-interval", "1", *extra, iters=SAVE_ITERS)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +45,7 @@ def reference(micro_assets, tmp_path_factory):
     """The uninterrupted run (same flags, a save after every iteration) and the measured payload write window."""
     root = tmp_path_factory.mktemp("reference")
     ranks = start_ranks(train, 1, _argv(micro_assets, root))
-    watched = model_file(root, ITERS, 0).parent
+    watched = model_file(root, SAVE_ITERS, 0).parent
     first_tmp = done = None
     while ranks.procs[0].is_alive() and done is None:
         names = os.listdir(watched) if watched.is_dir() else []
@@ -127,35 +60,19 @@ def reference(micro_assets, tmp_path_factory):
     ok, out = results[0]
     assert ok, out
     window = (done - first_tmp) if first_tmp and done else 0.2
-    size = model_file(root, ITERS, 0).stat().st_size
+    size = model_file(root, SAVE_ITERS, 0).stat().st_size
     log(f"kill-during-save: payload {size} bytes, write window {window:.3f}s")
     return {"dir": root, "losses": out["losses"], "window": window, "payload_size": size}
-
-
-def _check_survived(save_dir: Path, reference: dict) -> int:
-    """Every checkpoint file under its final name is complete and equals the uninterrupted run's; the tracker
-    names one of them (or nothing, when the first save was killed). Returns the tracker's iteration (0: none)."""
-    tracked = read_tracker(save_dir)  # raises on a torn tracker file
-    for it in range(1, ITERS + 1):
-        path = model_file(save_dir, it, 0)
-        if path.exists():
-            got, want = load_file(path), load_file(model_file(reference["dir"], it, 0))
-            assert (got["iteration"], got["consumed_train_samples"]) == (it, it)
-            assert_same_training_state(got, want)
-    if tracked is None:
-        return 0
-    assert model_file(save_dir, tracked, 0).exists(), f"tracker names iteration {tracked} but its file is absent"
-    return int(tracked)
 
 
 def _resume_equals_reference(micro_assets, save_dir: Path, reference: dict, tracked: int) -> None:
     results = run_ranks(train, 1, _argv(micro_assets, save_dir, "--load", str(save_dir)))
     ok, out = results[0]
     assert ok, out
-    assert out["iteration"] == ITERS
+    assert out["iteration"] == SAVE_ITERS
     assert out["losses"] == reference["losses"][tracked:]
-    assert_same_training_state(load_file(model_file(save_dir, ITERS, 0)),
-                               load_file(model_file(reference["dir"], ITERS, 0)))
+    assert_same_training_state(load_file(model_file(save_dir, SAVE_ITERS, 0)),
+                               load_file(model_file(reference["dir"], SAVE_ITERS, 0)))
 
 
 def _outcome(save_dir: Path, tracked: int, iteration: int) -> str:
@@ -176,11 +93,11 @@ RESUMED = {INTERNAL[0], INTERNAL[3], INTERNAL[5], INTERNAL[7], INTERNAL[-1]}
                          ids=[f"iter{i}-{p}" + (f"-{f:.2f}" if p == "payload_bytes" else "") for i, p, f in INTERNAL])
 def test_sigkill_at_writer_point(micro_assets, tmp_path, reference, iteration, point, fraction):
     save_dir = tmp_path / "ckpt"
-    ranks = start_ranks(_train_and_kill_self, 1, _argv(micro_assets, save_dir), iteration, point, fraction,
+    ranks = start_ranks(train_and_kill_self, 1, _argv(micro_assets, save_dir), iteration, point, fraction,
                         reference["payload_size"])
     ranks.procs[0].join(240)
     assert ranks.procs[0].exitcode == -signal.SIGKILL
-    tracked = _check_survived(save_dir, reference)
+    tracked = check_survived(save_dir, reference)
     expected = iteration if point == "tracker_replaced" else iteration - 1
     assert tracked == expected
     log(f"kill-during-save internal {point}@{fraction:.2f}: {_outcome(save_dir, tracked, iteration)}")
@@ -225,7 +142,7 @@ def test_sigkill_from_outside_at_random_time(micro_assets, tmp_path, reference, 
             break
         delay /= 2
     assert landed, f"no kill landed inside the save of iteration {iteration} in {EXTERNAL_ATTEMPTS} attempts"
-    tracked = _check_survived(save_dir, reference)
+    tracked = check_survived(save_dir, reference)
     assert tracked == iteration - 1
     log(f"kill-during-save external attempt {attempt + 1} delay {1000 * delay:.0f}ms exit {exitcode}: "
         f"{_outcome(save_dir, tracked, iteration)}")

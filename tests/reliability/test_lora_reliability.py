@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.checkpoint.layout import model_file
-from reliability_harness import (assert_same_training_state, assert_step_skipped, load_file, log, run_ranks,
-                                 start_ranks, train, train_argv)
-from test_kill_during_save import ITERS, _check_survived, _train_and_kill_self
+from reliability_harness import (SAVE_ITERS, assert_same_training_state, assert_step_skipped, check_survived,
+                                 load_file, log, run_ranks, start_ranks, train, train_and_kill_self, train_argv)
 
 pytestmark = pytest.mark.slow
 
@@ -50,24 +49,24 @@ def test_lora_nonfinite_gradients_are_skipped(micro_assets, lora_flags, tmp_path
 def lora_reference(micro_assets, lora_flags, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_reference")
     ok, out = run_ranks(train, 1, train_argv(micro_assets, "--save", str(root), "--save-interval", "1", *lora_flags,
-                                             iters=ITERS))[0]
+                                             iters=SAVE_ITERS))[0]
     assert ok, out
-    return {"dir": root, "losses": out["losses"], "payload_size": model_file(root, ITERS, 0).stat().st_size}
+    return {"dir": root, "losses": out["losses"], "payload_size": model_file(root, SAVE_ITERS, 0).stat().st_size}
 
 
 @pytest.mark.parametrize("point, fraction", [("payload_bytes", 0.5), ("payload_replace", 0.0),
                                              ("tracker_replaced", 0.0)])
 def test_lora_sigkill_during_save_then_resume(micro_assets, lora_flags, lora_reference, tmp_path, point, fraction):
     save_dir = tmp_path / "ckpt"
-    argv = train_argv(micro_assets, "--save", str(save_dir), "--save-interval", "1", *lora_flags, iters=ITERS)
-    ranks = start_ranks(_train_and_kill_self, 1, argv, ITERS, point, fraction, lora_reference["payload_size"])
+    argv = train_argv(micro_assets, "--save", str(save_dir), "--save-interval", "1", *lora_flags, iters=SAVE_ITERS)
+    ranks = start_ranks(train_and_kill_self, 1, argv, SAVE_ITERS, point, fraction, lora_reference["payload_size"])
     ranks.procs[0].join(240)
     assert ranks.procs[0].exitcode == -signal.SIGKILL
-    tracked = _check_survived(save_dir, lora_reference)
-    assert tracked == (ITERS if point == "tracker_replaced" else ITERS - 1)
+    tracked = check_survived(save_dir, lora_reference)
+    assert tracked == (SAVE_ITERS if point == "tracker_replaced" else SAVE_ITERS - 1)
     ok, out = run_ranks(train, 1, [*argv, "--lora-load", str(save_dir)])[0]
     assert ok, out
-    assert out["iteration"] == ITERS and out["losses"] == lora_reference["losses"][tracked:]
-    assert_same_training_state(load_file(model_file(save_dir, ITERS, 0)),
-                               load_file(model_file(lora_reference["dir"], ITERS, 0)))
+    assert out["iteration"] == SAVE_ITERS and out["losses"] == lora_reference["losses"][tracked:]
+    assert_same_training_state(load_file(model_file(save_dir, SAVE_ITERS, 0)),
+                               load_file(model_file(lora_reference["dir"], SAVE_ITERS, 0)))
     log(f"LoRA kill-during-save at {point}: tracker={tracked}, resumed to the uninterrupted state")

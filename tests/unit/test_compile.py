@@ -7,18 +7,15 @@ import shutil
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.inference.compile import compile_blocks
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT
+from mindspeed_mm_osp.testing import tiny_predictor_config
 
-ONE_BLOCK = dict(num_layers=[1], sparse_n=[1], num_heads=4, head_dim=16, in_channels=4, timestep_embed_dim=32,
-                 caption_channels=24, pooled_projection_dim=16)
 
 
 def _model_and_inputs():
     torch.manual_seed(0)
-    model = SparseUMMDiT(from_dict(PredictorConfig, ONE_BLOCK)).eval()
+    model = SparseUMMDiT(tiny_predictor_config(num_layers=[1], sparse_n=[1])).eval()
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([900.0, 250.0]),
                   encoder_hidden_states=torch.randn(2, 6, 24, generator=g),
@@ -47,8 +44,7 @@ def test_backend_failure_falls_back_to_eager_with_a_warning(caplog):
 def test_every_block_fits_in_dynamo_cache():
     """Each block is a separate dynamo cache entry of the same code object: the limit must cover them all."""
     torch.manual_seed(0)
-    model = SparseUMMDiT(from_dict(PredictorConfig, {**ONE_BLOCK, "num_layers": [5, 4, 5],
-                                                     "sparse_n": [1, 1, 1]})).eval()
+    model = SparseUMMDiT(tiny_predictor_config(num_layers=[5, 4, 5], sparse_n=[1, 1, 1])).eval()
     compile_blocks(model)
     assert torch._dynamo.config.recompile_limit >= len(model.blocks()) == 14
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.checkpoint.convert import merge_shards, split_weights
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT, local_state_dict
+from mindspeed_mm_osp.testing import TINY_PREDICTOR_7_STAGES, tiny_predictor_config
 
 COLUMN, ROW, REPLICATED = 0, 1, None
 
@@ -47,10 +46,6 @@ TOP_AXES = {
           for t in ("weight", "bias")))},
 }
 
-TINY = {"num_layers": [2] * 7, "sparse_n": [1, 2, 4, 8, 4, 2, 1], "num_heads": 4, "head_dim": 16, "in_channels": 4,
-        "timestep_embed_dim": 16, "caption_channels": 24, "pooled_projection_dim": 16,
-        "skip_connection_zero_init": False, "final_block_text_params": True}
-
 
 def _expected_axis(key: str):
     if key.startswith("transformer_blocks."):
@@ -66,7 +61,8 @@ def full():
     """Every key of a tiny predictor (skip norms and the final block's text params included) plus LoRA adapters
     of rank 3 on two layers, filled with distinct random values."""
     with torch.device("meta"):
-        model = SparseUMMDiT(from_dict(PredictorConfig, TINY))
+        model = SparseUMMDiT(tiny_predictor_config(TINY_PREDICTOR_7_STAGES, skip_connection_zero_init=False,
+                                                   final_block_text_params=True))
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(v.shape, generator=g) for k, v in local_state_dict(model).items()}
     d = model.predictor_config.hidden_size

@@ -18,6 +18,7 @@ from mindspeed_mm_osp.inference.conditioning import ConditionRequest, InpaintCon
 from mindspeed_mm_osp.inference.video_io import read_mp4, to_uint8_frames, write_mp4
 from mindspeed_mm_osp.metrics import psnr
 from mindspeed_mm_osp.models.ae import VideoAutoencoder
+from helpers import make_tiny_inference
 
 SIZE = [17, 32, 48]  # 3 latent frames of 4x6
 
@@ -31,8 +32,6 @@ def _smooth_frames(frames: int, height: int, width: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from test_inference import make_tiny_inference
-
     root = tmp_path_factory.mktemp("i2v_inference")
     config = make_tiny_inference(root, model_id="SparseUMMDiTInpaint", vae_scale_factor_t=8)
     data = json.loads(config.read_text())  # random weights everywhere, condition channels included

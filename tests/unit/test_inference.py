@@ -12,47 +12,15 @@ import torch
 
 from mindspeed_mm_osp.checkpoint.convert import save_split_checkpoint
 from mindspeed_mm_osp.checkpoint.weights import load_predictor_weights
-from mindspeed_mm_osp.config import from_dict, load_inference_config
-from mindspeed_mm_osp.config.predictor import PredictorConfig
+from mindspeed_mm_osp.config import load_inference_config
 from mindspeed_mm_osp.inference import cli
 from mindspeed_mm_osp.inference.pipeline import initial_noise, load_latents, load_prompts
 from mindspeed_mm_osp.inference.runner import InferenceRunner, prepare_texts
 from mindspeed_mm_osp.inference.video_io import read_mp4
-from mindspeed_mm_osp.models.predictor import SparseUMMDiT, build_predictor, local_state_dict
-from mindspeed_mm_osp.testing import perturb_parameters
+from mindspeed_mm_osp.models.predictor import build_predictor
+from helpers import INFERENCE_SIZE, INFERENCE_STEPS, make_tiny_inference
 
-REPO = Path(__file__).resolve().parents[2]
-SIZE = [9, 32, 48]  # 9 frames -> 2 latent frames; 32x48 -> 4x6 latents
-STEPS = 2
-
-
-def make_tiny_inference(root: Path, final_block_text_params: bool = True, **predictor) -> Path:
-    """Tiny T5/CLIP/VAE folders, random predictor weights (merged safetensors) and an inference JSON; `predictor`
-    overrides keys of its predictor block (e.g. the image-to-video model_id)."""
-    from safetensors.torch import save_file
-
-    from mindspeed_mm_osp.tools.make_tiny_models import make_tiny_models
-
-    models = make_tiny_models(root / "models")
-    data = json.loads((REPO / "examples/tiny/inference.json").read_text())
-    data["predictor"].update(predictor)
-    torch.manual_seed(0)
-    pcfg = from_dict(PredictorConfig, {**data["predictor"], "final_block_text_params": final_block_text_params})
-    model = SparseUMMDiT(pcfg)
-    perturb_parameters(model)
-    save_file(local_state_dict(model), str(root / "model_ema.safetensors"))
-    data["ae"]["from_pretrained"] = str(models["vae"])
-    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
-                        ("tokenizer_2", "clip")]:
-        data[key]["from_pretrained"] = str(models[folder])
-    data["predictor"]["from_pretrained"] = str(root / "model_ema.safetensors")
-    data["pipeline_config"]["input_size"] = SIZE
-    data["diffusion"]["num_inference_steps"] = STEPS
-    data.update(model_max_length=16, save_path=str(root / "default_out"))
-    (root / "prompts.txt").write_text("a red fox runs in the snow\n\n  waves crash on a rocky shore  \n")
-    data["prompt"] = str(root / "prompts.txt")
-    (root / "inference.json").write_text(json.dumps(data))
-    return root / "inference.json"
+SIZE, STEPS = INFERENCE_SIZE, INFERENCE_STEPS
 
 
 @pytest.fixture(scope="module")

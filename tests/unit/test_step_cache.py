@@ -4,23 +4,19 @@ stack on a deterministic set of steps (never the first or the last) shared by th
 import pytest
 import torch
 
-from mindspeed_mm_osp.config import from_dict
-from mindspeed_mm_osp.config.predictor import PredictorConfig
 from mindspeed_mm_osp.diffusion import FlowMatchingScheduler, sample
 from mindspeed_mm_osp.diffusion.step_cache import StepCache
 from mindspeed_mm_osp.config import DiffusionConfig
 from mindspeed_mm_osp.models.predictor import SparseUMMDiT
-from mindspeed_mm_osp.testing import perturb_parameters
+from mindspeed_mm_osp.testing import perturb_parameters, tiny_predictor_config
 
-TINY = dict(num_layers=[1, 1, 1], sparse_n=[1, 2, 1], num_heads=4, head_dim=16, in_channels=4,
-            timestep_embed_dim=32, caption_channels=24, pooled_projection_dim=16)
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def model() -> SparseUMMDiT:
     torch.manual_seed(0)
-    m = SparseUMMDiT(from_dict(PredictorConfig, TINY)).eval()
+    m = SparseUMMDiT(tiny_predictor_config()).eval()
     return perturb_parameters(m)
 
 
