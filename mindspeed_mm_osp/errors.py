@@ -125,6 +125,16 @@ def describe_range(low: Optional[float] = None, high: Optional[float] = None, lo
     return "finite"
 
 
+def env_int(name: str, default: int, low: int = 0) -> int:
+    """An integer environment variable set by the launcher (WORLD_SIZE, RANK), refused naming it when it is not an
+    integer >= `low`."""
+    text = os.environ.get(name, str(default)).strip()
+    if not text.lstrip("-").isdigit() or int(text) < low:
+        raise UserError(f"{name} (environment) must be an integer >= {low}, got {text!r}; launch with torchrun or "
+                        "unset it")
+    return int(text)
+
+
 def check_ranges(values: dict, ranges: dict) -> None:
     """Check every `flag -> value` against its `flag -> dict(low=..., high=..., ...)` entry of a range table."""
     for flag, bounds in ranges.items():
@@ -162,4 +172,4 @@ def _kind(kind: str) -> str:
 
 
 __all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
-           "check_ranges", "describe_range", "entry_point", "one_line", "user_errors"]
+           "check_ranges", "describe_range", "entry_point", "env_int", "one_line", "user_errors"]

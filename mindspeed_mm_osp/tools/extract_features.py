@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import UserError, check_number, check_ranges, entry_point
+from ..errors import UserError, check_ranges, entry_point, env_int
 
 
 # The valid range of every numeric flag (`errors.check_ranges`).
@@ -26,12 +26,11 @@ RANGES = {"--shard-size": dict(low=1, high=1 << 20), "--batch-size": dict(low=1,
           "--global-batch-size": dict(low=1, high=1 << 24), "--stop-after-shards": dict(low=0)}
 
 
-def _check(a: argparse.Namespace, world: int):
-    """Flag ranges, the world size, the configs and the files they name, the output folder; returns the configs."""
+def _check(a: argparse.Namespace):
+    """Flag ranges, the configs and the files they name, the output folder; returns the configs."""
     from ..config import load_data_config, load_model_config
 
     check_ranges({flag: getattr(a, flag[2:].replace("-", "_")) for flag in RANGES}, RANGES)
-    check_number("WORLD_SIZE (environment)", world, low=1)
     data_cfg, model_cfg = load_data_config(a.mm_data), load_model_config(a.mm_model)
     model_cfg.check_paths(a.mm_model)
     data_cfg.check_paths(a.mm_data)
@@ -61,8 +60,8 @@ def main(argv=None) -> None:
     from .. import platform
     from ..features import extract_features
 
-    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
-    data_cfg, model_cfg = _check(a, world)
+    world, rank = env_int("WORLD_SIZE", 1, low=1), env_int("RANK", 0)
+    data_cfg, model_cfg = _check(a)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
     if world > 1:
@@ -79,13 +78,6 @@ def main(argv=None) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, str(default))
-    if not text.strip().lstrip("-").isdigit():
-        raise UserError(f"{name} (environment) must be an integer, got {text!r}; launch with torchrun or unset it")
-    return int(text)
 
 
 if __name__ == "__main__":

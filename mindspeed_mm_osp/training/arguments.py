@@ -287,6 +287,8 @@ def check_values(args: argparse.Namespace) -> None:
 def _derive_batches(args: argparse.Namespace, world_size: int) -> None:
     """Data-parallel size, global batch, gradient accumulation and train_iters from the world size."""
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if world_size < 1:
+        raise ArgumentError(f"the world size (WORLD_SIZE) must be >= 1, got {world_size}")
     if world_size % (tp * cp) != 0:
         sizes = f"--tensor-model-parallel-size={tp}" + (f" x --context-parallel-size={cp}" if cp > 1 else "")
         raise ArgumentError(f"{sizes} must divide the world size {world_size}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import UserError, check_input_path, entry_point
+from ..errors import UserError, check_input_path, entry_point, env_int
 from .arguments import parse_args
 from .args import TrainingArgs
 
@@ -65,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from ..tools.plan import main as plan_main
 
         return plan_main(argv)
-    args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    args = parse_args(argv, world_size=env_int("WORLD_SIZE", 1, low=1))
     check_resume_path(args)
     check_config_paths(args)
     try:
