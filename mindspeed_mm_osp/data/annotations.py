@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .index import DATA_FOLDER_KEY
 from .readers import DatasetError
 
 logger = logging.getLogger(__name__)
+
+# The key each record's data folder is kept under: the index drops paths that leave it (`data/index.py`).
+DATA_FOLDER_KEY = "data_folder"
 
 MAX_SIDE = 1 << 16  # pixels: larger is not a video frame (and would overflow the index's shape key)
 MAX_FRAMES = 1 << 24  # frames of one clip (about a week at 24 fps)

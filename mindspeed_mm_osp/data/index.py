@@ -35,6 +35,7 @@ from PIL import Image
 
 from ..config.data import PreprocessParameters
 from . import frames as F
+from .annotations import DATA_FOLDER_KEY
 from .geometry import force_resolution_min_area, multires_bucket
 from .readers import DatasetError
 
@@ -44,9 +45,6 @@ VIDEO_EXTENSIONS = frozenset({
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions()) - VIDEO_EXTENSIONS
 
 KIND_VIDEO, KIND_IMAGE, KIND_VIDEO_FRAME = 0, 1, 2
-
-# The key `annotations.load_annotations` records each record's data folder under.
-DATA_FOLDER_KEY = "data_folder"
 
 COUNTER_NAMES = (
     "path_outside_data_folder", "unsupported_ext", "no_cap", "no_resolution", "no_num_frames",
@@ -448,6 +446,6 @@ def iter_plans(index: SampleIndex, preprocess: PreprocessParameters, seed: int) 
                          index.frame_indices(i, preprocess, plan_rng(seed, i)))
 
 
-__all__ = ["COUNTER_NAMES", "DATA_FOLDER_KEY", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
+__all__ = ["COUNTER_NAMES", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
            "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS", "build_index", "effective_min_hxw",
            "iter_plans", "media_kind", "plan_rng"]
