@@ -35,33 +35,36 @@ class UntrustedPickleError(CheckpointError):
     """A file needs a global outside the allow-list; the message names the file, the global and the fix."""
 
 
-def trust_pickle(paths: Iterable[str | Path], flag: str = "--trust-pickle") -> None:
+def trust_pickle(paths: Iterable[str | Path]) -> None:
     """Trust exactly these files (the command line's `--trust-pickle`, repeatable) to be unpickled in full."""
     global _trusted
     resolved = []
     for path in paths:
         if not Path(path).is_file():
-            raise CheckpointError(f"{flag} {path}: no such file (name each file to trust, not a folder)")
+            raise CheckpointError(f"--trust-pickle {path}: no such file (name each file to trust, not a folder)")
         resolved.append(Path(path).resolve())
     _trusted = frozenset(resolved)
 
 
-def _legacy_globals() -> list:
+def _known_globals() -> dict:
+    """Allow-list name -> what `torch.serialization.safe_globals` takes for it (the object, or the object and the
+    name a file spells it with)."""
     import numpy as np
     from numpy.dtypes import UInt32DType
 
     core = getattr(np, "_core", None) or np.core
     reconstruct = core.multiarray._reconstruct
-    return [np.ndarray, np.dtype, UInt32DType, (reconstruct, "numpy._core.multiarray._reconstruct"),
-            (reconstruct, "numpy.core.multiarray._reconstruct")]
+    return {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "numpy.dtypes.UInt32DType": UInt32DType,
+            "numpy._core.multiarray._reconstruct": (reconstruct, "numpy._core.multiarray._reconstruct"),
+            "numpy.core.multiarray._reconstruct": (reconstruct, "numpy.core.multiarray._reconstruct")}
 
 
 def allow_list(names: Sequence[str]) -> list:
-    """The objects behind `names` (only the names of LEGACY_CHECKPOINT_GLOBALS are known)."""
-    unknown = set(names) - set(LEGACY_CHECKPOINT_GLOBALS)
-    if unknown:
-        raise ValueError(f"no allow-list entry for {sorted(unknown)}")
-    return _legacy_globals() if names else []
+    """The objects behind `names`, each one of LEGACY_CHECKPOINT_GLOBALS."""
+    if not names:
+        return []
+    known = _known_globals()
+    return [known[name] for name in names]
 
 
 def _forbidden(path: Path, exc: Exception) -> list[str]:

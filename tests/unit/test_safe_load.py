@@ -73,3 +73,18 @@ def test_library_allow_lists_do_not_widen_ours_and_the_refusal_names_file_global
         trust_pickle([])
     with pytest.raises(CheckpointError, match="--trust-pickle .*nope.pt: no such file"):
         trust_pickle([tmp_path / "nope.pt"])
+
+
+def test_safe_load_is_the_only_unpickler_in_the_package():
+    """Every torch file goes through the one policy: no other `torch.load` or `pickle.load(s)` in the package
+    (the test harness's pickling of its own rank results, in testing/, is not a file from a user)."""
+    from pathlib import Path
+
+    import mindspeed_mm_osp
+
+    root = Path(mindspeed_mm_osp.__file__).parent
+    found = [f"{path.relative_to(root)}:{n}" for path in sorted(root.rglob("*.py"))
+             if path.parts[-2] != "testing" and path.name != "safe_load.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if "torch.load(" in line or "pickle.load" in line]
+    assert not found, found
