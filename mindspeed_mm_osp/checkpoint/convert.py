@@ -199,7 +199,10 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
 def _merged_file_iteration(path: Path) -> int | str:
     info = path.parent / INFO_FILE
     if info.is_file():
-        return json.loads(info.read_text()).get("iteration", RELEASE)
+        try:
+            return json.loads(info.read_text(encoding="utf-8")).get("iteration", RELEASE)
+        except (ValueError, AttributeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CheckpointError(f"{info}: unreadable ({exc}); pass --iteration or remove the file") from exc
     return RELEASE
 
 

@@ -43,7 +43,7 @@ def read_tracker(root: Path | str) -> Optional[int | str]:
     path = tracker_path(root)
     if not path.exists():
         return None
-    text = path.read_text().strip()
+    text = path.read_text(encoding="utf-8", errors="replace").strip()  # garbage bytes: refused below, by name
     if text == RELEASE:
         return RELEASE
     try:
