@@ -82,7 +82,8 @@ import importlib, importlib.metadata as md, os
 for mod, dist in (("torch", "torch"), ("megatron.core", "megatron-core"), ("av", "av"), ("ftfy", "ftfy"),
                   ("transformers", "transformers"), ("safetensors", "safetensors"), ("tokenizers", "tokenizers"),
                   ("sentencepiece", "sentencepiece"), ("einops", "einops"), ("tqdm", "tqdm"), ("PIL", "pillow"),
-                  ("google.protobuf", "protobuf"), ("psutil", "psutil"), ("numpy", "numpy"), ("pytest", "pytest")):
+                  ("google.protobuf", "protobuf"), ("psutil", "psutil"), ("numpy", "numpy"), ("xxhash", "xxhash"),
+                  ("pytest", "pytest")):
     m = importlib.import_module(mod)
     print(f"{dist:14s} {md.version(dist):12s} {os.path.dirname(m.__file__)}")
 from mindspeed_mm_osp import platform
@@ -188,7 +189,7 @@ simulate() {
   "$venv/bin/python" -m pip install -q torch==2.13.0
   # versions as the machine's image lists them where known; the project's own dependencies are NOT installed here
   "$venv/bin/python" -m pip install -q -c constraints.txt transformers==5.17.0 tokenizers==0.23.2 safetensors==0.8.0 \
-    sentencepiece==0.2.2 numpy packaging psutil protobuf einops tqdm pillow pytest pytest-timeout hypothesis
+    sentencepiece==0.2.2 numpy packaging psutil protobuf einops tqdm pillow xxhash pytest pytest-timeout hypothesis
   echo "== simulate 2/3: the CPython 3.11 wheels (device_wheels.sh --python-version 3.11)"
   bash scripts/device_wheels.sh --python-version 3.11 --dest "$SIM/whl"
   echo "== simulate 3/3: the check inside unshare -n (loopback only), on that venv"

@@ -5,7 +5,7 @@
 #   bash scripts/device_wheels.sh [--python-version 3.12] [--dest .whl]
 #
 # The machine's image (python3 3.12, CUDA torch 2.11) already holds torch, numpy, packaging, psutil, protobuf,
-# transformers, tokenizers, safetensors, sentencepiece, einops, tqdm, pillow, pytest, pytest-timeout and
+# transformers, tokenizers, safetensors, sentencepiece, einops, tqdm, pillow, xxhash, pytest, pytest-timeout and
 # hypothesis. Of pyproject.toml's runtime dependencies it lacks megatron-core, av and ftfy (with ftfy's one
 # need, wcwidth); megatron-core needs only torch, numpy and packaging, av needs nothing. decord2 is left out on
 # purpose: it is an optional fast path (the readers fall back to PyAV) and its 25 MiB would break the 60 MiB cap.
