@@ -47,6 +47,8 @@ def one_line(error: BaseException) -> str:
         text = f"{error.filename}: {error.strerror}"
     else:
         text = str(error) or type(error).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's own last line says it
+        text = text.strip().splitlines()[-1]
     return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -171,5 +173,6 @@ def _kind(kind: str) -> str:
     return {"file": "file", "dir": "folder"}.get(kind, "file or folder")
 
 
-__all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number", "check_output_dir",
+__all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number",
+           "check_output_dir",
            "check_ranges", "describe_range", "entry_point", "env_int", "one_line", "user_errors"]

@@ -79,8 +79,8 @@ class InferenceConfig:
     weight_dtype: Dtype = "fp16"
 
     # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
-    _ranges = {"micro_batch_size": "[1, 1024]", "frame_interval": ">= 1", "model_max_length": ">= 1", "fps": "[1, 1000]",
-               "seed": "[0, 4294967295]"}
+    _ranges = {"micro_batch_size": "[1, 1024]", "frame_interval": ">= 1", "model_max_length": ">= 1",
+               "fps": "[1, 1000]", "seed": "[0, 4294967295]"}
 
     @property
     def output_fps(self) -> int:

@@ -57,17 +57,21 @@ class FeatureCache:
             meta = meta if isinstance(meta, dict) else {}
             raise CacheMismatchError(f"{path}: cache format {meta.get('format_version')}, this code reads "
                                      f"{FORMAT_VERSION}; re-run extraction")
-        self.provenance: dict = meta["provenance"]
-        self.latent: dict = meta["latent"]
-        self.text: dict = meta["text"]
-        self.samples: dict[str, dict] = meta["samples"]
-        self.texts: dict[str, dict] = meta["texts"]
-        self.failed: dict[str, dict] = meta["failed"]
-        self.shards: list[dict] = meta.get("shards", [])
+        try:
+            self.provenance: dict = meta["provenance"]
+            self.latent: dict = meta["latent"]
+            self.text: dict = meta["text"]
+            self.samples: dict[str, dict] = meta["samples"]
+            self.texts: dict[str, dict] = meta["texts"]
+            self.failed: dict[str, dict] = meta["failed"]
+            self.shards: list[dict] = meta.get("shards", [])
+            z = self.latent["latent_dim"]
+            self.shift = torch.tensor(self.latent["shift"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
+            self.scale = torch.tensor(self.latent["scale"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CacheMismatchError(f"{path}: incomplete feature-cache index ({type(e).__name__}: {e}); re-run "
+                                     "extraction") from e
         self.files = TensorFiles(self.root)
-        z = self.latent["latent_dim"]
-        self.shift = torch.tensor(self.latent["shift"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
-        self.scale = torch.tensor(self.latent["scale"], dtype=torch.float32).reshape(1, z, 1, 1, 1)
 
     def check(self, data_config: DataConfig, model_config: ModelConfig, index: SampleIndex, *, video: bool,
               text: bool) -> list[Optional[str]]:
@@ -107,13 +111,16 @@ class FeatureCache:
                                          f"{rec['shape']} (frames, height, width), the data config makes it "
                                          f"{list(index.shape(i))}")
             ids.append(sid if sid in self.samples else None)
-        for shard in self.shards:
-            self._check_shard(shard)
+        self.check_shards()
         return ids
 
-    def _check_shard(self, shard: dict) -> None:
-        """A shard the index lists is there, of its recorded size, with a readable safetensors header: a garbage
+    def check_shards(self) -> None:
+        """Every shard the index lists is there, of its recorded size, with a readable safetensors header: a garbage
         or truncated file is refused here, naming it, instead of feeding garbage tensors to training."""
+        for shard in self.shards:
+            self._check_shard(shard)
+
+    def _check_shard(self, shard: dict) -> None:
         path = self.root / shard["file"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise CacheMismatchError(f"feature cache shard {path}: missing or not of its recorded size "

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The valid range of every planner flag (`errors.check_ranges`); the training flags keep their own table.
 RANGES = {"--world-size": dict(low=1, high=1 << 20), "--frames": dict(low=1, high=100000),
-          "--height": dict(low=16, high=65536), "--width": dict(low=16, high=65536), "--text-len": dict(low=1, high=100000),
+          "--height": dict(low=16, high=65536), "--width": dict(low=16, high=65536),
+          "--text-len": dict(low=1, high=100000),
           "--device-memory-gib": dict(low=0, low_open=True, high=1 << 20)}
 
 

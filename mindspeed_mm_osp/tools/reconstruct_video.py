@@ -67,7 +67,8 @@ def load_ae_config(path: str | Path) -> AEConfig:
     config = from_dict(AEConfig, block, file=str(path), path=where)
     key = f"{where}.from_pretrained" if where else "from_pretrained"
     if not config.from_pretrained:
-        raise ConfigError(path, key, "must name the VAE checkpoint: reconstructing with random weights measures nothing")
+        raise ConfigError(path, key,
+                          "must name the VAE checkpoint: reconstructing with random weights measures nothing")
     check_path(path, key, config.from_pretrained, "file")
     return config
 
