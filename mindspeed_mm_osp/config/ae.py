@@ -47,7 +47,7 @@ class AEConfig:
     dtype: Dtype = "fp32"
 
     # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
-    _ranges = {"latent_dim": ">= 1", "connect_res_layer_num": ">= 0", "encoder_num_resblocks": ">= 1",
+    _ranges = {"latent_dim": "[1, 4096]", "base_channels": "[1, 65536]", "vae_scale_factor": "[1, 64]", "connect_res_layer_num": ">= 0", "encoder_num_resblocks": ">= 1",
                "decoder_num_resblocks": ">= 1", "encoder_energy_flow_hidden_size": ">= 1",
                "decoder_energy_flow_hidden_size": ">= 1", "dropout": "[0, 1)"}
 

@@ -23,6 +23,35 @@ class TransformSpec:
                         "MaxHWStrideResizeVideo", "SpatialStrideCropVideo"]
     param: dict = field(default_factory=dict)
 
+    def validate(self, file, path: str) -> None:
+        """Each `param` key is one the transform takes, of the type and range it needs (`TRANSFORM_PARAMS`)."""
+        allowed = TRANSFORM_PARAMS[self.trans_type]
+        for key, value in self.param.items():
+            require(key in allowed, file, f"{path}.param.{key}",
+                    f"{self.trans_type} takes {sorted(allowed) or 'no parameters'}")
+            require(allowed[key][0](value), file, f"{path}.param.{key}", f"must be {allowed[key][1]}, got {value!r}")
+
+
+def _side(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536
+
+
+_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
+_PARAM_TYPES = {
+    "size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_side(x) for x in v), "[height, width] in [1, 65536]"),
+    "top_crop": (lambda v: isinstance(v, bool), "true or false"),
+    "force_5_ratio": (lambda v: isinstance(v, bool), "true or false"),
+    "interpolation_mode": (lambda v: v in _MODES, f"one of {list(_MODES)}"),
+    "max_hxw": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 32, "an integer >= 1"),
+    "hw_stride": (_side, "an integer in [1, 65536]"),
+    "stride": (_side, "an integer in [1, 65536]"),
+}
+# The parameters each transform takes (the constructor's keywords in `data.transforms`), with their types.
+TRANSFORM_PARAMS = {name: {k: _PARAM_TYPES[k] for k in keys} for name, keys in {
+    "ToTensorVideo": (), "ae_norm": (), "CenterCropResizeVideo": ("size", "top_crop", "interpolation_mode"),
+    "MaxHWStrideResizeVideo": ("max_hxw", "force_5_ratio", "hw_stride", "interpolation_mode"),
+    "SpatialStrideCropVideo": ("stride", "force_5_ratio")}.items()}
+
 
 @dataclass(frozen=True)
 class TrainPipeline:
@@ -76,10 +105,12 @@ class PreprocessParameters:
     train_pipeline: TrainPipeline = field(default_factory=TrainPipeline)
 
     # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
-    _ranges = {"num_frames": ">= 1", "max_height": ">= 1", "max_width": ">= 1", "max_hxw": ">= 1", "min_hxw": ">= 1",
-               "max_h_div_w_ratio": "> 0", "min_h_div_w_ratio": "> 0", "hw_stride": ">= 1", "train_fps": ">= 1",
-               "too_long_factor": "> 0", "drop_short_ratio": "[0, 1]", "min_num_frames": ">= 1", "sp_size": ">= 1",
-               "seed": "[0, 4294967295]", "timeout": "> 0", "max_read_retries": "[0, 1000]"}
+    _ranges = {"num_frames": "[1, 100000]", "max_height": "[1, 65536]", "max_width": "[1, 65536]",
+               "max_hxw": "[1, 4294967296]", "min_hxw": "[1, 4294967296]", "max_h_div_w_ratio": "(0, 1000]",
+               "min_h_div_w_ratio": "(0, 1000]", "hw_stride": "[1, 65536]", "train_fps": "[1, 1000]",
+               "too_long_factor": "(0, 1000000]", "drop_short_ratio": "[0, 1]", "min_num_frames": "[1, 100000]",
+               "sp_size": "[1, 1024]", "seed": "[0, 4294967295]", "timeout": "> 0", "max_read_retries": "[0, 1000]",
+               "speed_factor": "(0, 1000]"}
 
     def validate(self, file, path: str) -> None:
         require(self.ae_stride_t >= 1, file, f"{path}.ae_stride_t", "must be >= 1")
@@ -181,7 +212,8 @@ class CollateParam:
     patch_size: int = 2
     patch_size_t: int = 1
 
-    _ranges = {"num_frames": ">= 1", "ae_stride_t": ">= 1"}
+    _ranges = {"num_frames": "[1, 100000]", "ae_stride_t": "[1, 64]", "ae_stride": "[1, 64]", "patch_size": "[1, 64]",
+               "patch_size_t": "[1, 64]"}
 
     def validate(self, file, path: str) -> None:
         for key in ("ae_stride", "patch_size", "patch_size_t"):

@@ -22,6 +22,8 @@ class PipelineConfig:
     version: str = "v1.5"
     model_type: Literal["t2v"] = "t2v"
 
+    _ranges = {"input_size": "[1, 100000]"}
+
     def validate(self, file, path: str) -> None:
         frames, height, width = self.input_size
         require(frames >= 1 and (frames - 1) % 8 == 0, file, f"{path}.input_size[0]",

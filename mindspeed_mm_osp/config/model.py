@@ -31,7 +31,7 @@ class ModelConfig:
     enable_encoder_dp: bool = False
     weight_dtype: Dtype = "bf16"
 
-    _ranges = {"frames": ">= 1"}
+    _ranges = {"frames": "[1, 100000]"}
 
     def validate(self, file, path: str) -> None:
         require(self.load_video_features or self.ae is not None, file, "ae",

@@ -72,7 +72,11 @@ class PredictorConfig:
         return self.out_channels if self.out_channels is not None else self.in_channels
 
     # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
-    _ranges = {"interpolation_scale_t": "> 0", "interpolation_scale_h": "> 0", "interpolation_scale_w": "> 0"}
+    _ranges = {"interpolation_scale_t": "> 0", "interpolation_scale_h": "> 0", "interpolation_scale_w": "> 0",
+               "num_layers": "[1, 1024]", "sparse_n": "[1, 1024]", "num_heads": "[1, 1024]", "head_dim": "[16, 4096]",
+               "in_channels": "[1, 4096]", "out_channels": "[1, 4096]", "timestep_embed_dim": "[1, 65536]",
+               "caption_channels": "[1, 65536]", "pooled_projection_dim": "[1, 65536]", "patch_size": "[1, 64]",
+               "vae_scale_factor_t": "[1, 64]"}
 
     def validate(self, file, path: str) -> None:
         p = f"{path}." if path else ""

@@ -111,9 +111,9 @@ def _at(doc, path: tuple):
 @st.composite
 def type_swap(draw, source: Path, prefix: tuple = ()):
     """(key path, new value): one value of the JSON at `source` (under `prefix`) replaced by a value of another
-    JSON type. Nulls (optional keys: any type may fill them) and transform parameters (free-form) are left alone."""
+    JSON type. Nulls (optional keys: any type may fill them) are left alone."""
     doc = json.loads(source.read_text())
-    paths = [p for p in json_paths(doc) if p[:len(prefix)] == prefix and "param" not in p and _at(doc, p) is not None]
+    paths = [p for p in json_paths(doc) if p[:len(prefix)] == prefix and _at(doc, p) is not None]
     path = draw(st.sampled_from(paths))
     old = _at(doc, path)
     value = draw(st.sampled_from([v for v in OTHER_TYPES if _json_type(v) != _json_type(old)]))
