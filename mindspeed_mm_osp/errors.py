@@ -127,6 +127,16 @@ def describe_range(low: Optional[float] = None, high: Optional[float] = None, lo
     return "finite"
 
 
+def is_text(text: str) -> bool:
+    """Valid Unicode: bytes that were not UTF-8 (in a file read with surrogateescape, or on the command line)
+    arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def env_int(name: str, default: int, low: int = 0) -> int:
     """An integer environment variable set by the launcher (WORLD_SIZE, RANK), refused naming it when it is not an
     integer >= `low`."""
@@ -175,4 +185,4 @@ def _kind(kind: str) -> str:
 
 __all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number",
            "check_output_dir",
-           "check_ranges", "describe_range", "entry_point", "env_int", "one_line", "user_errors"]
+           "check_ranges", "describe_range", "entry_point", "env_int", "is_text", "one_line", "user_errors"]

@@ -77,6 +77,8 @@ def read_json(path: str | Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(path, "", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except RecursionError as e:
+        raise ConfigError(path, "", "JSON nested too deeply to be a config") from e
     if not isinstance(data, dict):
         raise ConfigError(path, "", f"top level must be a JSON object, got {type(data).__name__}")
     return data

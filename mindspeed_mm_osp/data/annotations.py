@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import is_text
 from .readers import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -66,14 +67,7 @@ def _present(value) -> bool:
 
 
 def _text(value) -> bool:
-    """A string that is valid Unicode (bytes that were not UTF-8 arrive as lone surrogates)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and is_text(value)
 
 
 def _number(value, reason: str, low: float, high: float, integral: bool = False) -> float:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError, InferenceConfig, from_dict, load_inference_config, to_dict
 from ..config.inference import COMPILE_MODES
-from ..errors import UserError, check_ranges
+from ..errors import UserError, check_ranges, is_text
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
 from .conditioning import ConditionRequest
@@ -171,6 +171,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         p.error("--size cannot be combined with --resolution/--aspect-ratio/--duration")
     if ns.lora_scale != 1.0 and ns.lora is None:
         p.error("--lora-scale needs --lora DIR")
+    for flag, text in (("--prompt", ns.prompt), ("--negative-prompt", ns.negative_prompt)):
+        if text is not None and not is_text(text):
+            p.error(f"{flag}: not valid UTF-8 text; pass the prompt as UTF-8")
     dests = {a.option_strings[0]: a.dest for a in p._actions if a.option_strings}
     try:
         check_ranges({flag: getattr(ns, dests[flag]) for flag in RANGES}, RANGES)

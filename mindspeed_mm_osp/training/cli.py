@@ -43,6 +43,14 @@ def check_resume_path(args: TrainingArgs) -> None:
                     f"from scratch (an empty or absent folder is accepted only when it is also --save)")
 
 
+def check_output_paths(args: TrainingArgs) -> None:
+    """Folders the run writes into are folders (or absent), not files."""
+    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir),
+                       ("--wandb-save-dir", args.wandb_save_dir)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: is a file, expected a folder (absent, or written by an earlier run)")
+
+
 def check_config_paths(args: TrainingArgs) -> None:
     """Files the model and data JSON name (data_path, annotation files, encoder and VAE weights) exist and are
     of the right kind, before anything is built."""
@@ -66,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return plan_main(argv)
     args = parse_args(argv, world_size=env_int("WORLD_SIZE", 1, low=1))
     check_resume_path(args)
+    check_output_paths(args)
     check_config_paths(args)
     try:
         pretrain(args)
