@@ -31,7 +31,7 @@ from mindspeed_mm_osp.training import arguments as training_arguments
 from mindspeed_mm_osp.training import cli as training_cli
 from reliability_harness import log, train_argv
 
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=100, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 BAD_NUMBERS = ["nan", "inf", "-inf", "abc", "", "-1000000000", "1e400", "0x10"]
 BROKEN_KINDS = ["missing", "folder", "binary", "not_utf8", "truncated", "empty"]
