@@ -290,7 +290,7 @@ def check_range(value, spec: str, file, key: str) -> None:
     values = value if isinstance(value, (list, tuple)) else (value,)
     for v in values:
         if v is not None and not in_range(v, spec):
-            raise ConfigError(file, key, f"must be {spec}, got {value}")
+            raise ConfigError(file, key, f"must be {'in ' if spec[0] in '[(' else ''}{spec}, got {value}")
 
 
 def check_path(file, key: str, path: Optional[str], kind: str) -> None:

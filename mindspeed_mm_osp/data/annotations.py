@@ -208,7 +208,11 @@ def load_annotations(data_path: str | Path) -> LoadedAnnotations:
     in the reference). Records the reader refuses are counted per reason and logged (the first ten per file).
     """
     out = LoadedAnnotations(records=[])
-    for folder, anno_path in parse_data_txt(data_path):
+    entries = parse_data_txt(data_path)
+    if not entries:
+        raise DatasetError(f"data_path {data_path}: lists no annotation file; write one 'FOLDER,ANNOTATION_PATH' "
+                           "line per dataset")
+    for folder, anno_path in entries:
         out.files.append(anno_path)
         bad_here = Counter()
         for i, rec in enumerate(_read_annotation_file(anno_path)):

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError, check_input_path, check_output_dir, entry_point
 from .arguments import InferenceArgs, build_config, parse_args
+from .pipeline import LATENTS_KEY
 from .runner import InferenceRunner
 
 # What a run writes into the save path: refused when already there, unless --overwrite.
@@ -45,20 +46,25 @@ def _check_latents(folder: str) -> None:
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                f.keys()
+                ours = LATENTS_KEY in f.keys() and "record" in (f.metadata() or {})
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for any malformed header
             raise UserError(f"--decode-latents {path}: not a readable safetensors file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); remove it or rerun --save-latents") from e
+        if not ours:
+            raise UserError(f"--decode-latents {path}: not a latents file written by --save-latents (no "
+                            f"'{LATENTS_KEY}' tensor or 'record' metadata); remove it from the folder")
 
 
 def _check_prompt(source: str) -> None:
-    """A prompt file (a `--prompt` or `prompt` that names an existing file) must be UTF-8 text."""
+    """A prompt file (a `--prompt` or `prompt` that names an existing file) must be UTF-8 text with a prompt."""
     path = Path(source)
     if path.is_file():
         try:
-            path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt {source}: not UTF-8 text (byte {e.start}); save the prompt file as UTF-8") from e
+        if not text.strip():
+            raise UserError(f"--prompt {source}: the prompt file has no non-blank line; write one prompt per line")
 
 
 def check_paths(args: InferenceArgs) -> None:

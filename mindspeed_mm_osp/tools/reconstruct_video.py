@@ -170,8 +170,11 @@ def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], ou
         per_frame = ssim_per_frame(clip, recon, ssim_channels)
         results.append(Result(rel.as_posix(), target.name, psnr(clip, recon), float(per_frame.mean()),
                               per_frame.tolist()))
-    mean_psnr = float(np.mean([r.psnr for r in results])) if results else math.nan
-    mean_ssim = float(np.mean([r.ssim for r in results])) if results else math.nan
+    if not results:
+        raise UserError(f"--data {data}: none of the {len(skipped)} videos could be read (first: "
+                        f"{skipped[0]['path']}: {skipped[0]['reason']}); nothing to measure")
+    mean_psnr = float(np.mean([r.psnr for r in results]))
+    mean_ssim = float(np.mean([r.ssim for r in results]))
     report = {
         "model_config": str(model_config),
         "vae_weights": config.from_pretrained,
@@ -183,8 +186,7 @@ def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], ou
         "ssim_channels": ssim_channels,
         "videos": [{"path": r.path, "output": r.output, "psnr": json_number(r.psnr), "ssim": round(r.ssim, 6),
                     "ssim_per_frame": [round(s, 6) for s in r.ssim_per_frame]} for r in results],
-        "mean": {"psnr": json_number(mean_psnr) if results else None, "ssim": round(mean_ssim, 6) if results else None,
-                 "num_videos": len(results)},
+        "mean": {"psnr": json_number(mean_psnr), "ssim": round(mean_ssim, 6), "num_videos": len(results)},
         "skipped": skipped,
     }
     json.dumps(report, allow_nan=False)  # fail here, not in a reader, if a NaN slipped in

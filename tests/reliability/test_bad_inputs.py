@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from mindspeed_mm_osp.checkpoint import convert
+from mindspeed_mm_osp.data import load_annotations
+from mindspeed_mm_osp.data.readers import DatasetError
 from mindspeed_mm_osp.errors import EXIT_BUG, entry_point
 from mindspeed_mm_osp.features.dataset import FeatureCache
 from mindspeed_mm_osp.features.format import FORMAT_VERSION, CacheMismatchError
@@ -75,6 +78,35 @@ def test_garbage_safetensors_in_a_latents_folder(inference_config, tmp_path):
                                             "--save-path", str(tmp_path / "videos")])
     assert_clean_refusal(code, err, [str(latents / "000000.safetensors")], "latents")
     assert not (tmp_path / "videos").exists()
+
+
+def test_inputs_that_are_readable_but_not_what_was_asked(inference_config, tiny_assets, tmp_path):
+    """A weights file among latents, an empty prompt file, a folder of videos none of which decodes, a data.txt
+    listing nothing: each one line naming it, nothing written, not an exit 0 after doing nothing."""
+    from safetensors.torch import save_file
+
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    save_file({"weight": torch.zeros(2)}, str(latents / "000000.safetensors"))
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"\x00not a video" * 20)
+    for main, argv, named in (
+            (inference_cli.main, ["--config", str(inference_config), "--decode-latents", str(latents), "--save-path",
+                                  str(tmp_path / "o")], "000000.safetensors"),
+            (inference_cli.main, ["--config", str(inference_config), "--prompt", str(empty), "--save-path",
+                                  str(tmp_path / "o")], str(empty)),
+            (reconstruct_video.main, ["--model-config", str(tiny_assets["model_json"]), "--data", str(videos),
+                                      "--num-frames", "9", "--size", "32", "32", "--out", str(tmp_path / "r")],
+             str(videos))):
+        code, err = invoke(main, argv)
+        assert_clean_refusal(code, err, [named], argv)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r" / "metrics.json").exists()
+    (tmp_path / "data.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match="lists no annotation file"):
+        load_annotations(tmp_path / "data.txt")
 
 
 def test_garbage_shard_in_a_feature_cache(tmp_path):
