@@ -273,6 +273,9 @@ class DataConfig:
             if tokenizers and tok is not None:
                 check_path(file, f"dataset_param.{name}.from_pretrained", tok.from_pretrained, "dir")
         if feature_cache:
+            require(dp.feature_cache_dir is not None, file, "dataset_param.feature_cache_dir",
+                    "the model JSON reads cached features (load_video_features/load_text_features): set it to the "
+                    "folder written by tools.extract_features")
             check_path(file, "dataset_param.feature_cache_dir", dp.feature_cache_dir, "dir")
 
 
