@@ -20,7 +20,7 @@ from mindspeed_mm_osp.features.format import FORMAT_VERSION, CacheMismatchError
 from mindspeed_mm_osp.inference import cli as inference_cli
 from mindspeed_mm_osp.tools import extract_features, make_synthetic_dataset, plan, reconstruct_video
 from mindspeed_mm_osp.training import cli as training_cli
-from reliability_harness import train_argv
+from reliability_harness import run_ranks, train_argv
 from test_fuzz_entry_points import assert_clean_refusal, invoke
 
 NOT_UTF8 = b'{"prompt": "caf\xe9"}\n'
@@ -59,15 +59,24 @@ def test_non_utf8_where_text_is_expected(micro_assets, inference_config, tmp_pat
     assert_clean_refusal(code, err, [str(data_txt)], "data.txt")
 
 
+def _pretrain_main(rank, world_size, argv):
+    from reliability_harness import cli_main
+
+    return cli_main(argv)
+
+
 def test_malformed_annotation_json_names_the_file(micro_assets, tmp_path):
+    """Annotation files are read when the data is built, after the process groups: run in a forked rank, as
+    training does (this test process must not hold gloo threads when later tests fork)."""
     anno = tmp_path / "anno.json"
     anno.write_text('[{"path": "a.mp4", "cap": "x", ')
     (tmp_path / "data.txt").write_text(f"{tmp_path},{anno}\n")
     data_json = _with(micro_assets["data_json"], tmp_path, lambda d: d["dataset_param"]["basic_parameters"].update(
         data_path=str(tmp_path / "data.txt")))
-    code, err = invoke(training_cli.main, train_argv(micro_assets, iters=1, data_json=data_json))
-    assert_clean_refusal(code, err, [str(anno)], "annotation")
-    assert "invalid JSON at line 1" in err
+    ok, out = run_ranks(_pretrain_main, 1, train_argv(micro_assets, iters=1, data_json=data_json))[0]
+    assert ok, out
+    assert_clean_refusal(out["code"], out["stderr"], [str(anno)], "annotation")
+    assert "invalid JSON at line 1" in out["stderr"]
 
 
 def test_garbage_safetensors_in_a_latents_folder(inference_config, tmp_path):
