@@ -89,7 +89,7 @@ def test_cfg_parallel_step_cache_and_parallel_decode_through_the_cli(config, tmp
     run_distributed(infer_on_rank, 2, [*decode, "--parallel-vae-decode", "--tensor-model-parallel-size", "2",
                                        "--save-path", str(tmp_path / "vid2")], tp=2, timeout=300)
     assert sorted(p.name for p in (tmp_path / "vid2").iterdir()) == sorted(p.name for p in (tmp_path / "vid1").iterdir())
-    for stem in ("000000", "000001"):
+    for stem in ("000000", "000001"):  # an exact decode, and the same frames encode to the same file
         assert torch.equal(torch.as_tensor(read_mp4(tmp_path / "vid2" / f"{stem}.mp4")[0]),
                            torch.as_tensor(read_mp4(tmp_path / "vid1" / f"{stem}.mp4")[0]))
     # Generation with both branches of the CFG pair decoding together: one writer, every video present.
