@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from ..errors import UserError
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 RELEASE = "release"
@@ -17,7 +19,7 @@ ITER_DIR = re.compile(r"^(iter_\d{7}|release)$")
 MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message names the file."""
 
 

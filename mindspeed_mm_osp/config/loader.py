@@ -16,11 +16,12 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is missing, mistyped or inconsistent; says where and what to do."""
 
     def __init__(self, file: str | Path | None, json_path: str, message: str):

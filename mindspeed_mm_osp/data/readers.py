@@ -32,7 +32,7 @@ class NoReadableSampleError(UserError, RuntimeError):
     """Every file tried for a sample slot failed to read: the counts and the first failing path."""
 
 
-class ReadError(RuntimeError):
+class ReadError(UserError, RuntimeError):
     """A sample's file cannot deliver the requested frames; `reason` names why."""
 
     def __init__(self, reason: str, path: str, detail: str = ""):

@@ -35,6 +35,7 @@ import torch
 
 from ..config import DataConfig, ModelConfig
 from ..data.index import SampleIndex
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -49,7 +50,7 @@ _ENCODE_NEUTRAL_AE = ("tile_latent_frames", "encode_tile_latent_frames")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8, "I64": torch.int64}
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """The cache was written for other settings than the current configs."""
 
 

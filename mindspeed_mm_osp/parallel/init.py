@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 from .. import platform
 from .dims import ParallelDims, ParallelLayout
+from ..errors import UserError
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(UserError, ValueError):
     pass
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...checkpoint.safe_load import UntrustedPickleError, load_torch_file
+from ...errors import UserError
 from .modules import HaarWaveletTransform3D, InverseHaarWaveletTransform3D
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 _DDP_PREFIX = "module."
 
 
-class CheckpointKeyError(ValueError):
+class CheckpointKeyError(UserError, ValueError):
     """The checkpoint's keys or shapes do not match the model."""
 
 
