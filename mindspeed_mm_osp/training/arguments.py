@@ -2,8 +2,8 @@
 
 Every flag of the reference launcher is accepted. Flags that only configure Megatron's
 own GPT model (dummy `--num-layers`, `--seq-length`, ...) or that the reference itself
-ignores are accepted and listed in `NO_OP_FLAGS` with the reason; `--help` shows it.
-Unknown flags fail with the flag named.
+ignores are accepted and listed in `NO_OP_FLAGS` with the reason, which is their `--help` line; a flag is
+either real or listed there, never both. Unknown flags fail with the flag named.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ NO_OP_FLAGS = {
     "--no-masked-softmax-fusion": "affects Megatron attention only",
     "--fp32-residual-connection": "residuals are already gated in fp32 inside the DiT",
     "--attention-softmax-in-fp32": "SDPA / NPU fused attention accumulate softmax in fp32",
-    "--use-ema": "EMA is kept by --optimizer-selection fused_ema_adamw",
+    "--use-ema": "the EMA is always kept, with every --optimizer-selection",
     "--normalization": "only used by MindSpeed's --use-fused-rmsnorm check",
     "--use-fused-rmsnorm": "q/k RMSNorm uses the fused kernel on Ascend automatically",
     "--qk-layernorm": "replicated q/k norm grads are always summed over TP (explicit rule, not a flag)",
@@ -43,10 +43,23 @@ NO_OP_FLAGS = {
     "--eval-interval": "no validation set in text-to-video pretraining",
     "--eval-iters": "no validation set in text-to-video pretraining",
     "--distributed-backend": "the backend follows the accelerator (hccl/nccl/gloo)",
-    "--mm-tool": "profiler config of the reference; use --profile instead",
-    "--lr-warmup-init": "accepted for compatibility; warm-up starts at this LR as in Megatron",
+    "--mm-tool": "the reference's profiler config; no profiler is built in (use torch.profiler around a run)",
     "--use-dist-ckpt": "checkpoints are always written in the legacy per-rank layout",
+    "--accumulate-allreduce-grads-in-fp32": "main gradients are always accumulated and reduced in fp32",
+    "--log-throughput": "throughput is always on the iteration line",
+    "--tensorboard-log-interval": "TensorBoard scalars are written at --log-interval",
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless there is none to show (unset, a switch that is off) or the help line
+    already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, []) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,10 +72,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain.py", allow_abbrev=False, description="Open-Sora Plan v1.5 pretraining (SparseUMMDiT on megatron-core)",
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Accepted flags with no effect for this model:\n" + "\n".join(
-                    f"  {k:34s} {v}" for k, v in NO_OP_FLAGS.items()))
+    p = _Parser(prog="pretrain.py", allow_abbrev=False, formatter_class=HelpFormatter,
+                description="Open-Sora Plan v1.5 pretraining (SparseUMMDiT on megatron-core)")
+    add_training_flags(p)
+    return p
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Every `pretrain.py` flag, in groups (the planner adds them after its own)."""
     _add_model_flags(p)
     _add_parallel_flags(p)
     _add_schedule_flags(p)
@@ -73,34 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging_flags(p)
     _add_lora_flags(p)
     p.add_argument("--plan", action="store_true",
-                   help="print the per-device memory and FLOPs plan of this run and exit before training "
-                        "(python -m mindspeed_mm_osp.tools.plan; its extra flags --world-size, --frames, --height, "
-                        "--width, --text-len, --device-memory-gib, --json are accepted with --plan)")
+                   help="print whether this run fits the device memory, its per-device memory and FLOPs, and the "
+                        "cheapest change that fits, then exit before training (the planner's own flags: "
+                        "python -m mindspeed_mm_osp.tools.plan --help)")
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
 
-    # Accepted for launcher compatibility; see NO_OP_FLAGS.
-    noop = p.add_argument_group("accepted, no effect for this model (see epilog)")
-    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-                 "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"):
-        noop.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
-    for flag in ("--attention-dropout", "--hidden-dropout"):
-        noop.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
-    for flag in ("--tokenizer-type", "--position-embedding-type", "--normalization"):
-        noop.add_argument(flag, default=None, help=argparse.SUPPRESS)
-    for flag in ("--swiglu", "--no-masked-softmax-fusion", "--fp32-residual-connection",
-                 "--attention-softmax-in-fp32", "--use-ema", "--use-fused-rmsnorm", "--qk-layernorm",
-                 "--no-gradient-accumulation-fusion"):
-        noop.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    return p
+    _add_no_op_flags(p)
+
+
+def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `NO_OP_FLAGS`, accepted for launcher compatibility; their help line is the reason."""
+    noop = p.add_argument_group("accepted for launcher compatibility, no effect for this model")
+    kinds = {int: ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                   "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters",
+                   "--tensorboard-log-interval"),
+             float: ("--attention-dropout", "--hidden-dropout"),
+             str: ("--tokenizer-type", "--position-embedding-type", "--normalization", "--distributed-backend",
+                   "--mm-tool")}
+    for kind, flags in kinds.items():
+        for flag in flags:
+            noop.add_argument(flag, type=kind, default=None, help=f"no effect: {NO_OP_FLAGS[flag]}")
+    switches = [flag for flag in NO_OP_FLAGS if not any(flag in flags for flags in kinds.values())]
+    for flag in switches:
+        noop.add_argument(flag, action="store_true", help=f"no effect: {NO_OP_FLAGS[flag]}")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     mm = p.add_argument_group("multimodal configs")
     mm.add_argument("--mm-data", required=True, help="data JSON (dataset, preprocessing, dataloader)")
     mm.add_argument("--mm-model", required=True, help="model JSON (ae, text encoders, predictor, diffusion)")
-    mm.add_argument("--mm-tool", default=None)
     mm.add_argument("--model_custom_precision", "--model-custom-precision", action=argparse.BooleanOptionalAction,
                     default=True, help="per-component dtypes from the model JSON (VAE ae.dtype, text encoders and "
                                        "predictor weight_dtype); --no-model_custom_precision casts all to --bf16/--fp16")
@@ -111,46 +131,58 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("parallelism")
-    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                     help="ranks that split each predictor layer's weights (divides predictor.num_heads)")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                     help="must be 1: pipeline parallelism is refused by the trainer")
     par.add_argument("--context-parallel-size", type=int, default=1,
                      help="ranks that share one sample's video sequence (Ulysses all-to-all around attention)")
     par.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
                      help="context-parallel algorithm; only ulysses_cp_algo is implemented")
-    par.add_argument("--sequence-parallel", action="store_true")
-    par.add_argument("--use-distributed-optimizer", action="store_true")
-    par.add_argument("--distributed-backend", default=None)
-    par.add_argument("--distributed-timeout-minutes", type=float, default=30.0)
-    par.add_argument("--overlap-grad-reduce", action="store_true")
-    par.add_argument("--data-parallel-random-init", action="store_true")
+    par.add_argument("--sequence-parallel", action="store_true",
+                     help="split the residual stream over the TP ranks between the linears (ignored at TP 1)")
+    par.add_argument("--use-distributed-optimizer", action="store_true",
+                     help="shard the fp32 master weights, Adam moments and EMA over the data-parallel ranks")
+    par.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
+                     help="timeout of every collective")
+    par.add_argument("--overlap-grad-reduce", action="store_true",
+                     help="reduce gradient buckets during backward")
+    par.add_argument("--data-parallel-random-init", action="store_true",
+                     help="a different weight initialisation on every data-parallel rank (as the reference)")
 
 
 def _add_schedule_flags(p: argparse.ArgumentParser) -> None:
     bt = p.add_argument_group("batch and schedule")
-    bt.add_argument("--micro-batch-size", type=int, default=1)
-    bt.add_argument("--global-batch-size", type=int, default=None)
-    bt.add_argument("--train-iters", type=int, default=None)
-    bt.add_argument("--train-samples", type=int, default=None)
-    bt.add_argument("--seed", type=int, default=1234)
+    bt.add_argument("--micro-batch-size", type=int, default=1, help="samples per rank per forward")
+    bt.add_argument("--global-batch-size", type=int, default=None,
+                    help="samples per optimizer step; a multiple of micro-batch x data-parallel size (default: "
+                         "micro-batch x data-parallel size, no accumulation)")
+    bt.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train (or --train-samples)")
+    bt.add_argument("--train-samples", type=int, default=None,
+                    help="samples to train; sets the steps when --train-iters is not given")
+    bt.add_argument("--seed", type=int, default=1234, help="seed of weights, noise and data order")
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer-selection", "--optimizer", dest="optimizer_selection", default="fused_ema_adamw",
-                     choices=["fused_ema_adamw", "adamw", "adam"])
-    opt.add_argument("--ema-decay", type=float, default=0.9999)
-    opt.add_argument("--lr", type=float, default=1e-5)
-    opt.add_argument("--min-lr", type=float, default=0.0)
-    opt.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"])
-    opt.add_argument("--lr-decay-iters", type=int, default=None)
-    opt.add_argument("--lr-warmup-iters", type=int, default=0)
-    opt.add_argument("--lr-warmup-fraction", type=float, default=None)
-    opt.add_argument("--lr-warmup-init", type=float, default=0.0)
-    opt.add_argument("--adam-beta1", type=float, default=0.9)
-    opt.add_argument("--adam-beta2", type=float, default=0.999)
-    opt.add_argument("--adam-eps", type=float, default=1e-8)
-    opt.add_argument("--weight-decay", type=float, default=0.01)
-    opt.add_argument("--clip-grad", type=float, default=1.0)
+                     choices=["fused_ema_adamw", "adamw", "adam"], help="optimizer (every choice keeps the EMA)")
+    opt.add_argument("--ema-decay", type=float, default=0.9999, help="decay of the EMA weights")
+    opt.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    opt.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    opt.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine"],
+                     help="learning-rate schedule after the warm-up")
+    opt.add_argument("--lr-decay-iters", type=int, default=None, help="steps of the decay (default: --train-iters)")
+    opt.add_argument("--lr-warmup-iters", type=int, default=0, help="steps of linear warm-up")
+    opt.add_argument("--lr-warmup-fraction", type=float, default=None,
+                     help="warm-up as a fraction of the decay steps (instead of --lr-warmup-iters)")
+    opt.add_argument("--lr-warmup-init", type=float, default=0.0,
+                     help="learning rate the warm-up starts from (with no warm-up the run starts at --lr)")
+    opt.add_argument("--adam-beta1", type=float, default=0.9, help="Adam first-moment decay")
+    opt.add_argument("--adam-beta2", type=float, default=0.999, help="Adam second-moment decay")
+    opt.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    opt.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")
+    opt.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     opt.add_argument("--clip_grad_ema_decay", "--clip-grad-ema-decay", type=float, default=None,
                      help="enable adaptive 3-sigma EMA gradient clipping with this decay (v1.5 report)")
     opt.add_argument("--max-consecutive-skips", type=int, default=10,
@@ -160,34 +192,39 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_precision_flags(p: argparse.ArgumentParser) -> None:
     prec = p.add_argument_group("precision")
-    prec.add_argument("--bf16", action="store_true")
-    prec.add_argument("--fp16", action="store_true")
-    prec.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    prec.add_argument("--bf16", action="store_true", help="train in bfloat16 (fp32 master weights)")
+    prec.add_argument("--fp16", action="store_true", help="train in float16 (fp32 master weights)")
 
 
 def _add_recompute_flags(p: argparse.ArgumentParser) -> None:
     rc = p.add_argument_group("recomputation")
-    rc.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
-    rc.add_argument("--recompute-method", default=None, choices=["block", "uniform"])
-    rc.add_argument("--recompute-num-layers", type=int, default=0)
-    rc.add_argument("--selective_recom", "--selective-recom", dest="selective_recom", action="store_true")
-    rc.add_argument("--recom_ffn_layers", "--recom-ffn-layers", dest="recom_ffn_layers", type=int, default=0)
+    rc.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                    help="full: recompute whole blocks in backward (with --recompute-num-layers)")
+    rc.add_argument("--recompute-method", default=None, choices=["block", "uniform"],
+                    help="which blocks full recompute covers; only block (the first N) is supported")
+    rc.add_argument("--recompute-num-layers", type=int, default=0,
+                    help="blocks recomputed in full, from the first")
+    rc.add_argument("--selective_recom", "--selective-recom", dest="selective_recom", action="store_true",
+                    help="recompute only the FFN half of blocks (with --recom_ffn_layers)")
+    rc.add_argument("--recom_ffn_layers", "--recom-ffn-layers", dest="recom_ffn_layers", type=int, default=0,
+                    help="blocks whose FFN half is recomputed, from the first (needs --selective_recom)")
 
 
 def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ck = p.add_argument_group("checkpointing")
-    ck.add_argument("--save", default=None)
-    ck.add_argument("--load", default=None)
-    ck.add_argument("--save-interval", type=int, default=None)
-    ck.add_argument("--no-load-optim", action="store_true")
-    ck.add_argument("--no-load-rng", action="store_true")
-    ck.add_argument("--no-save-optim", action="store_true")
-    ck.add_argument("--no-save-rng", action="store_true")
-    ck.add_argument("--finetune", action="store_true")
+    ck.add_argument("--save", default=None, help="checkpoint folder to write")
+    ck.add_argument("--load", default=None, help="checkpoint folder (or weights file) to resume or start from")
+    ck.add_argument("--save-interval", type=int, default=None, help="save every this many steps (needs --save)")
+    ck.add_argument("--no-load-optim", action="store_true", help="load weights only, fresh optimizer state")
+    ck.add_argument("--no-load-rng", action="store_true", help="do not restore the random generators")
+    ck.add_argument("--no-save-optim", action="store_true", help="save weights without the optimizer state")
+    ck.add_argument("--no-save-rng", action="store_true", help="save without the random generators")
+    ck.add_argument("--finetune", action="store_true",
+                    help="load weights only and start counting steps from 0")
     ck.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
-    ck.add_argument("--exit-interval", type=int, default=None)
-    ck.add_argument("--exit-duration-in-mins", type=float, default=None)
-    ck.add_argument("--use-dist-ckpt", action="store_true")
+    ck.add_argument("--exit-interval", type=int, default=None, help="save and exit at a step divisible by this")
+    ck.add_argument("--exit-duration-in-mins", type=float, default=None,
+                    help="save and exit after this many minutes of training")
     ck.add_argument("--verify-checkpoint", action="store_true",
                     help="compare the checksums of the checkpoint read by --load/--lora-load with its manifest "
                          "(sizes are always compared), and of merged weights with the one they carry")
@@ -198,14 +235,12 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_logging_flags(p: argparse.ArgumentParser) -> None:
     lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=1)
-    lg.add_argument("--log-throughput", action="store_true")
-    lg.add_argument("--tensorboard-dir", default=None)
-    lg.add_argument("--tensorboard-log-interval", type=int, default=1)
-    lg.add_argument("--wandb-project", default=None)
-    lg.add_argument("--wandb-exp-name", default=None)
-    lg.add_argument("--wandb-save-dir", default=None)
-    lg.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    lg.add_argument("--log-interval", type=int, default=1, help="print the iteration line every this many steps")
+    lg.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    lg.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project")
+    lg.add_argument("--wandb-exp-name", default=None, help="W&B run name")
+    lg.add_argument("--wandb-save-dir", default=None, help="W&B local folder")
+    lg.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"], help="W&B mode")
     lg.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak TFLOP/s for MFU (default: bf16 dense peak of known devices, measured on CPU)")
 
