@@ -14,7 +14,8 @@ those two uint8 clips before any mp4 compression (see `mindspeed_mm_osp.metrics`
 block; `ae.from_pretrained` must name the VAE weights. A directory is searched recursively for
 video extensions (case-insensitive, `VIDEO_EXTENSIONS`); a file given directly is tried whatever
 its extension. Files that cannot be read or are shorter than N frames are skipped and listed.
-Output: `<out>/<relative path>.mp4` (original | reconstruction, side by side, source fps), a
+Output: `<out>/<relative path>` with `.mp4` as its extension (original | reconstruction, side by side, source
+fps; `output_names`), a
 table on stdout and `<out>/metrics.json` (infinite PSNR is written as the string "inf").
 """
 
@@ -144,6 +145,20 @@ def format_table(results: Sequence[Result], mean_psnr: float, mean_ssim: float) 
     return "\n".join(lines)
 
 
+def output_names(rels: Sequence[Path]) -> list[str]:
+    """The side-by-side file of each video: its relative path, `/` as `__`, with `.mp4` in place of its extension
+    (`sub/clip.MOV` -> `sub__clip.mp4`); a name an earlier video already took keeps its source extension before
+    `.mp4` (`clip.mov` then `clip.mkv` -> `clip.mp4`, `clip_mkv.mp4`)."""
+    names: list[str] = []
+    for rel in rels:
+        stem = rel.with_suffix("").as_posix().replace("/", "__")
+        name = f"{stem}.mp4"
+        if name.lower() in (n.lower() for n in names):
+            name = f"{stem}_{rel.suffix[1:].lower()}.mp4"
+        names.append(name)
+    return names
+
+
 def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], out: str | Path,
         max_videos: Optional[int] = None, ssim_channels: str = "y") -> dict:
     """Reconstruct every video, write the side-by-sides and `metrics.json`; returns the report dict."""
@@ -157,6 +172,7 @@ def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], ou
     reader = make_video_reader("pyav")
     results: list[Result] = []
     skipped: list[dict] = []
+    names = dict(zip((rel for _, rel in videos), output_names([rel for _, rel in videos])))
     for path, rel in tqdm(videos, desc="reconstruct", unit="video", file=sys.stderr):
         try:
             frames = reader.read(str(path), np.arange(num_frames))
@@ -165,7 +181,7 @@ def run(model_config: str, data: str, num_frames: int, size: tuple[int, int], ou
             continue
         clip = prepare_clip(frames, size)
         recon = reconstruct(vae, clip)
-        target = out / f"{rel.as_posix().replace('/', '__')}.mp4"
+        target = out / names[rel]
         write_mp4(target, np.concatenate([clip, recon], axis=2), source_fps(path))
         per_frame = ssim_per_frame(clip, recon, ssim_channels)
         results.append(Result(rel.as_posix(), target.name, psnr(clip, recon), float(per_frame.mean()),

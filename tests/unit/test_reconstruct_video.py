@@ -47,6 +47,7 @@ def test_reconstruction_metrics_match_numpy(setup, capsys):
     assert [v["path"] for v in report["videos"]] == ["clip.MP4"]
     assert [s["path"] for s in report["skipped"]] == ["sub/short.MoV"]
     entry = report["videos"][0]
+    assert entry["output"] == "clip.mp4" and sorted(p.name for p in out.iterdir()) == ["clip.mp4", "metrics.json"]
 
     # Reference: same frames (source size == target size, so no resize), posterior-mean reconstruction.
     original = read_mp4(data / "clip.MP4")[0][:N]
@@ -74,7 +75,7 @@ def test_reconstruction_metrics_match_numpy(setup, capsys):
 
 def test_infinite_psnr_is_reported_cleanly():
     frames = np.zeros((1, 16, 16, 3), np.uint8)
-    result = rv.Result("same.mp4", "same.mp4.mp4", rv.psnr(frames, frames), rv.ssim_per_frame(frames, frames)[0], [1.0])
+    result = rv.Result("same.mp4", "same.mp4", rv.psnr(frames, frames), rv.ssim_per_frame(frames, frames)[0], [1.0])
     assert result.psnr == math.inf and result.ssim == 1.0
     assert json.loads(json.dumps({"psnr": rv.json_number(result.psnr)}, allow_nan=False)) == {"psnr": "inf"}
     table = rv.format_table([result], result.psnr, result.ssim)
@@ -109,3 +110,8 @@ def test_invalid_size_names_nearest(setup, capsys):
         rv.main(["--model-config", str(root / "model.json"), "--data", str(data), "--num-frames", "10",
                  "--size", "30", "48", "--out", str(root / "bad")])
     assert "nearest valid size: 9x32x48" in capsys.readouterr().err
+
+
+def test_output_names_replace_the_extension_and_stay_distinct():
+    rels = [Path(p) for p in ["clip.MP4", "sub/take.mkv", "a.mov", "a.MKV", "sub/a.webm"]]
+    assert rv.output_names(rels) == ["clip.mp4", "sub__take.mp4", "a.mp4", "a_mkv.mp4", "sub__a.mp4"]
