@@ -5,11 +5,12 @@
     python pretrain.py --plan [the same flags]     # the same, exits before training
 
 Takes the same JSON configs and Megatron flags as `pretrain.py` (TP, SP, CP, micro-batch, recompute, precision,
-distributed optimizer); frames/resolution/text length default to the data JSON. Prints weights, main grads,
-optimizer state (fp32 master, Adam moments, EMA; sharded over DP x CP by the distributed optimizer), saved
-activations, frozen encoders and a workspace estimate per device, and the FLOPs per step. With
-`--device-memory-gib` it also suggests the smallest TP, and the cheapest recompute setting at that TP, that fit.
-The figures come from `training/memory_plan.py` (derived from the model structure; docs/memory.md).
+distributed optimizer); frames/resolution/text length default to the data JSON. With `--device-memory-gib` it
+first answers YES or NO: does the per-device peak plus its headroom (allocator, fragmentation, runtime context;
+`memory_plan.headroom`) fit? Then the cheapest change that fits, as flags to paste: the smallest TP, at it the
+least recompute, with `--use-distributed-optimizer` where that is what makes it fit. Then the breakdown: weights,
+main grads, optimizer state, saved activations, frozen encoders, workspace, FLOPs per step. The figures come from
+`training/memory_plan.py` (derived from the model structure; docs/memory.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,7 +28,8 @@ import torch
 
 from ..config.predictor import PredictorConfig, RecomputeConfig
 from ..errors import UserError, check_ranges, entry_point
-from ..training.memory_plan import GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, Workload, plan_memory
+from ..training.memory_plan import (GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, Workload, fits, headroom,
+                                    plan_memory)
 
 # Architectures of the release's text encoders, used to count their parameters when the local folder is absent
 # (t5-v1_1-xl encoder; CLIP ViT-bigG-14 text tower with projection).
@@ -36,13 +40,6 @@ RELEASE_TEXT_CONFIGS = {
                                num_hidden_layers=32, projection_dim=1280, vocab_size=49408,
                                max_position_embeddings=77),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    tp: int
-    recompute: RecomputeConfig
-    plan: MemoryPlan
 
 
 def text_encoder_params(text_cfg) -> tuple[int, bool]:
@@ -96,29 +93,6 @@ def recompute_options(num_blocks: int) -> list[RecomputeConfig]:
     return sorted(options, key=cost)
 
 
-def suggest(cfg: PredictorConfig, work: Workload, world: int, cp: int, budget_gib: float, act_dtype: torch.dtype,
-            opt: OptimizerPlan, encoders: EncoderPlan) -> Optional[Candidate]:
-    """Smallest TP (a divisor of num_heads and of world/CP, with SP) and, at it, the cheapest recompute that
-    fits `budget_gib` per device; None if nothing fits."""
-    for tp in range(1, world // cp + 1):
-        if cfg.num_heads % tp or (world // cp) % tp:
-            continue
-        par = Parallel(tp=tp, cp=cp, dp=world // (tp * cp), sequence_parallel=tp > 1)
-        for recompute in recompute_options(sum(cfg.num_layers)):
-            plan = plan_memory(cfg, work, par, recompute, act_dtype, opt, encoders)
-            if plan.total <= budget_gib * GIB:
-                return Candidate(tp, recompute, plan)
-    return None
-
-
-def describe_recompute(r: RecomputeConfig) -> str:
-    if r.granularity == "full":
-        return f"--recompute-granularity full --recompute-method block --recompute-num-layers {r.num_layers}"
-    if r.selective_ffn_layers:
-        return f"--selective_recom --recom_ffn_layers {r.selective_ffn_layers}"
-    return "none"
-
-
 def format_plan(plan: MemoryPlan, peak_tflops: Optional[float], microbatches: int) -> str:
     rows = [("weights", plan.weights), ("main grads (fp32)", plan.grads), ("optimizer state", plan.optimizer),
             ("activations (saved)", plan.activations), ("frozen encoders", plan.encoders),
@@ -147,6 +121,7 @@ class PlanRequest:
     world: int
     microbatches: int
     notes: tuple[str, ...] = ()
+    global_batch: Optional[int] = None  # --global-batch-size when given
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:
@@ -172,7 +147,120 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         recompute=RecomputeArgs.from_namespace(args).recompute_config(), act_dtype=precision.predictor,
         opt=OptimizerPlan(distributed=args.use_distributed_optimizer),
         encoders=encoders, world=args.world_size, microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
-        notes=tuple(notes))
+        notes=tuple(notes), global_batch=args.global_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One setting the planner tries: TP (SP on above 1), recompute and the distributed optimizer."""
+
+    tp: int
+    recompute: RecomputeConfig
+    distributed: bool
+    plan: MemoryPlan
+
+
+def suggest(req: PlanRequest, device_gib: float) -> Optional[Candidate]:
+    """The cheapest setting that fits `device_gib` per device with its headroom, None if nothing does.
+
+    Cheapest: the smallest TP (a divisor of num_heads and of world / CP; fewer ranks per replica, less
+    communication), then the least recomputed forward at it, then the user's own optimizer setting before the
+    distributed optimizer (which costs no compute: its reduce-scatter + all-gather move what an all-reduce moves)."""
+    dp_cp = req.world // req.par.cp
+    for tp in range(1, dp_cp + 1):
+        if req.predictor.num_heads % tp or dp_cp % tp:
+            continue
+        par = Parallel(tp=tp, cp=req.par.cp, dp=dp_cp // tp, sequence_parallel=tp > 1)
+        for recompute in recompute_options(sum(req.predictor.num_layers)):
+            for distributed in dict.fromkeys((req.opt.distributed, True)):
+                opt = dataclasses.replace(req.opt, distributed=distributed)
+                plan = plan_memory(req.predictor, req.work, par, recompute, req.act_dtype, opt, req.encoders)
+                if fits(plan, device_gib * GIB):
+                    return Candidate(tp, recompute, distributed, plan)
+    return None
+
+
+def describe_recompute(r: RecomputeConfig) -> str:
+    if r.granularity == "full":
+        return f"full, first {r.num_layers} blocks"
+    if r.selective_ffn_layers:
+        return f"selective FFN, first {r.selective_ffn_layers} blocks"
+    return "none"
+
+
+def _recompute_flags(r: RecomputeConfig) -> list[str]:
+    if r.granularity == "full":
+        return ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers",
+                str(r.num_layers)]
+    return ["--selective_recom", "--recom_ffn_layers", str(r.selective_ffn_layers)] if r.selective_ffn_layers else []
+
+
+def change_flags(req: PlanRequest, cand: Candidate) -> tuple[list[str], list[str]]:
+    """(flags to append, flags to remove) that turn the user's command line into `cand`: appended values win
+    over earlier ones; a switch that is on can only be removed."""
+    add, drop = [], []
+    if cand.tp != req.par.tp:
+        add += ["--tensor-model-parallel-size", str(cand.tp)]
+    replicas = req.work.micro_batch * req.world // (cand.tp * req.par.cp)
+    if req.global_batch is not None and req.global_batch % replicas:  # keep the gradient accumulation steps
+        add += ["--global-batch-size", str(req.microbatches * replicas)]
+    if cand.tp > 1 and not req.par.sequence_parallel:
+        add.append("--sequence-parallel")
+    if cand.distributed and not req.opt.distributed:
+        add.append("--use-distributed-optimizer")
+    if cand.recompute != req.recompute:
+        add += _recompute_flags(cand.recompute)
+        if req.recompute.granularity == "full" and cand.recompute.granularity != "full":
+            add += ["--recompute-num-layers", "0"]
+        if req.recompute.selective_ffn_layers and not cand.recompute.selective_ffn_layers:
+            drop += ["--selective_recom", "--recom_ffn_layers"]
+    return add, drop
+
+
+def training_command(argv: Sequence[str], add: Sequence[str], drop: Sequence[str]) -> list[str]:
+    """`pretrain.py` flags: the user's, without --plan, the planner's own flags and the flags `add` sets again or
+    `drop` removes (any spelling, `--flag=value` too), then `add`."""
+    parser = build_parser()
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    own = [*RANGES, "--json", "--plan"]
+    removed = {id(actions[f]) for f in [*drop, *(t for t in add if t.startswith("--")), *own]}
+    out, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+            continue
+        action = actions.get(token.split("=", 1)[0])
+        if action is not None and id(action) in removed:
+            skip = 0 if "=" in token else (1 if action.nargs is None else 0)
+            continue
+        out.append(token)
+    return out + list(add)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def fit_lines(req: PlanRequest, plan: MemoryPlan, argv: Sequence[str], device_gib: float) -> list[str]:
+    """The answer first (YES/NO with the headroom), then the cheapest setting that fits as flags to paste."""
+    need, ok = plan.total + headroom(plan), fits(plan, device_gib * GIB)
+    lines = [f"fits {device_gib:g} GiB per device: {'YES' if ok else 'NO'} (peak {_gib(plan.total)} GiB + headroom "
+             f"{_gib(headroom(plan))} GiB = {_gib(need)} GiB of {device_gib:g})"]
+    best = suggest(req, device_gib)
+    if best is None:
+        return lines + ["nothing fits at any TP and recompute: raise --context-parallel-size or --world-size, "
+                        "lower --micro-batch-size or the resolution"]
+    add, drop = change_flags(req, best)
+    if not add and not drop:
+        return lines + ["this is the cheapest setting that fits"]
+    lines.append(f"{'smallest TP that also fits' if ok else 'cheapest change that fits'}: TP {best.tp}{' + SP' if best.tp > 1 else ''}, recompute "
+                 f"{describe_recompute(best.recompute)}, {'distributed' if best.distributed else 'plain'} optimizer:"
+                 f" {_gib(best.plan.total)} GiB + headroom {_gib(headroom(best.plan))} GiB")
+    lines.append("  append:  " + shlex.join(add))
+    if drop:
+        lines.append("  remove:  " + " ".join(drop))
+    lines.append("  flags:   " + shlex.join(training_command(argv, add, drop)))
+    return lines
 
 
 def run(args: argparse.Namespace) -> str:
@@ -180,36 +268,36 @@ def run(args: argparse.Namespace) -> str:
     plan = plan_memory(req.predictor, req.work, req.par, req.recompute, req.act_dtype, req.opt, req.encoders)
     w = req.work
     if args.json:
-        return json.dumps({"plan": dataclasses.asdict(plan), "total": plan.total}, indent=2)
-    head = (f"TP={req.par.tp} SP={req.par.sp} CP={req.par.cp} DP={req.par.dp} micro-batch={w.micro_batch} "
-            f"latent {w.latent_frames}x{w.latent_height}x{w.latent_width} text {w.text_len} "
-            f"{str(req.act_dtype)[6:]} recompute: {describe_recompute(req.recompute)}")
-    out = [head, format_plan(plan, args.peak_tflops, req.microbatches), *req.notes]
-    if args.device_memory_gib:
-        best = suggest(req.predictor, req.work, req.world, req.par.cp, args.device_memory_gib, req.act_dtype,
-                       req.opt, req.encoders)
-        out.append(f"fits {args.device_memory_gib:g} GiB: " + (
-            "nothing (raise TP/CP, lower the micro-batch or the resolution)" if best is None else
-            f"--tensor-model-parallel-size {best.tp}{' --sequence-parallel' if best.tp > 1 else ''} "
-            f"recompute {describe_recompute(best.recompute)} ({best.plan.total / GIB:.1f} GiB)"))
-    return "\n".join(out)
+        return json.dumps({"plan": dataclasses.asdict(plan), "total": plan.total, "headroom": headroom(plan)},
+                          indent=2)
+    out = fit_lines(req, plan, args.argv, args.device_memory_gib) if args.device_memory_gib else []
+    out.append(f"TP={req.par.tp} SP={req.par.sp} CP={req.par.cp} DP={req.par.dp} micro-batch={w.micro_batch} "
+               f"latent {w.latent_frames}x{w.latent_height}x{w.latent_width} text {w.text_len} "
+               f"{str(req.act_dtype)[6:]} recompute: {describe_recompute(req.recompute)}")
+    return "\n".join([*out, format_plan(plan, args.peak_tflops, req.microbatches), *req.notes])
+
+
+PLANNER_GROUP = "planner (its own flags; then every pretrain.py flag, read as pretrain.py reads them)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..training.arguments import build_parser as training_parser
+    """The planner's own flags first, then the training flags (`pretrain.py --plan` passes its whole line)."""
+    from ..training.arguments import HelpFormatter, _Parser, add_training_flags
 
-    p = training_parser()
-    p.prog = "python -m mindspeed_mm_osp.tools.plan"
-    g = p.add_argument_group("planner")
+    p = _Parser(prog="python -m mindspeed_mm_osp.tools.plan", allow_abbrev=False, formatter_class=HelpFormatter,
+                description="Does a training run fit? Per-device memory and FLOPs of the run the pretrain.py flags "
+                            "describe, and with --device-memory-gib a YES/NO and the cheapest change that fits.")
+    g = p.add_argument_group(PLANNER_GROUP)
     g.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 8)),
-                   help="devices in the job (default: $WORLD_SIZE, else 8: one node)")
+                   help="devices in the job (from $WORLD_SIZE when set)")
     g.add_argument("--frames", type=int, default=None, help="video frames (default: data JSON num_frames)")
-    g.add_argument("--height", type=int, default=None, help="default: data JSON max_height")
-    g.add_argument("--width", type=int, default=None, help="default: data JSON max_width")
+    g.add_argument("--height", type=int, default=None, help="video height (default: data JSON max_height)")
+    g.add_argument("--width", type=int, default=None, help="video width (default: data JSON max_width)")
     g.add_argument("--text-len", type=int, default=None, help="text tokens (default: data JSON model_max_length)")
     g.add_argument("--device-memory-gib", type=float, default=None,
-                   help="suggest the smallest TP and cheapest recompute that fit this much memory per device")
+                   help="memory per device: answer whether the run fits it and print the cheapest change that does")
     g.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_training_flags(p)
     return p
 
 
@@ -225,7 +313,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Print the plan; the flags are range-checked as `pretrain.py` checks them, errors per `errors.entry_point`."""
     from ..training.arguments import check_values
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     check_ranges({flag: getattr(args, flag[2:].replace("-", "_")) for flag in RANGES}, RANGES)
     check_values(args)
     print(run(args))

@@ -385,6 +385,29 @@ def plan_memory(cfg: PredictorConfig, work: Workload, par: Parallel, recompute: 
                       model_flops=model_flops / (par.tp * par.cp), hardware_flops=hardware / (par.tp * par.cp))
 
 
+# What a device needs beyond the planned peak (`headroom`): the accelerator runtime's own context and the
+# collective library's buffers (a fixed allowance), and a share of the memory that comes and goes every step.
+CONTEXT_BYTES = GIB
+FRAGMENTATION_SHARE = 0.05
+
+
+def headroom(plan: MemoryPlan) -> int:
+    """Bytes to keep free on top of `plan.total` for the runtime and the caching allocator.
+
+    The planned total is what live tensors hold at the peak. A caching allocator reserves more: a freed block of
+    one transient (the recomputed unit, the FFN hidden gradient, the SP gather buffer) is kept in its cache and
+    cannot always serve the next transient of another size, so one more workspace may stay reserved; and
+    rounding/splitting of the many activation-sized blocks costs a share of the activations and workspace. Plus
+    the runtime context. The rule is derived from the plan, not measured (no CUDA measurement exists yet)."""
+    dynamic = plan.activations + plan.workspace
+    return CONTEXT_BYTES + plan.workspace + int(FRAGMENTATION_SHARE * dynamic)
+
+
+def fits(plan: MemoryPlan, device_bytes: float) -> bool:
+    """Whether the planned peak plus its `headroom` stays within one device's memory."""
+    return plan.total + headroom(plan) <= device_bytes
+
+
 def _recompute_flop_fraction(cfg: PredictorConfig, recompute: RecomputeConfig) -> float:
     """Share of one forward that backward recomputes: whole blocks, or the FFN half (2/3 of a block's linear
     FLOPs: FFN 16 d^2 of 24 d^2 per token, attention scores ignored)."""
@@ -395,4 +418,4 @@ def _recompute_flop_fraction(cfg: PredictorConfig, recompute: RecomputeConfig) -
 
 
 __all__ = ["EncoderPlan", "GIB", "MemoryPlan", "OptimizerPlan", "Parallel", "Workload", "activation_bytes",
-           "block_saved_bytes", "local_param_count", "plan_memory", "static_bytes"]
+           "block_saved_bytes", "fits", "headroom", "local_param_count", "plan_memory", "static_bytes"]
