@@ -19,6 +19,7 @@ from ..config.inference import COMPILE_MODES
 from ..errors import UserError, check_ranges, is_text
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
+from ..training.arguments import HelpFormatter
 from .conditioning import ConditionRequest
 from .presets import Duration, add_preset_arguments, size_from_args
 
@@ -96,16 +97,19 @@ RANGES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inference.py", description="Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun).")
+    p = argparse.ArgumentParser(prog="inference.py", formatter_class=HelpFormatter,
+                                description="Open-Sora Plan v1.5 text-to-video sampling (single process or torchrun). "
+                                            "Flags left unset keep the value of the --config JSON.")
     p.add_argument("--config", required=True, help="inference JSON (e.g. inference_t2v_model1_5.json)")
     p.add_argument("--prompt", help="prompt text, or a file with one prompt per line")
     p.add_argument("--negative-prompt", help="appended to the v1.5 negative prompt")
     p.add_argument("--seed", type=int, help="noise seed of prompt i is seed + i")
-    p.add_argument("--num-inference-steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--num-inference-steps", type=int, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    p.add_argument("--guidance-rescale", type=float,
+                   help="rescale the guided prediction towards the conditional one's std (0: off)")
     p.add_argument("--shift", type=float, help="static sigma shift (turns dynamic shifting off)")
-    p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"))
+    p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"), help="output video size")
     add_preset_arguments(p)
     p.add_argument("--save-path", help="output folder")
     p.add_argument("--overwrite", action="store_true",
@@ -118,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TeaCache-style step cache: skip the blocks while the accumulated relative change of "
                             "the modulated input stays under T (0 never skips)")
     accel.add_argument("--compile", action="store_const", const=True, help="torch.compile each predictor block")
-    accel.add_argument("--compile-mode", choices=COMPILE_MODES)
+    accel.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode for --compile")
     accel.add_argument("--parallel-vae-decode", action="store_const", const=True,
                        help="spread the VAE decode over the ranks of each replica (exact; pays off above 30 latent "
                             "frames)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tp",
+                   help="ranks that split the predictor's weights (divides predictor.num_heads)")
     p.add_argument("--context-parallel-size", type=int, default=1, dest="cp",
                    help="ranks that share one video's token sequence (Ulysses all-to-all around attention)")
     p.add_argument("--context-parallel-algo", default="ulysses_cp_algo", help="only ulysses_cp_algo is implemented")

@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..training.arguments import HelpFormatter, _Parser, add_training_flags
 
     p = _Parser(prog="python -m mindspeed_mm_osp.tools.plan", allow_abbrev=False, formatter_class=HelpFormatter,
+                usage="%(prog)s --mm-model MODEL.json --mm-data DATA.json [planner flags] [pretrain.py flags]",
                 description="Does a training run fit? Per-device memory and FLOPs of the run the pretrain.py flags "
                             "describe, and with --device-memory-gib a YES/NO and the cheapest change that fits.")
     g = p.add_argument_group(PLANNER_GROUP)
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-memory-gib", type=float, default=None,
                    help="memory per device: answer whether the run fits it and print the cheapest change that does")
     g.add_argument("--json", action="store_true", help="print the plan as JSON")
+    g.add_argument("--plan", action="store_true", help="accepted, so that pretrain.py --plan can pass its whole line")
     add_training_flags(p)
     return p
 

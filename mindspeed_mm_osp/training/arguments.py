@@ -75,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pretrain.py", allow_abbrev=False, formatter_class=HelpFormatter,
                 description="Open-Sora Plan v1.5 pretraining (SparseUMMDiT on megatron-core)")
     add_training_flags(p)
+    p.add_argument("--plan", action="store_true",
+                   help="print whether this run fits the device memory, its per-device memory and FLOPs, and the "
+                        "cheapest change that fits, then exit before training (the planner's own flags: "
+                        "python -m mindspeed_mm_osp.tools.plan --help)")
     return p
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
-    """Every `pretrain.py` flag, in groups (the planner adds them after its own)."""
+    """Every `pretrain.py` flag but `--plan`, in groups (the planner adds them after its own)."""
     _add_model_flags(p)
     _add_parallel_flags(p)
     _add_schedule_flags(p)
@@ -89,10 +93,6 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     _add_checkpoint_flags(p)
     _add_logging_flags(p)
     _add_lora_flags(p)
-    p.add_argument("--plan", action="store_true",
-                   help="print whether this run fits the device memory, its per-device memory and FLOPs, and the "
-                        "cheapest change that fits, then exit before training (the planner's own flags: "
-                        "python -m mindspeed_mm_osp.tools.plan --help)")
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
