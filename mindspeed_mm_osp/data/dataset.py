@@ -10,7 +10,8 @@ no communication, and a resumed run reproduces the uninterrupted one.
 Reading failures (missing / zero-byte / corrupt file, fewer frames than annotated,
 decoded size not matching the bucket) are counted per reason and answered by reading
 another sample of the same shape, at most `max_read_retries` times (the reference retries
-without bound). Every item is a fresh dict (the reference returns one shared dict, so a batch
+without bound). Each failing file is logged once per process (the counts keep every failure); a file listed
+in `broken_on_purpose.txt` next to data.txt (the synthetic demo set writes one) is logged as expected. Every item is a fresh dict (the reference returns one shared dict, so a batch
 of several samples held copies of the last one).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -32,6 +34,17 @@ from .transforms import Compose, build_pipeline, default_pipeline
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77
+BROKEN_ON_PURPOSE = "broken_on_purpose.txt"  # next to data.txt: files a test set breaks deliberately, one a line
+
+
+def broken_on_purpose(data_path: str) -> frozenset[str]:
+    """The resolved paths listed in `BROKEN_ON_PURPOSE` next to `data_path` (none without the file); `#` comments."""
+    folder = Path(data_path).parent
+    marker = folder / BROKEN_ON_PURPOSE
+    if not marker.is_file():
+        return frozenset()
+    lines = (line.split("#", 1)[0].strip() for line in marker.read_text().splitlines())
+    return frozenset(str((folder / line).resolve()) for line in lines if line)
 
 
 class SampleKey(NamedTuple):
@@ -99,6 +112,8 @@ class T2VDataset(torch.utils.data.Dataset):
         self.members = index.members()
         self.masks = MaskDrawer(dataset_param.mask_config) if dataset_param.mask_config is not None else None
         self._failures: Counter = Counter()
+        self._reported: set[str] = set()
+        self.expected_broken = broken_on_purpose(dataset_param.basic_parameters.data_path)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -121,6 +136,17 @@ class T2VDataset(torch.utils.data.Dataset):
             raise ReadError("shape_mismatch", idx.paths[i], f"got {tuple(x.shape)}, bucket {shape}")
         return x.permute(1, 0, 2, 3).contiguous()
 
+    def _report(self, e: ReadError) -> None:
+        """Log a file's first failure in this process; the retry reads another sample of the same shape."""
+        if e.path in self._reported:
+            return
+        self._reported.add(e.path)
+        if str(Path(e.path).resolve()) in self.expected_broken:
+            logger.info("read failed (%s), reading another sample; expected: synthetic broken sample (listed in "
+                        "%s)", e, BROKEN_ON_PURPOSE)
+        else:
+            logger.warning("read failed (%s), reading another sample of the same shape", e)
+
     def __getitem__(self, key: SampleKey) -> dict:
         position, epoch, slot = key
         group = self.members[int(self.index.shape_id[position])]
@@ -132,7 +158,7 @@ class T2VDataset(torch.utils.data.Dataset):
                 break
             except ReadError as e:
                 self._failures[e.reason] += 1
-                logger.warning("read failed (%s), attempt %d/%d", e, attempt + 1, self.preprocess.max_read_retries + 1)
+                self._report(e)
                 untried = np.setdiff1d(group, np.fromiter(tried, np.int64), assume_unique=False)
                 if len(untried) == 0 or attempt == self.preprocess.max_read_retries:
                     raise NoReadableSampleError(
@@ -149,4 +175,4 @@ class T2VDataset(torch.utils.data.Dataset):
         return item
 
 
-__all__ = ["CaptionProcessor", "SampleKey", "T2VDataset"]
+__all__ = ["BROKEN_ON_PURPOSE", "CaptionProcessor", "SampleKey", "T2VDataset", "broken_on_purpose"]

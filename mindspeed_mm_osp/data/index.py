@@ -139,6 +139,13 @@ class FilterStats:
         """Every non-zero drop count, reader and filter reasons together."""
         return {k: v for k, v in {**self.dropped, **self.counters}.items() if v}
 
+    def summary(self) -> str:
+        """One line for the default log: what was kept and the main drop reasons (the full table is `table()`)."""
+        drops = sorted(self.reasons().items(), key=lambda kv: -kv[1])
+        dropped = ", ".join(f"{k} {v}" for k, v in drops) or "none"
+        return (f"{self.kept} of {self.records_in} records kept ({self.videos_kept}/{self.videos_in} videos, "
+                f"{self.images_kept}/{self.images_in} images, {len(self.shapes)} shapes); dropped: {dropped}")
+
     def table(self) -> str:
         """Human-readable report: per-reason drops, kept ratios and the shape histogram."""
         def pct(a, b):

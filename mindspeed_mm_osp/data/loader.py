@@ -13,7 +13,7 @@ from ..config.data import DataConfig
 from .annotations import load_annotations
 from .batch import Batch
 from .collate import GroupLengthCollate
-from .dataset import T2VDataset
+from .dataset import BROKEN_ON_PURPOSE, T2VDataset, broken_on_purpose
 from .index import FilterStats, SampleIndex, SamplePlan, build_index, iter_plans
 from .readers import make_video_reader
 from .sampler import LengthGroupedSampler
@@ -49,14 +49,18 @@ class TrainDataLoader:
 
 
 def build_index_from_config(data_config: DataConfig, *, global_batch_size: int) -> tuple[SampleIndex, FilterStats]:
-    """Load data.txt's annotations and run the startup filter; logs the counter table."""
+    """Load data.txt's annotations and run the startup filter; logs its summary line (the table at DEBUG)."""
     dp = data_config.dataset_param
     loaded = load_annotations(dp.basic_parameters.data_path)
     index, stats = build_index(loaded.records, dp.preprocess_parameters, global_batch_size=global_batch_size,
                                use_img_from_vid=dp.use_img_from_vid, dropped=loaded.dropped,
                                first_dropped=loaded.first_dropped,
                                allow_paths_outside_data_folder=dp.basic_parameters.allow_paths_outside_data_folder)
-    logger.info("annotation filter (%s):\n%s", dp.basic_parameters.data_path, stats.table())
+    deliberate = broken_on_purpose(dp.basic_parameters.data_path)
+    note = f"; {len(deliberate)} files broken on purpose ({BROKEN_ON_PURPOSE})" if deliberate else ""
+    logger.info("annotation filter (%s): %s%s (full table: OSP_LOG_LEVEL=DEBUG)", dp.basic_parameters.data_path,
+                stats.summary(), note)
+    logger.debug("annotation filter table:\n%s", stats.table())
     return index, stats
 
 

@@ -23,12 +23,14 @@ from .device import (
     synchronize,
 )
 from .megatron_adaptor import adapt_megatron, quiet_cpu_warnings
+from .quiet import silence_harmless_logs, silence_third_party
 
 if accelerator() == "cpu":
     quiet_cpu_warnings()  # before megatron-core is first imported: its import-time notices say nothing on CPU
+silence_harmless_logs()
 
 __all__ = [
     "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "device_name", "dist_backend", "empty_cache",
     "get_accelerator_rng_state", "max_memory_allocated", "npu_fused_ema_adamw", "reset_peak_memory_stats",
-    "set_accelerator_rng_state", "set_device", "synchronize",
+    "set_accelerator_rng_state", "set_device", "silence_third_party", "synchronize",
 ]

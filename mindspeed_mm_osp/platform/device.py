@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -13,13 +12,28 @@ import torch
 Accelerator = Literal["npu", "cuda", "cpu"]
 
 
-@functools.lru_cache(maxsize=None)
-def accelerator() -> Accelerator:
-    """NPU when torch_npu imports, else CUDA when available, else CPU.
+_chosen: list = []  # the accelerator, once chosen
 
-    `OSP_DEVICE=cpu|cuda|npu` forces a choice (e.g. CPU runs on a GPU host). torch_npu is
-    only looked up here, lazily, so importing the package never loads it.
+
+def accelerator() -> Accelerator:
+    """NPU when torch_npu imports, else CUDA when available, else CPU; chosen once per process.
+
+    The choice is kept in a plain module list, not an `lru_cache`: the attention layers ask for it inside the
+    blocks `--compile` traces, and dynamo does not trace through an `lru_cache` wrapper (it warns, then traces
+    the wrapped body: environment lookups and imports on every compilation). `accelerator.cache_clear()`
+    forgets the choice (tests that switch devices).
     """
+    if not _chosen:
+        _chosen.append(_choose())
+    return _chosen[0]
+
+
+accelerator.cache_clear = _chosen.clear  # type: ignore[attr-defined]
+
+
+def _choose() -> Accelerator:
+    """`OSP_DEVICE=cpu|cuda|npu` forces a choice (e.g. CPU runs on a GPU host). torch_npu is only looked up
+    here, lazily, so importing the package never loads it."""
     forced = os.environ.get("OSP_DEVICE", "").strip().lower()
     if forced:
         if forced not in ("npu", "cuda", "cpu"):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.dataset import BROKEN_ON_PURPOSE
 from ..errors import check_output_dir, check_ranges, entry_point
 
 RED_BAND = 16
@@ -252,8 +253,14 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images:
     data_txt.write_text("\n".join(lines))
     data_json = root / "data.json"
     data_json.write_text(json.dumps(data_json_dict(data_txt), indent=2))
+    (root / BROKEN_ON_PURPOSE).write_text(_BROKEN_HEADER + "".join(f"{p}  # {why}\n" for p, why in BROKEN_FILES))
     return SyntheticDataset(root, data_txt, data_json, tuple(annos))
 
+
+# Files set1 breaks on purpose (read failures the training log announces as expected), and why.
+BROKEN_FILES = (("set1/corrupt.mp4", "random bytes"), ("set1/missing.mp4", "annotated, never written"),
+                ("set1/empty.mp4", "zero bytes"), ("set1/v24_10.mp4", "10 frames, annotated as 40"))
+_BROKEN_HEADER = "# Broken on purpose by make_synthetic_dataset: the loader's read-failure path is part of the demo.\n"
 
 # The valid range of every numeric flag (`errors.check_ranges`).
 RANGES = {"--num-videos": dict(low=0, high=10000), "--num-images": dict(low=0, high=10000),
@@ -273,6 +280,8 @@ def main(argv=None) -> None:
     check_output_dir("OUT", a.out, overwrite=a.overwrite)
     ds = make_synthetic_dataset(a.out, a.num_videos, a.num_images, a.seed)
     print(f"wrote {ds.root}: data.txt={ds.data_txt} data.json={ds.data_json}")
+    print(f"{len(BROKEN_FILES)} files are broken on purpose (listed in {ds.root / BROKEN_ON_PURPOSE}): training "
+          "reports their read failures as expected")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,37 @@ logger = logging.getLogger("mindspeed_mm_osp.train")
 
 
 def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    """INFO on rank 0, WARNING elsewhere; `OSP_LOG_LEVEL` (e.g. DEBUG: the full data filter table) overrides rank 0.
+
+    Every rank reads the same annotations, so only rank 0 reports the records they drop; the tensor/context
+    parallel peers of a data-parallel replica read the same samples, so only its first rank reports read failures.
+    """
+    from .. import platform
+
+    level = (logging.getLevelName(os.environ.get("OSP_LOG_LEVEL", "INFO").upper()) if rank == 0
+             else logging.WARNING)
+    logging.basicConfig(level=level if isinstance(level, int) else logging.INFO, format="%(message)s", force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every DDP bucket's parameters
+    platform.silence_third_party()
+    if rank != 0:
+        logging.getLogger("mindspeed_mm_osp.data.annotations").setLevel(logging.ERROR)
+    if not _first_of_replica():
+        logging.getLogger("mindspeed_mm_osp.data.dataset").setLevel(logging.ERROR)
+
+
+def _first_of_replica() -> bool:
+    """Whether this rank is the first tensor- and context-parallel rank of its data-parallel replica."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return True
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+
+
+def _tflops(value: float) -> str:
+    """At least three significant digits, so a CPU run's small throughput does not print as 0.000."""
+    decimals = 3 if value <= 0 or value >= 0.1 else 2 - math.floor(math.log10(value))
+    return f"{value:.{decimals}f}"
 
 
 @dataclass
@@ -70,7 +98,7 @@ def format_line(s: IterationStats) -> str:
         f"elapsed time per iteration (ms): {s.elapsed_ms:.1f}",
     ]
     if s.tflops_per_device is not None:
-        parts.append(f"throughput per device (TFLOP/s/device): {s.tflops_per_device:.3f}")
+        parts.append(f"throughput per device (TFLOP/s/device): {_tflops(s.tflops_per_device)}")
     if s.mfu is not None:
         parts.append(f"MFU: {100 * s.mfu:.1f}%")
     parts += [
