@@ -104,15 +104,17 @@ def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
     """The flags of `NO_OP_FLAGS`, accepted for launcher compatibility; their help line is the reason."""
     noop = p.add_argument_group("accepted for launcher compatibility, no effect for this model")
     kinds = {int: ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-                   "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters",
-                   "--tensorboard-log-interval"),
+                   "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"),
              float: ("--attention-dropout", "--hidden-dropout"),
              str: ("--tokenizer-type", "--position-embedding-type", "--normalization", "--distributed-backend",
                    "--mm-tool")}
     for kind, flags in kinds.items():
         for flag in flags:
             noop.add_argument(flag, type=kind, default=None, help=f"no effect: {NO_OP_FLAGS[flag]}")
-    switches = [flag for flag in NO_OP_FLAGS if not any(flag in flags for flags in kinds.values())]
+    noop.add_argument("--tensorboard-log-interval", type=int, default=1,
+                      help=f"no effect: {NO_OP_FLAGS['--tensorboard-log-interval']}")
+    valued = [*(flag for flags in kinds.values() for flag in flags), "--tensorboard-log-interval"]
+    switches = [flag for flag in NO_OP_FLAGS if flag not in valued]
     for flag in switches:
         noop.add_argument(flag, action="store_true", help=f"no effect: {NO_OP_FLAGS[flag]}")
 
