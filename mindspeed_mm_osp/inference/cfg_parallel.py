@@ -54,6 +54,18 @@ def init_cfg_parallel(dims: ParallelDims) -> CfgParallelGroup:
     return CfgParallelGroup(group_by((dp_group, dims.dp_rank // 2)), dims.dp_rank % 2, dims.dp_rank // 2, dims.dp // 2)
 
 
+def describe_pairs(cfg: CfgParallelGroup) -> str:
+    """Every pair's global ranks, in words for the run's log (collective: every rank must call it)."""
+    me = dist.get_rank()
+    peer = next(r for r in dist.get_process_group_ranks(cfg.group) if r != me)
+    entries: list = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (cfg.replica, cfg.branch, me, peer))
+    pairs = sorted((replica, me, peer) for replica, branch, me, peer in entries if branch == 0)
+    listed = ", ".join(f"uncond rank {u} + cond rank {c} (replica {replica})" for replica, u, c in pairs)
+    return (f"{len(pairs)} pair(s): {listed}; each step all-gathers the two halves; prompts split over "
+            f"{cfg.num_replicas} replica(s)")
+
+
 def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:
     """Wrap a `model_fn` that the sampler calls with the batched [uncond; cond] inputs: run only this rank's
     half and return the pair's all-gathered [uncond; cond] prediction."""
@@ -70,4 +82,4 @@ def cfg_parallel_model_fn(model_fn: ModelFn, cfg: CfgParallelGroup) -> ModelFn:
     return run_half
 
 
-__all__ = ["CfgParallelGroup", "cfg_parallel_model_fn", "group_by", "init_cfg_parallel"]
+__all__ = ["CfgParallelGroup", "cfg_parallel_model_fn", "describe_pairs", "group_by", "init_cfg_parallel"]

@@ -25,6 +25,7 @@ from ..config import ConfigError, InferenceConfig, to_dict
 from ..diffusion.step_cache import StepCache
 from .arguments import InferenceArgs, build_config
 from .benchmark import StageTimer, peak_memory
+from .cfg_parallel import describe_pairs
 from .conditioning import InpaintCondition, condition_pixels, condition_report
 from .pipeline import TextConditioner, denoise, initial_noise, load_latents, load_prompts, save_latents
 from .ranks import Ranks, init_parallel, release_parallel
@@ -75,6 +76,9 @@ class RunState:
     sigmas: Optional[torch.Tensor] = None
     condition: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # given pixels and frame mask (inpaint model)
     step_cache: Optional[StepCache] = None  # of the last `denoise`
+    compiled: list = field(default_factory=list)  # the `--compile` wrappers
+    compile_reported: bool = False
+    decode_reported: bool = False
     timer: StageTimer = field(default_factory=StageTimer)
     written: list[Path] = field(default_factory=list)
 
@@ -108,6 +112,10 @@ class InferenceRunner:
         acc = cfg.acceleration
         ranks, owned = init_parallel(args.tp, args.cp, cfg.seed, acc.cfg_parallel, acc.parallel_vae_decode)
         self.state = RunState(cfg, ranks, owned)
+        if ranks.cfg is not None:
+            pairs = describe_pairs(ranks.cfg)  # collective
+            if ranks.dims.rank == 0:
+                logger.info("--cfg-parallel: %s", pairs)
         if args.size_preset and ranks.dims.rank == 0:
             frames, height, width = cfg.pipeline_config.input_size
             print(f"size preset -> frames {frames}, height {height}, width {width}")
@@ -121,6 +129,7 @@ class InferenceRunner:
 
         state, args = self.state, self.args
         cfg = state.cfg
+        platform.silence_third_party()
         weights = args.predictor_weights or cfg.predictor.from_pretrained
         if not weights:
             raise ConfigError(args.config, "predictor.from_pretrained",
@@ -166,7 +175,10 @@ class InferenceRunner:
         if args.lora:
             apply_adapters(model, args.lora, args.lora_scale)
         if cfg.acceleration.compile:  # after the adapters, so that the compiled blocks include them
-            compile_blocks(model, cfg.acceleration.compile_mode)
+            self.state.compiled = compile_blocks(model, cfg.acceleration.compile_mode)
+            if dims.rank == 0:
+                logger.info("--compile: compiling %d blocks (mode %s) during the first denoising step...",
+                            len(self.state.compiled), cfg.acceleration.compile_mode)
         return model
 
     # -- the stages of one micro-batch -------------------------------------------------------------------------
@@ -208,6 +220,11 @@ class InferenceRunner:
             now = time.perf_counter()
             if state.timer.enabled:
                 state.timer.samples["denoise_step"].append(now - last[0])
+            if state.compiled and not state.compile_reported and state.ranks.dims.rank == 0:
+                from .compile import compile_summary
+
+                logger.info("--compile: %s", compile_summary(state.compiled, now - last[0]))
+            state.compile_reported = True
             last[0] = now
             bar.update(1)
 
@@ -219,14 +236,35 @@ class InferenceRunner:
                                 step_cache=state.step_cache, cfg_parallel=state.ranks.cfg,
                                 condition=batch.condition).cpu()
         bar.close()
+        cache = state.step_cache
+        if cache is not None and state.ranks.writer:
+            logger.info("--cache-threshold %g: prompt %s skipped %d of %d steps %s", acc.cache_threshold,
+                        batch.indices[0], len(cache.skipped), cache.step, cache.skipped)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Optional[torch.Tensor]:
         """(B, C, t, h, w) latents -> (B, 3, T, H, W) videos in [-1, 1] (fp32, CPU). Under `--parallel-vae-decode`
         the replica's ranks share the decode (all call) and only its first rank gets the video (others: None)."""
         vae = self.state.vae
+        if self.state.cfg.acceleration.parallel_vae_decode and not self.state.decode_reported:
+            self._report_decode_plan(latents.shape[2])
         video = vae.decode(latents.to(next(vae.parameters()).device), self.state.ranks.decode_group)
         return None if video is None else video.float().clamp(-1, 1).cpu()
+
+    def _report_decode_plan(self, length: int) -> None:
+        """Say once, on rank 0, whether `--parallel-vae-decode` splits the decode, and why not."""
+        import torch.distributed as dist
+
+        from ..models.ae.parallel_decode import decoder_history, describe_plan
+
+        state = self.state
+        state.decode_reported = True
+        group = state.ranks.decode_group
+        if state.ranks.dims.rank != 0:
+            return
+        ranks = dist.get_world_size(group) if group is not None else 1
+        history = decoder_history(state.vae.vae) if ranks > 1 else 0
+        logger.info("--parallel-vae-decode: %s", describe_plan(length, ranks, history))
 
     def write(self, stem: str, record: dict, latents: Optional[torch.Tensor] = None,
               video: Optional[torch.Tensor] = None) -> Path:

@@ -107,6 +107,19 @@ def plan_spans(length: int, ranks: int, history: int) -> list[Span]:
     return greedy(lo)  # type: ignore[return-value]
 
 
+def describe_plan(length: int, ranks: int, history: int) -> str:
+    """What `decode_parallel` does with `length` latent frames over `ranks` ranks, in words for the run's log."""
+    if ranks < 2:
+        return f"not split: the replica has one rank, which decodes all {length} latent frames"
+    spans = [s for s in plan_spans(length, ranks, history) if not s.empty]
+    if len(spans) < 2:
+        return (f"not split: {length} latent frames, and a second rank would first re-decode the {history} latent "
+                f"frames before its span (the decoder's history), so one rank is fastest; splitting pays off for "
+                f"latents longer than {history} frames")
+    return (f"split {length} latent frames over {len(spans)} of {ranks} ranks: "
+            + ", ".join(f"[{s.start}, {s.end})" for s in spans))
+
+
 @torch.no_grad()
 def decode_span(vae: WFVAE, z: torch.Tensor, span: Span, chunk_latent_frames: int) -> torch.Tensor:
     """Video frames of latent frames [span.start, span.end), equal to the same frames of `vae.decode(z)`."""
@@ -142,4 +155,4 @@ def decode_parallel(vae: WFVAE, z: torch.Tensor, chunk_latent_frames: int,
     return torch.cat(parts, dim=2)
 
 
-__all__ = ["Span", "decode_parallel", "decode_span", "decoder_history", "output_frames", "plan_spans"]
+__all__ = ["Span", "decode_parallel", "decode_span", "decoder_history", "describe_plan", "output_frames", "plan_spans"]
