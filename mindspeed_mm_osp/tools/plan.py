@@ -268,8 +268,10 @@ def run(args: argparse.Namespace) -> str:
     plan = plan_memory(req.predictor, req.work, req.par, req.recompute, req.act_dtype, req.opt, req.encoders)
     w = req.work
     if args.json:
-        return json.dumps({"plan": dataclasses.asdict(plan), "total": plan.total, "headroom": headroom(plan)},
-                          indent=2)
+        report = {"plan": dataclasses.asdict(plan), "total": plan.total, "headroom": headroom(plan)}
+        if args.device_memory_gib:
+            report["fits"] = fits(plan, args.device_memory_gib * GIB)
+        return json.dumps(report, indent=2)
     out = fit_lines(req, plan, args.argv, args.device_memory_gib) if args.device_memory_gib else []
     out.append(f"TP={req.par.tp} SP={req.par.sp} CP={req.par.cp} DP={req.par.dp} micro-batch={w.micro_batch} "
                f"latent {w.latent_frames}x{w.latent_height}x{w.latent_width} text {w.text_len} "

@@ -162,8 +162,9 @@ def test_pretrain_plan_prints_the_plan_and_exits_before_training(configs, capsys
     from mindspeed_mm_osp.training import cli, trainer
 
     monkeypatch.setattr(trainer.Trainer, "__init__", lambda *a, **k: pytest.fail("training was started"))
-    cli.main(configs + ["--plan", "--train-iters", "1", "--world-size", "1", "--json"])
+    cli.main(configs + ["--plan", "--train-iters", "1", "--world-size", "1", "--json", "--device-memory-gib", "1"])
     report = json.loads(capsys.readouterr().out)
+    assert report["fits"] is False  # the 1 GiB runtime allowance of the headroom alone fills the device
     assert report["total"] == sum(report["plan"][k] for k in ("weights", "grads", "optimizer", "activations",
                                                                "encoders", "workspace"))
     assert report["headroom"] > report["plan"]["workspace"]
