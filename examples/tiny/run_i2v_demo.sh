@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
 OUT=demo_out
 ITERS=${ITERS:-20}
 if [ ! -f "$OUT/merged/model_ema.safetensors" ]; then

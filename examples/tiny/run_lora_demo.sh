@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
 OUT=demo_out
 BASE=$OUT/merged/model_ema.safetensors
 ITERS=${ITERS:-20}

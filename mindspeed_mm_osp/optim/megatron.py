@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import platform
+from ..errors import UserError
 from ..models.wrappers import unwrap
 from .fused_ema_adamw import EMA_KEY, FusedEmaAdamW
 
@@ -132,7 +133,7 @@ def build_lr_scheduler(optimizer, settings: OptimizerSettings):
     warmup_iters = (int(settings.lr_warmup_fraction * decay_iters) if settings.lr_warmup_fraction is not None
                     else settings.lr_warmup_iters)
     if decay_iters <= 0 or warmup_iters >= decay_iters:
-        raise ValueError(f"LR warm-up ({warmup_iters} iters) must be shorter than the decay ({decay_iters} iters); "
+        raise UserError(f"LR warm-up ({warmup_iters} iters) must be shorter than the decay ({decay_iters} iters); "
                          "check --lr-warmup-iters/--lr-warmup-fraction, --lr-decay-iters and --train-iters")
     return OptimizerParamScheduler(
         optimizer, init_lr=settings.lr_warmup_init, max_lr=settings.lr, min_lr=settings.min_lr,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import platform
 from ..errors import check_number, check_output_dir, entry_point
 
 T5_DIM = 32
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     check_number("--seed", a.seed, low=0, high=2**32 - 1)
     check_output_dir("OUT", a.out, overwrite=a.overwrite)
+    platform.silence_third_party()  # transformers' "Writing model shards" bars
     for name, path in make_tiny_models(a.out, a.seed).items():
         print(f"{name}: {path}")
 
