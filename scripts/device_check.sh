@@ -186,7 +186,9 @@ simulate() {
   rm -rf "${ROOT:?}/$SIM" && mkdir -p "$ROOT/$SIM"
   echo "== simulate 1/3: a fresh venv standing in for the machine's image (local CPU torch + the image's packages)"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q torch==2.13.0
+  # simulation only: the stand-in image's torch is the local CPU build that constraints.txt pins (the GPU run
+  # itself never installs torch)
+  "$venv/bin/python" -m pip install -q -c constraints.txt torch
   # versions as the machine's image lists them where known; the project's own dependencies are NOT installed here
   "$venv/bin/python" -m pip install -q -c constraints.txt transformers==5.17.0 tokenizers==0.23.2 safetensors==0.8.0 \
     sentencepiece==0.2.2 numpy packaging psutil protobuf einops tqdm pillow xxhash pytest pytest-timeout hypothesis
