@@ -279,3 +279,22 @@ def infer_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
     from mindspeed_mm_osp.inference import cli
 
     cli.main(argv)
+
+
+def json_key_paths(node, prefix: tuple = ()) -> list[tuple]:
+    """Every key path (dict keys and list indices) of a JSON tree, for tests that mutate configs."""
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += json_key_paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += json_key_paths(v, prefix + (i,))
+    return out
+
+
+def json_set(doc, path: tuple, value) -> None:
+    """Replace the value at key path `path` of a JSON tree in place."""
+    for part in path[:-1]:
+        doc = doc[part]
+    doc[path[-1]] = value

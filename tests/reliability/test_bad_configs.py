@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from mindspeed_mm_osp.config import ConfigError, load_data_config, load_inference_config, load_model_config
 from mindspeed_mm_osp.config.loader import strip_json_comments
 from mindspeed_mm_osp.config.dtypes import to_torch_dtype
+from helpers import json_key_paths
 from reliability_harness import log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,18 +34,6 @@ LOADERS: dict[str, Callable] = {"model": load_model_config, "data": load_data_co
 
 def _example(rel: str) -> dict:
     return json.loads(strip_json_comments((ROOT / rel).read_text()))
-
-
-def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every key path (dict keys and list indices) of a JSON tree."""
-    out = [prefix] if prefix else []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out += _paths(v, prefix + (i,))
-    return out
 
 
 def _json_path(path: tuple) -> str:
@@ -183,7 +172,7 @@ def mutations(draw, kind: str):
     doc = _example(rel)
     done = []
     for _ in range(draw(st.integers(1, 3))):
-        paths = _paths(doc)
+        paths = json_key_paths(doc)
         if not paths:  # everything was deleted already
             break
         path = draw(st.sampled_from(paths))

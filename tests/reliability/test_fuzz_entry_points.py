@@ -29,6 +29,7 @@ from mindspeed_mm_osp.tools import extract_features, make_synthetic_dataset, mak
 from mindspeed_mm_osp.tools import reconstruct_video
 from mindspeed_mm_osp.training import arguments as training_arguments
 from mindspeed_mm_osp.training import cli as training_cli
+from helpers import json_key_paths, json_set
 from reliability_harness import log, train_argv
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None, database=None,
@@ -82,18 +83,6 @@ def broken_path(expected: str, how: str, where: Path) -> Path:
     return broken_file("folder" if expected == "file" else "binary", None, where)
 
 
-def json_paths(node, prefix: tuple = ()) -> list[tuple]:
-    """Every key path of a JSON tree whose value is a scalar, list or object (all of them can be swapped)."""
-    out = [prefix] if prefix else []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out += json_paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out += json_paths(v, prefix + (i,))
-    return out
-
-
 def _json_type(value) -> str:
     if isinstance(value, bool):
         return "bool"
@@ -113,7 +102,7 @@ def type_swap(draw, source: Path, prefix: tuple = ()):
     """(key path, new value): one value of the JSON at `source` (under `prefix`) replaced by a value of another
     JSON type. Nulls (optional keys: any type may fill them) are left alone."""
     doc = json.loads(source.read_text())
-    paths = [p for p in json_paths(doc) if p[:len(prefix)] == prefix and _at(doc, p) is not None]
+    paths = [p for p in json_key_paths(doc) if p[:len(prefix)] == prefix and _at(doc, p) is not None]
     path = draw(st.sampled_from(paths))
     old = _at(doc, path)
     value = draw(st.sampled_from([v for v in OTHER_TYPES if _json_type(v) != _json_type(old)]))
@@ -122,10 +111,7 @@ def type_swap(draw, source: Path, prefix: tuple = ()):
 
 def swapped_json(source: Path, path: tuple, value, where: Path) -> Path:
     doc = json.loads(source.read_text())
-    parent = doc
-    for part in path[:-1]:
-        parent = parent[part]
-    parent[path[-1]] = value
+    json_set(doc, path, value)
     out = where / f"swapped_{source.name}"
     out.write_text(json.dumps(doc))
     return out

@@ -19,6 +19,8 @@ from mindspeed_mm_osp.training.components import FrozenEncoders, Precision
 from mindspeed_mm_osp.tools.make_synthetic_dataset import data_json_dict, make_synthetic_dataset
 from mindspeed_mm_osp.training.step import encode_batch, flow_matching_loss, keyed_generator
 
+from helpers import json_set
+
 SEED = 7
 FP32 = Precision(vae=torch.float32, text=torch.float32, predictor=torch.float32)
 
@@ -153,10 +155,7 @@ def test_resume_after_interruption_skips_finished_shards(setup, tmp_path):
 def test_mismatched_cache_is_refused(setup, tmp_path, section, key, value, named):
     paths = {"model": setup.model_json, "data": setup.data_json}
     cfg = json.loads(paths[section].read_text())
-    node = cfg
-    for k in key[:-1]:
-        node = node[k]
-    node[key[-1]] = value
+    json_set(cfg, key, value)
     changed = tmp_path / f"{section}.json"
     changed.write_text(json.dumps(cfg))
     data_cfg = load_data_config(changed if section == "data" else setup.data_json)
