@@ -1,7 +1,7 @@
 """The error contract of every entry point and tool: bad input is one line and exit status 2, a bug is a traceback.
 
 `pretrain.py`, `inference.py`, `convert_mm_to_ckpt.py` and every `python -m mindspeed_mm_osp.tools.*` module wrap
-their `main` in `entry_point(name)`. A domain error (`user_errors()`: a config key, a flag value, a data or
+their `main` in `entry_point(name)`. A domain error (a `UserError`: a config key, a flag value, a data or
 checkpoint file, a path) is printed as `NAME: error: MESSAGE` on one line and exits 2; the message names the file,
 key or flag and the fix. A collective that fails because another rank died or hung is one line too (exit 4).
 Anything else is a bug: its traceback is kept and one line asks to report it (exit 1).
@@ -25,13 +25,10 @@ EXIT_LOST_PEER = 4  # another rank died or hung (3 is pretrain.py's "stopped aft
 
 
 class UserError(Exception):
-    """Bad input found at the edge (a flag value, a path, a file's content); the message names it and the fix."""
+    """Bad input found at the edge (a flag value, a path, a file's content); the message names it and the fix.
 
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The domain error types: each derives from `UserError` (the config, parallel-layout, checkpoint, data-read,
-    feature-cache and VAE-key errors declare it as a base), so this module imports nothing of the package."""
-    return (UserError,)
+    Every domain error derives from it (config, parallel layout, checkpoint, data read, feature cache, VAE keys),
+    so the boundary catches this one type and this module imports nothing of the package."""
 
 
 def one_line(error: BaseException) -> str:
@@ -71,7 +68,7 @@ def entry_point(name: str) -> Callable:
         def run(argv=None):
             try:
                 return main(argv)
-            except user_errors() as e:
+            except UserError as e:
                 print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
                 raise SystemExit(EXIT_USER_ERROR) from None
             except Exception as e:  # noqa: BLE001 - the boundary: a bug keeps its traceback
@@ -178,4 +175,4 @@ def _kind(kind: str) -> str:
 
 __all__ = ["EXIT_BUG", "EXIT_LOST_PEER", "EXIT_USER_ERROR", "UserError", "check_input_path", "check_number",
            "check_output_dir",
-           "check_ranges", "describe_range", "entry_point", "env_int", "is_text", "one_line", "user_errors"]
+           "check_ranges", "describe_range", "entry_point", "env_int", "is_text", "one_line"]

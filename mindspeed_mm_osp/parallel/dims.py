@@ -95,8 +95,3 @@ class ParallelDims:
     @property
     def distributed(self) -> bool:
         return self.tp_group is not None
-
-    @property
-    def is_first_dp_cp_rank(self) -> bool:
-        """The one rank of each model shard's replicas that writes checkpoint files for that shard."""
-        return self.dp_cp_rank == 0
