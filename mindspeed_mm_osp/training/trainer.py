@@ -231,15 +231,19 @@ class Trainer:
         losses, flops = [], 0.0
         for _ in range(ga):
             enc = self.stream.next()
-            gen = self.stream.noise_generator(self.stream.ordinal - 1)
-            loss = flow_matching_loss(self.ddp, self.diffusion, enc, gen, self.precision.predictor,
-                                      self.args.i2v_loss_region)
+            loss = self.micro_batch_loss(enc, self.stream.noise_generator(self.stream.ordinal - 1))
             (loss * scale).backward()
             losses.append(loss.detach())
             _, _, t, h, w = enc.latents.shape
             flops += predictor_training_flops(self.model_cfg.predictor, enc.latents.shape[0], (t, h, w),
                                               enc.text.shape[1])
         return losses, flops
+
+    def micro_batch_loss(self, enc, generator: torch.Generator) -> torch.Tensor:
+        """The fp32 scalar loss of one micro-batch, its noise drawn from `generator` (a subclass's objective,
+        e.g. `distill.DistillTrainer`, overrides this alone)."""
+        return flow_matching_loss(self.ddp, self.diffusion, enc, generator, self.precision.predictor,
+                                  self.args.i2v_loss_region)
 
     def _finalize_gradients(self) -> None:
         from megatron.core.distributed import finalize_model_grads
