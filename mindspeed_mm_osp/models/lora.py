@@ -24,6 +24,7 @@ converter merges and splits them like any other key. `merge_lora` folds them int
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -83,6 +84,7 @@ class LoRALinear(nn.Module):
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and tp_size > 1
         self.scaling = config.scaling * scale
         self.dropout = config.dropout
+        self.enabled = True  # `adapters_disabled` turns the adapter off: the layer is its base
         fan_in, fan_out = _features(base, kind)
         weight = base.weight
         g = torch.Generator().manual_seed(config.init_seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -142,6 +144,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor):
         out = self.base(x)
+        if not self.enabled:
+            return out
         if self.kind == "linear":
             return out + self.delta(x).to(out.dtype)
         y, bias = out
@@ -226,6 +230,22 @@ def _streams_require_grad(model: nn.Module) -> None:
 
     for name in ("patch_embed", "caption_projection", "time_text_embed"):
         model.get_submodule(name).register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` as its frozen base inside the block (distillation's teacher pass shares the student's one copy
+    of the base weights). Every TP rank must enter it together: the adapters' collectives are skipped."""
+    modules = list(lora_modules(model).values())
+    if not modules:
+        raise ValueError("adapters_disabled: the model has no LoRA adapters")
+    for module in modules:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.enabled = True
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -330,13 +350,17 @@ def check_base_weights(metadata: Mapping, base: Mapping[str, torch.Tensor], sour
 
 
 def check_resumable(recorded: Mapping, current: Mapping, source: str) -> None:
-    """Both `lora_metadata`: same base config (`check_base`) and same LoRA config, else a ValueError naming
-    the differing fields."""
+    """Both `lora_metadata`: same base config (`check_base`), same LoRA config and (distillation) the same student
+    schedule, else a ValueError naming the differing fields."""
     _require_same_base(recorded["base"], current["base"], source)
     diffs = _differences(recorded["config"], current["config"], ("checkpoint", "this run"))
     if diffs:
         raise ValueError(f"{source}: adapters of another LoRA config ({diffs}); resume with the checkpoint's "
                          "--lora-* flags")
+    diffs = _differences(recorded.get("distill") or {}, current.get("distill") or {}, ("checkpoint", "this run"))
+    if diffs:
+        raise ValueError(f"{source}: adapters of another distillation ({diffs}); resume with the checkpoint's "
+                         "--distill* flags")
 
 
 def _require_same_base(recorded: Mapping, current: Mapping, source: str) -> None:
@@ -355,5 +379,5 @@ def _differences(a: Mapping, b: Mapping, labels: tuple[str, str], ignore: tuple[
                      if plain(a.get(f)) != plain(b.get(f)))
 
 
-__all__ = ["LoRALinear", "apply_lora", "check_base", "check_base_weights", "check_resumable", "load_lora_state_dict",
+__all__ = ["LoRALinear", "adapters_disabled", "apply_lora", "check_base", "check_base_weights", "check_resumable", "load_lora_state_dict",
            "lora_metadata", "lora_modules", "lora_state_dict", "merge_lora", "recorded_config", "resolve_targets"]
