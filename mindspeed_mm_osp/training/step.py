@@ -158,6 +158,13 @@ def flow_matching_loss(predictor, scheduler: FlowMatchingScheduler, enc: Encoded
     b, _, _, h, w = x0.shape
     sigmas = scheduler.sample_sigmas(b, latent_hw=(h, w), generator=noise_generator)
     noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32).to(x0.device)
-    x_t = scheduler.add_noise(x0, noise, sigmas)
+    return velocity_loss(predictor, scheduler, enc, sigmas, noise, dtype, loss_region)
+
+
+def velocity_loss(predictor, scheduler: FlowMatchingScheduler, enc: EncodedBatch, sigmas: torch.Tensor,
+                  noise: torch.Tensor, dtype: torch.dtype, loss_region: LossRegion = "all") -> torch.Tensor:
+    """Masked velocity MSE of `enc` noised to the given `sigmas` (B,) with `noise` (the validation loss picks both)."""
+    x_t = scheduler.add_noise(enc.latents, noise, sigmas)
     pred = predictor(**model_inputs(enc, x_t, scheduler.timesteps(sigmas), dtype))
-    return scheduler.loss(pred, scheduler.training_target(x0, noise), mask=enc.loss_mask(loss_region), sigmas=sigmas)
+    return scheduler.loss(pred, scheduler.training_target(enc.latents, noise), mask=enc.loss_mask(loss_region),
+                          sigmas=sigmas)
