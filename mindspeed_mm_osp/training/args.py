@@ -160,8 +160,30 @@ class LoraArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistillArgs:
+    """Few-step distillation (`--distill` turns it on; docs/distillation.md): a LoRA student of the frozen base."""
+
+    distill: Optional[str] = None
+    distill_student_steps: int = 4
+    distill_teacher_substeps: int = 12
+    distill_guidance_scale: float = 8.0
+    distill_guidance_rescale: float = 0.7
+    distill_shift: float = 7.0
+
+    def student_schedule(self):
+        """The `diffusion.student.StudentSchedule` this run trains for (None without --distill)."""
+        from ..diffusion.student import StudentSchedule
+
+        if self.distill is None:
+            return None
+        return StudentSchedule(student_steps=self.distill_student_steps, teacher_substeps=self.distill_teacher_substeps,
+                               shift=self.distill_shift, guidance_scale=self.distill_guidance_scale,
+                               guidance_rescale=self.distill_guidance_rescale, method=self.distill)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, RecomputeArgs, CheckpointArgs, LoggingArgs,
-                   LoraArgs):
+                   LoraArgs, DistillArgs):
     """Every flag the trainer reads, validated (see `arguments.validate`); no-op flags are dropped."""
 
     inject_nonfinite_grad: Optional[str] = None  # fault injection of the reliability tests: "ITER:nan|inf,..."
@@ -171,5 +193,5 @@ class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, Recompu
         return dataclasses.asdict(self)
 
 
-__all__ = ["CheckpointArgs", "LoggingArgs", "LoraArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
+__all__ = ["CheckpointArgs", "DistillArgs", "LoggingArgs", "LoraArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
            "ScheduleArgs", "TrainingArgs"]

@@ -9,14 +9,16 @@ either real or listed there, never both. Unknown flags fail with the flag named.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
 from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
+from ..diffusion.student import METHODS
 from ..errors import UserError, check_ranges
 from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
-from .args import TrainingArgs
+from .args import DistillArgs, TrainingArgs
 
 # flag -> why it has no effect for SparseUMMDiT (printed in --help and docs/training.md)
 NO_OP_FLAGS = {
@@ -93,6 +95,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     _add_checkpoint_flags(p)
     _add_logging_flags(p)
     _add_lora_flags(p)
+    _add_distill_flags(p)
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
@@ -260,6 +263,26 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--lora-load", default=None, help="adapter checkpoint folder to resume (fresh start without one)")
 
 
+_DISTILL = DistillArgs()  # the flags' defaults
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    ds = p.add_argument_group("few-step distillation (docs/distillation.md)")
+    ds.add_argument("--distill", choices=METHODS, default=None,
+                    help="train a few-step student (base + LoRA adapters, needs --lora-r) to follow the frozen base's "
+                         "guided trajectory; --load names the base")
+    ds.add_argument("--distill-student-steps", type=int, default=_DISTILL.distill_student_steps,
+                    help="sampling steps K of the student")
+    ds.add_argument("--distill-teacher-substeps", type=int, default=_DISTILL.distill_teacher_substeps,
+                    help="teacher Euler steps per student step (the teacher samples with K x this many steps)")
+    ds.add_argument("--distill-guidance-scale", type=float, default=_DISTILL.distill_guidance_scale,
+                    help="classifier-free guidance scale folded into the student")
+    ds.add_argument("--distill-guidance-rescale", type=float, default=_DISTILL.distill_guidance_rescale,
+                    help="guidance rescale folded into the student (0: off)")
+    ds.add_argument("--distill-shift", type=float, default=_DISTILL.distill_shift,
+                    help="static sigma shift of the student's and the teacher's sampling grid")
+
+
 def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
     """'3:nan,5:inf' -> {3: 'nan', 5: 'inf'} (fault-injection tests only)."""
     faults = {}
@@ -301,6 +324,9 @@ RANGES = {
     "--exit-interval": dict(low=0), "--exit-duration-in-mins": dict(low=0), "--peak-tflops": dict(low=0),
     "--ckpt-step": dict(low=0),
     "--recompute-num-layers": dict(low=0), "--recom_ffn_layers": dict(low=0),
+    "--distill-student-steps": dict(low=1, high=1000), "--distill-teacher-substeps": dict(low=1, high=1000),
+    "--distill-guidance-scale": dict(low=0, high=100), "--distill-guidance-rescale": dict(low=0, high=1),
+    "--distill-shift": dict(low=1, high=100),
 }
 
 
@@ -362,6 +388,19 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     _check_lora(args)
+    _check_distill(args)
+
+
+def _check_distill(args: argparse.Namespace) -> None:
+    if args.distill is None:
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(DistillArgs)
+                 if getattr(args, f.name) != f.default]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} need --distill trajectory")
+        return
+    if args.lora_r is None:
+        raise ArgumentError("--distill trains a LoRA student on one copy of the base weights: add --lora-r R (e.g. "
+                            "64); full-weight students are not supported yet (their memory: docs/distillation.md)")
 
 
 def _check_lora(args: argparse.Namespace) -> None:

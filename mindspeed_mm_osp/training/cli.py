@@ -65,6 +65,7 @@ def check_config_paths(args: TrainingArgs) -> None:
 @entry_point("pretrain.py")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from ..parallel import destroy_distributed
+    from .distill import DistillTrainer
     from .trainer import TrainingStopped, pretrain
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -77,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_output_paths(args)
     check_config_paths(args)
     try:
-        pretrain(args)
+        DistillTrainer(args).fit() if args.distill else pretrain(args)
     except TrainingStopped as e:
         print(f"pretrain.py: stopped: {e}", file=sys.stderr)
         sys.exit(3)

@@ -1,0 +1,135 @@
+"""Few-step distillation by trajectory matching (docs/distillation.md): `pretrain.py --distill trajectory --lora-r R`.
+
+The teacher is the frozen base with classifier-free guidance folded in; the student is the same base plus LoRA
+adapters, so one copy of the weights serves both (`models.lora.adapters_disabled` turns the adapters off for the
+teacher pass). Per micro-batch, from the micro-batch's keyed generator (so TP/CP peers agree, DP ranks differ and
+a resumed run draws what the uninterrupted one would): a student step i of the K-step grid and the noise e;
+x_i = (1 - sigma_i) z + sigma_i e. The teacher integrates x_i to sigma_{i+1} with M guided Euler sub-steps
+(cond and uncond rows in one forward, without autograd); the student, conditioned on the prompt only, must make
+that move in one Euler step: its velocity target is (x_{i+1} - x_i) / (sigma_{i+1} - sigma_i), loss masked MSE.
+
+Everything else is the `Trainer`'s: TP/SP/CP/DP, the adapters' EMA, checkpoints (which record the student
+schedule in their LoRA metadata), exact resume and the skipping of non-finite steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, DataConfig
+from ..config.diffusion import DiffusionConfig
+from ..diffusion import FlowMatchingScheduler, sample
+from ..diffusion.student import StudentSchedule
+from ..models.lora import adapters_disabled
+from .step import EncodedBatch, LossRegion, model_inputs
+from .trainer import Trainer
+
+TextKw = dict[str, torch.Tensor]
+# Every segment counts the same: unweighted masked MSE, whatever weighting the base was pre-trained with.
+_MSE = FlowMatchingScheduler(DiffusionConfig(weighting_scheme="none"))
+
+
+def negative_text(encoders, data_cfg: DataConfig, file: str) -> TextKw:
+    """The teacher's unconditional text: the v1.5 negative prompt `inference.py` uses by default, tokenised as the
+    training captions are and encoded once (predictor keywords, batch 1)."""
+    from ..data.dataset import CaptionProcessor
+    from ..models.text import apply_prompt_template, clean_caption, load_tokenizer
+
+    if encoders.text is None:
+        raise ConfigError(file, "load_text_features", "--distill encodes the teacher's negative prompt with the text "
+                          "encoders: set load_text_features to false in the model JSON")
+    dp = data_cfg.dataset_param
+    second = load_tokenizer(dp.tokenizer_config_2) if dp.tokenizer_config_2 is not None else None
+    tokens = CaptionProcessor(load_tokenizer(dp.tokenizer_config), second, max_length=dp.model_max_length, cfg=0.0,
+                              clean=False)(clean_caption(apply_prompt_template("", None, "v1.5")[1]))
+    with torch.no_grad():
+        hidden, mask, pooled = encoders.text.encode(tokens["input_ids"], tokens["attention_mask"],
+                                                    tokens.get("input_ids_2"), tokens.get("attention_mask_2"))
+    return _text_kw(hidden, mask, pooled)
+
+
+def _text_kw(hidden: torch.Tensor, mask: torch.Tensor, pooled: Optional[torch.Tensor]) -> TextKw:
+    kw = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+    return kw if pooled is None else {**kw, "pooled_projections": pooled}
+
+
+def _guided_model_fn(predictor: nn.Module, enc: EncodedBatch, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """`diffusion.sample`'s model for the teacher: the text of the call's rows ([uncond; cond] when guided) with the
+    micro-batch's latent mask and image-to-video condition repeated to match."""
+    b = enc.latents.shape[0]
+
+    def model_fn(x: torch.Tensor, timestep: torch.Tensor, **text) -> torch.Tensor:
+        reps = x.shape[0] // b
+
+        def repeat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.repeat(reps, *([1] * (t.ndim - 1)))
+
+        rows = dataclasses.replace(
+            enc, latent_mask=repeat(enc.latent_mask), text=text["encoder_hidden_states"],
+            text_mask=text["encoder_attention_mask"], pooled=text.get("pooled_projections"),
+            condition_latents=repeat(enc.condition_latents), condition_mask=repeat(enc.condition_mask))
+        return predictor(**model_inputs(rows, x, timestep, dtype)).float()
+
+    return model_fn
+
+
+@torch.no_grad()
+def teacher_target(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, x: torch.Tensor, step: int,
+                   schedule: StudentSchedule, dtype: torch.dtype) -> torch.Tensor:
+    """The velocity (fp32) that takes `x` (at the student's sigma_step) in one Euler step to where the guided
+    teacher gets in `schedule.teacher_substeps` steps; the predictor's adapters are off for these passes."""
+    b = x.shape[0]
+    cond = _text_kw(enc.text, enc.text_mask, enc.pooled)
+    uncond = {k: v.to(cond[k].device).expand(b, *v.shape[1:]) for k, v in negative.items()}
+    segment = schedule.teacher_segment(step)
+    with adapters_disabled(predictor):
+        x_next = sample(_guided_model_fn(predictor, enc, dtype), x.float(), cond, uncond, sigmas=segment,
+                        guidance_scale=schedule.guidance_scale, guidance_rescale=schedule.guidance_rescale)
+    return (x_next - x.float()) / (segment[-1] - segment[0]).item()
+
+
+def draw_point(schedule: StudentSchedule, x0: torch.Tensor,
+               generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """(student step i, noise e) of one micro-batch from its keyed generator, in this order (tests redraw them)."""
+    step = int(torch.randint(schedule.student_steps, (1,), generator=generator))
+    return step, torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+
+
+def distill_loss(predictor: nn.Module, schedule: StudentSchedule, enc: EncodedBatch, negative: TextKw,
+                 generator: torch.Generator, dtype: torch.dtype, loss_region: LossRegion = "all") -> torch.Tensor:
+    """Masked MSE (fp32 scalar) between the student's velocity at x_i and the teacher's one-step target."""
+    x0 = enc.latents
+    step, noise = draw_point(schedule, x0, generator)
+    sigma = schedule.sigmas()[step].expand(x0.shape[0])
+    x = FlowMatchingScheduler.add_noise(x0, noise, sigma)
+    target = teacher_target(predictor, enc, negative, x, step, schedule, dtype)
+    pred = predictor(**model_inputs(enc, x, FlowMatchingScheduler.timesteps(sigma), dtype))
+    return _MSE.loss(pred, target, mask=enc.loss_mask(loss_region))
+
+
+class DistillTrainer(Trainer):
+    """The `Trainer` with the distillation objective; checkpoints record the student schedule."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.schedule = args.student_schedule()
+
+    def build(self) -> None:
+        super().build()
+        self.negative = negative_text(self.encoders, self.data_cfg, self.args.mm_model)
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        self.lora = {**self.lora, "distill": self.schedule.to_record()}
+        return model
+
+    def micro_batch_loss(self, enc: EncodedBatch, generator: torch.Generator) -> torch.Tensor:
+        return distill_loss(self.ddp, self.schedule, enc, self.negative, generator, self.precision.predictor,
+                            self.args.i2v_loss_region)
+
+
+__all__ = ["DistillTrainer", "distill_loss", "draw_point", "negative_text", "teacher_target"]
