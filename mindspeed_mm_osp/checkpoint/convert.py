@@ -53,6 +53,7 @@ class MergedCheckpoint:
     tp_size: int
     ema: bool
     source: Path
+    student: Optional[dict] = None  # a distilled student's schedule (`diffusion.student`), recorded in the outputs
 
 
 # ------------------------------------------------------------------------------------------------ merge / split
@@ -122,7 +123,8 @@ def split_weights(state_dict: Mapping[str, torch.Tensor], tp_size: int) -> list[
 
 def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both") -> list[Path]:
     """Write `model[_ema].{safetensors,pt}` and `convert_info.json` (each atomically); returns the paths. The
-    safetensors metadata carries the tensors' checksum (`load_weights(verify=True)` checks it)."""
+    safetensors metadata carries the tensors' checksum (`load_weights(verify=True)` checks it); both it and the json
+    carry a distilled student's schedule (`student`), which `inference.py` samples on."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     save_dir = Path(save_dir)
@@ -130,6 +132,8 @@ def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both
     info = {"iteration": merged.iteration, "tp_size": merged.tp_size, "ema": merged.ema,
             "source": str(merged.source.resolve()), "num_tensors": len(merged.state_dict),
             "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in merged.state_dict.values()})}
+    if merged.student is not None:
+        info["student"] = merged.student
     written = []
     if fmt in ("safetensors", "both"):
         path = save_dir / f"{stem}.safetensors"
@@ -193,7 +197,8 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
         merged = merge_lora(base_sd, adapters.state_dict, recorded_config(source.lora).scaling)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
-    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory)
+    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory,
+                            source.lora.get("distill"))
 
 
 def _merged_file_iteration(path: Path) -> int | str:

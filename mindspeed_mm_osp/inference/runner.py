@@ -29,6 +29,7 @@ from .cfg_parallel import describe_pairs
 from .conditioning import InpaintCondition, condition_pixels, condition_report
 from .pipeline import TextConditioner, denoise, initial_noise, load_latents, load_prompts, save_latents
 from .ranks import Ranks, init_parallel, release_parallel
+from .weights import student_config
 
 logger = logging.getLogger("mindspeed_mm_osp.inference")
 
@@ -89,6 +90,7 @@ class InferenceRunner:
     def __init__(self, args: InferenceArgs):
         self.args = args
         self.request = args.condition_request()
+        self.student = None  # the distilled student's schedule (`weights.student_config`), once set up
         self.state: Optional[RunState] = None
 
     def run(self) -> list[Path]:
@@ -108,7 +110,7 @@ class InferenceRunner:
     def setup(self) -> None:
         """The JSON merged with the flags, then this rank's process groups."""
         args = self.args
-        cfg = build_config(args)
+        cfg, self.student = student_config(args, build_config(args))
         acc = cfg.acceleration
         ranks, owned = init_parallel(args.tp, args.cp, cfg.seed, acc.cfg_parallel, acc.parallel_vae_decode)
         self.state = RunState(cfg, ranks, owned)
@@ -378,6 +380,7 @@ class InferenceRunner:
             "config": str(args.config),
             "predictor_weights": str(args.predictor_weights or cfg.predictor.from_pretrained),
             "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
+            "student": None if self.student is None else self.student.to_record(),
             "acceleration": to_dict(cfg.acceleration),
         }
 

@@ -1,4 +1,5 @@
-"""LoRA adapters on the inference predictor (`--lora`, `--lora-scale`).
+"""LoRA adapters on the inference predictor (`--lora`, `--lora-scale`), and the sampling schedule of a distilled
+student (docs/distillation.md) that its weights or adapters carry.
 
 The base weights themselves (released `model_ema.pt`, merged files or a training checkpoint folder) are read
 by `checkpoint.weights.load_predictor_weights`, shared with training.
@@ -6,8 +7,10 @@ by `checkpoint.weights.load_predictor_weights`, shared with training.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from ..checkpoint.layout import CheckpointError
 from ..checkpoint.weights import load_lora_adapters
@@ -37,4 +40,50 @@ def apply_adapters(model, path: Path | str, scale: float = 1.0) -> list[str]:
     return names
 
 
-__all__ = ["apply_adapters"]
+def _recorded_student(weights: Optional[str], lora: Optional[str]) -> tuple[Optional[dict], str]:
+    """(the student schedule record or None, where it was found): the adapter checkpoint's LoRA metadata, else a
+    merged file's safetensors metadata or the `convert_info.json` written next to it."""
+    from safetensors import safe_open
+
+    from ..checkpoint.reader import read_checkpoint
+
+    if lora:
+        return (read_checkpoint(lora).lora or {}).get("distill"), str(lora)
+    path = Path(weights) if weights else None
+    if path is None or not path.is_file():
+        return None, ""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("student")
+        return (json.loads(text) if text else None), str(path)
+    info = path.parent / "convert_info.json"
+    if info.is_file():
+        record = json.loads(info.read_text(encoding="utf-8"))
+        if path.name in record.get("files", []):
+            return record.get("student"), str(info)
+    return None, ""
+
+
+def student_config(args, cfg):
+    """(`cfg`, None), or for a distilled student's weights or adapters (cfg sampling on the student's schedule,
+    the `StudentSchedule`): K steps on its shift with CFG off by default; flags given explicitly still win."""
+    from ..config import InferenceConfig, from_dict, to_dict
+    from ..diffusion.student import StudentSchedule
+
+    record, source = _recorded_student(args.predictor_weights or cfg.predictor.from_pretrained, args.lora)
+    if record is None:
+        return cfg, None
+    try:
+        student = StudentSchedule.from_record(record, source)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    flags = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+             "guidance_rescale": args.guidance_rescale, "shift": args.shift}
+    data = to_dict(cfg)
+    data["diffusion"].update({k: v for k, v in student.diffusion_overrides().items() if flags.get(k) is None})
+    logger.info("distilled student (%s): %d steps on shift %s, guidance %s folded in", source,
+                student.student_steps, student.shift, student.guidance_scale)
+    return from_dict(InferenceConfig, data, file=f"{args.config} + {source}"), student
+
+
+__all__ = ["apply_adapters", "student_config"]
