@@ -102,6 +102,8 @@ class PreprocessParameters:
     image_processer_type: str = "image2image"
     # How many other samples of the same shape are tried when a file cannot be read.
     max_read_retries: int = 10
+    # The minority filter: a sample shape with fewer than this x global_batch_size samples is dropped (0 keeps all).
+    min_samples_per_shape_factor: int = 4
     train_pipeline: TrainPipeline = field(default_factory=TrainPipeline)
 
     # Ranges of the numeric keys (checked by `loader.from_dict`); cross-key rules are in `validate`.
@@ -110,7 +112,7 @@ class PreprocessParameters:
                "min_h_div_w_ratio": "(0, 1000]", "hw_stride": "[1, 65536]", "train_fps": "[1, 1000]",
                "too_long_factor": "(0, 1000000]", "drop_short_ratio": "[0, 1]", "min_num_frames": "[1, 100000]",
                "sp_size": "[1, 1024]", "seed": "[0, 4294967295]", "timeout": "> 0", "max_read_retries": "[0, 1000]",
-               "speed_factor": "(0, 1000]"}
+               "speed_factor": "(0, 1000]", "min_samples_per_shape_factor": "[0, 1000000]"}
 
     def validate(self, file, path: str) -> None:
         require(self.ae_stride_t >= 1, file, f"{path}.ae_stride_t", "must be >= 1")

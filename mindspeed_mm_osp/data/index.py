@@ -15,7 +15,11 @@ reason (docs/data.md lists the checks in order and where they differ from the re
 5. videos: `too_long`, `fps_too_low`, `below_min_num_frames`, `too_short` (random drop of
    clips shorter than `num_frames` with probability `drop_short_ratio`), and
    `no_valid_frame_count` (three separate reasons, where the reference counts one);
-6. `filter_minority` — the sample's shape has fewer than `4 × global_batch_size` members.
+6. `filter_minority` — the sample's shape has fewer than `min_samples_per_shape_factor × global_batch_size`
+   members (a warning names the key when it drops any).
+
+`DROP_HINTS` says, per reason, which data JSON key (or annotation field) decides it and what to change: the
+error of an empty index names the key behind the most drops, and `prepare_dataset --dry-run` prints them all.
 
 A record's `crop` (rows y0:y1, columns x0:x1) defines the resolution the checks use. Everything
 is vectorised over numpy columns; the only per-record Python work is reading the dicts, and the
@@ -25,6 +29,7 @@ seconds. The result keeps (start, interval, count) per video instead of a list o
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +43,8 @@ from . import frames as F
 from .annotations import DATA_FOLDER_KEY
 from .geometry import force_resolution_min_area, multires_bucket
 from .readers import DatasetError
+
+logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv"})
@@ -212,11 +219,13 @@ def _columns(records: list[dict]) -> _Columns:
         if c is not None and isinstance(c, (list, tuple)) and len(c) == 4:
             crops[i] = c
         v = r.get("num_frames")
+        cut = r.get("cut") if isinstance(r.get("cut"), (list, tuple)) else None
+        if cut and isinstance(v, num) and cut[1] is not None:
+            v = min(v, cut[1] - cut[0])  # a clip never reads past its `cut` end
         nf.append(v if k == 0 and isinstance(v, num) and v == v else -1)
         v = r.get("fps")
         fps.append(v if isinstance(v, num) and v > 0 else 24.0)
-        cut = r.get("cut")
-        start.append(cut[0] if cut and isinstance(cut, (list, tuple)) else 0)
+        start.append(cut[0] if cut else 0)
         a = r.get("aesthetic", r.get("aes"))
         aes.append(a if isinstance(a, num) else np.nan)
     n = len(records)
@@ -349,7 +358,7 @@ def _drop_by_duration(f: _Filter, c: _Columns, preprocess: PreprocessParameters)
 
 
 def _group_shapes(f: _Filter, kind: np.ndarray, frames: np.ndarray, sh: np.ndarray, sw: np.ndarray, *,
-                  use_img_from_vid: bool, global_batch_size: int):
+                  use_img_from_vid: bool, min_per_shape: int):
     """(kept records, their kinds, shape ids, shapes) after the minority filter on the final shapes."""
     keep = np.flatnonzero(f.alive)
     kinds = kind[keep].astype(np.int8)
@@ -361,7 +370,7 @@ def _group_shapes(f: _Filter, kind: np.ndarray, frames: np.ndarray, sh: np.ndarr
     key = (frames_col << 40) | (sh[keep] << 20) | sw[keep]
     uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1)
-    major = counts[inv] >= 4 * global_batch_size
+    major = counts[inv] >= min_per_shape
     f.stats.counters["filter_minority"] = int((~major).sum())
     f.stats.reason[keep[~major]] = COUNTER_NAMES.index("filter_minority")
     keep, kinds, inv = keep[major], kinds[major], inv[major]
@@ -407,11 +416,16 @@ def build_index(records: list[dict], preprocess: PreprocessParameters, *, global
     _drop_unusable(f, c, preprocess, min_hxw)
     sh, sw = _drop_by_bucket(f, c, preprocess, min_hxw)
     frames, interval = _drop_by_duration(f, c, preprocess)
+    min_per_shape = preprocess.min_samples_per_shape_factor * global_batch_size
     keep, kinds, shape_id, shapes = _group_shapes(f, c.kind, frames, sh, sw, use_img_from_vid=use_img_from_vid,
-                                                  global_batch_size=global_batch_size)
+                                                  min_per_shape=min_per_shape)
     _summarize(stats, kinds, shape_id, shapes, c.aes)
     if len(keep) == 0:
-        raise _nothing_survived(records, stats, first_dropped)
+        raise NothingSurvivedError(_nothing_survived(records, stats, first_dropped, preprocess, global_batch_size),
+                                   stats)
+    if stats.counters["filter_minority"]:
+        logger.warning("filter_minority dropped %d samples: %s", stats.counters["filter_minority"],
+                       drop_hint("filter_minority", preprocess, global_batch_size))
     index = SampleIndex(
         paths=[records[i]["path"] for i in keep.tolist()], captions=[records[i]["cap"] for i in keep.tolist()],
         kind=kinds, start=c.start[keep], num_frames=c.nf[keep], interval=np.asarray(interval)[keep],
@@ -420,14 +434,80 @@ def build_index(records: list[dict], preprocess: PreprocessParameters, *, global
     return index, stats
 
 
-def _nothing_survived(records: list[dict], stats: FilterStats, first_dropped: Optional[str]) -> DatasetError:
-    """The one-line error of an empty index: record count, reasons counted, the first dropped record."""
+class NothingSurvivedError(DatasetError):
+    """No record survived the filter; `stats` holds the counters (a dry run prints them)."""
+
+    def __init__(self, message: str, stats: FilterStats):
+        super().__init__(message)
+        self.stats = stats
+
+
+_PRE = "dataset_param.preprocess_parameters."
+# Per drop reason: (what decides it, the rule, the fix); `{p}` is the PreprocessParameters, `{gbs}` the global
+# batch size, `{min_hxw}` the effective min_hxw. Reasons of the annotation reader (malformed, bad_*) share one.
+DROP_HINTS = {
+    "path_outside_data_folder": ("dataset_param.basic_parameters.allow_paths_outside_data_folder=false",
+                                 "the annotation path leaves the folder its data.txt line names",
+                                 "keep the media inside that folder, or set the key to true"),
+    "unsupported_ext": ("the annotation `path`", "the extension is neither a video nor an image one",
+                        "convert the file or fix the path"),
+    "no_cap": ("the annotation `cap`", "the record has no caption",
+               "add captions (a .txt next to each file, or prepare_dataset --captions FILE)"),
+    "no_resolution": ("the annotation `resolution`", "height or width missing or 0",
+                      "rebuild the annotations with prepare_dataset"),
+    "no_num_frames": ("the annotation `num_frames`", "a video without a frame count",
+                      "rebuild the annotations with prepare_dataset"),
+    "vid_aspect_mismatch": (_PRE + "min_h_div_w_ratio={p.min_h_div_w_ratio}, max_h_div_w_ratio={p.max_h_div_w_ratio}",
+                            "height/width outside that range", "widen the range"),
+    "vid_res_too_small": (_PRE + "min_hxw={min_hxw}", "fewer pixels than that (after the crop to max_height x "
+                          "max_width when force_resolution)", "lower min_hxw, or use larger videos"),
+    "vid_res_mismatch_stride": (_PRE + "max_hxw={p.max_hxw}, hw_stride={p.hw_stride}",
+                                "the multi-resolution bucket has a zero side", "raise max_hxw or lower hw_stride"),
+    "too_long": (_PRE + "too_long_factor={p.too_long_factor}",
+                 "more than that many times the source frames of one {p.num_frames}-frame sample at "
+                 "train_fps={p.train_fps}", "raise it, or cut long videos into clips (prepare_dataset --split-frames)"),
+    "fps_too_low": (_PRE + "train_fps={p.train_fps}", "the video's fps is lower",
+                    "lower train_fps to the videos' fps"),
+    "below_min_num_frames": (_PRE + "min_num_frames={p.min_num_frames}", "fewer frames than that at train_fps",
+                             "lower min_num_frames, or use longer videos"),
+    "too_short": (_PRE + "drop_short_ratio={p.drop_short_ratio}",
+                  "this share of the clips shorter than num_frames={p.num_frames} is dropped",
+                  "set it to 0 to train them at fewer frames, or lower num_frames"),
+    "no_valid_frame_count": (_PRE + "num_frames={p.num_frames}, ae_stride_t={p.ae_stride_t}, sp_size={p.sp_size}",
+                             "no frame count of the form ae_stride_t*k+1 fits the clip",
+                             "lower min_num_frames, or use longer videos"),
+    "filter_minority": (_PRE + "min_samples_per_shape_factor={p.min_samples_per_shape_factor}",
+                        "a sample shape (frames x height x width) with fewer than that x global_batch_size={gbs} "
+                        "samples is dropped", "lower it (0 keeps every shape), or add samples of that shape"),
+    "annotation_reader": ("the annotation records", "a field has the wrong type or an absurd value",
+                          "fix the records the log names (or rebuild them with prepare_dataset)"),
+}
+DROP_HINTS["img_aspect_mismatch"] = DROP_HINTS["vid_aspect_mismatch"]
+DROP_HINTS["img_res_too_small"] = DROP_HINTS["vid_res_too_small"]
+DROP_HINTS["img_res_mismatch_stride"] = DROP_HINTS["vid_res_mismatch_stride"]
+
+
+def drop_hint(reason: str, preprocess: PreprocessParameters, global_batch_size: int) -> str:
+    """"KEY=VALUE: the rule; the fix" for one drop reason (`DROP_HINTS`)."""
+    what, rule, fix = DROP_HINTS.get(reason, DROP_HINTS["annotation_reader"])
+    values = dict(p=preprocess, gbs=global_batch_size, min_hxw=effective_min_hxw(preprocess))
+    return f"{what.format(**values)}: {rule.format(**values)}; {fix}"
+
+
+def _nothing_survived(records: list[dict], stats: FilterStats, first_dropped: Optional[str],
+                      preprocess: PreprocessParameters, global_batch_size: int) -> str:
+    """The one line of an empty index: the reason behind the most drops with its key, value and fix, then every
+    count and the first dropped record."""
     dropped = np.flatnonzero(stats.reason >= 0)
     first = (f"{records[int(dropped[0])]['path']} ({stats.reason_of(int(dropped[0]))})" if len(dropped) else
              first_dropped or "none (no record at all)")
-    return DatasetError(f"no annotation record survived filtering: {stats.records_in} records in, dropped "
-                        f"{stats.reasons()}; first dropped: {first}; check the annotations and the data JSON's "
-                        "preprocess_parameters")
+    reasons = stats.reasons()
+    if not reasons:
+        return f"no annotation record survived filtering: the annotation files hold no record; first dropped: {first}"
+    top = max(reasons, key=reasons.get)
+    return (f"no annotation record survived filtering: {stats.records_in} records in, the most ({reasons[top]}) "
+            f"dropped as {top} by {drop_hint(top, preprocess, global_batch_size)}; all drops {reasons}; "
+            f"first dropped: {first}")
 
 
 class SamplePlan(NamedTuple):
@@ -453,6 +533,6 @@ def iter_plans(index: SampleIndex, preprocess: PreprocessParameters, seed: int) 
                          index.frame_indices(i, preprocess, plan_rng(seed, i)))
 
 
-__all__ = ["COUNTER_NAMES", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO", "KIND_VIDEO_FRAME",
-           "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS", "build_index", "effective_min_hxw",
-           "iter_plans", "media_kind", "plan_rng"]
+__all__ = ["COUNTER_NAMES", "DROP_HINTS", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO",
+           "KIND_VIDEO_FRAME", "NothingSurvivedError", "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS",
+           "build_index", "drop_hint", "effective_min_hxw", "iter_plans", "media_kind", "plan_rng"]

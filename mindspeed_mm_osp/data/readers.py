@@ -5,6 +5,11 @@ the keyframe before the first wanted frame, decode forward, convert only wanted 
 or "decoder" = decord when importable, else PyAV. Only the requested frames are converted.
 Images go through PIL (`convert("RGB")`: alpha dropped, grey/palette expanded).
 
+Frames come back as displayed: a video's display-matrix rotation (phones store portrait clips as landscape
+frames plus a 90-degree rotation) and an image's EXIF orientation are applied, as decord does on its own; the
+annotation's `resolution` is the displayed size (what `prepare_dataset` writes). A clip's frame indices are
+absolute in the file (`cut[0]` + position), so a clip is read from inside the same file, never re-encoded.
+
 decord2 3.4.0 mis-decodes some frame sizes (64×96 comes back with 4 channels and
 `get_batch` fails); the decord reader then decodes that file with PyAV instead.
 
@@ -18,7 +23,7 @@ import os
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import UserError
 
@@ -79,12 +84,12 @@ class PyAVReader:
                 t0 = stream.start_time or 0
                 if need[0] > 0 and rate and tb:
                     container.seek(t0 + int(need[0] / rate / tb), stream=stream, backward=True)
-                pos = 0
+                pos = rotation = 0
                 last = need[-1]
                 want = set(need)
                 for frame in container.decode(stream):
                     idx = int(round(float((frame.pts - t0) * tb * rate))) if frame.pts is not None and rate else pos
-                    pos = idx + 1
+                    pos, rotation = idx + 1, frame.rotation
                     if idx in want:
                         got[idx] = frame.to_ndarray(format="rgb24")
                     if idx >= last:
@@ -96,7 +101,8 @@ class PyAVReader:
         missing = [i for i in need if i not in got]
         if missing:
             raise ReadError("short", path, f"frames {missing[:3]}... not in file")
-        return np.stack([got[i] for i in wanted])
+        # `rotation` is counter-clockwise degrees; np.rot90 turns counter-clockwise too (decord's output, exactly).
+        return np.rot90(np.stack([got[i] for i in wanted]), k=round(rotation / 90) % 4, axes=(1, 2))
 
 
 class DecordReader:
@@ -146,11 +152,11 @@ def make_video_reader(kind: str) -> VideoReader:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 [1, H, W, 3] RGB through PIL."""
+    """uint8 [1, H, W, 3] RGB through PIL, turned upright by its EXIF orientation."""
     check_file(path)
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))[None]
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"))[None]
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ReadError("corrupt", path, str(e)) from e
 
