@@ -64,9 +64,11 @@ def check_config_paths(args: TrainingArgs) -> None:
 
 @entry_point("pretrain.py")
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from ..config.vae_training import is_vae_training_config
     from ..parallel import destroy_distributed
     from .distill import DistillTrainer
     from .trainer import TrainingStopped, pretrain
+    from .vae_trainer import check_vae_config, pretrain_vae
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--plan" in argv:  # the planner reads the same flags (plus its own) and exits before anything is built
@@ -74,11 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         return plan_main(argv)
     args = parse_args(argv, world_size=env_int("WORLD_SIZE", 1, low=1))
+    vae = is_vae_training_config(args.mm_model)  # the model JSON selects WF-VAE training (docs/vae_training.md)
     check_resume_path(args)
     check_output_paths(args)
-    check_config_paths(args)
+    check_vae_config(args) if vae else check_config_paths(args)
     try:
-        DistillTrainer(args).fit() if args.distill else pretrain(args)
+        pretrain_vae(args) if vae else DistillTrainer(args).fit() if args.distill else pretrain(args)
     except TrainingStopped as e:
         print(f"pretrain.py: stopped: {e}", file=sys.stderr)
         sys.exit(3)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...checkpoint.safe_load import UntrustedPickleError, load_torch_file
 from ...errors import UserError
+from ...io_atomic import atomic_write
 from .modules import HaarWaveletTransform3D, InverseHaarWaveletTransform3D
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class LoadResult(NamedTuple):
     regenerated: tuple[str, ...]  # Haar constants absent from the file, kept from the constructor
 
 
-def _read(path: Path) -> Any:
+def read_weights_file(path: Path) -> Any:
     """safetensors, or a torch file through the package's one pickle policy (weights only, no allow-list): a file
     that needs more is refused (`UntrustedPickleError`) unless named with --trust-pickle."""
     try:
@@ -103,7 +104,7 @@ def load_wfvae_checkpoint(model: nn.Module, path: str | os.PathLike, strict: boo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"WF-VAE checkpoint not found: {path}")
-    source, state = select_state_dict(_read(path), prefer_ema)
+    source, state = select_state_dict(read_weights_file(path), prefer_ema)
     expected = model.state_dict()
     constants = _constant_keys(model)
     missing = sorted(k for k in expected if k not in state and k not in constants)
@@ -126,3 +127,17 @@ def load_wfvae_checkpoint(model: nn.Module, path: str | os.PathLike, strict: boo
     regenerated = tuple(sorted(constants - state.keys()))
     logger.info("loaded WF-VAE weights from %s (%s; %d Haar constants kept from code)", path, source, len(regenerated))
     return LoadResult(source, regenerated)
+
+
+def save_released_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                             ema: dict[str, torch.Tensor], step: int = 0) -> Path:
+    """Write weights in the release's training-checkpoint layout, atomically: `state_dict.gen_model` holds the
+    full state dict, `ema_state_dict` the EMA of the trainable parameters under DDP's `module.` prefix (no Haar
+    constants), so `load_wfvae_checkpoint` takes the EMA."""
+    checkpoint = {
+        "epoch": 0,
+        "current_step": int(step),
+        "state_dict": {"gen_model": {k: v.detach().cpu().clone() for k, v in state_dict.items()}},
+        "ema_state_dict": {f"{_DDP_PREFIX}{k}": v.detach().cpu().float().clone() for k, v in ema.items()},
+    }
+    return atomic_write(Path(path), lambda f: torch.save(checkpoint, f))

@@ -14,7 +14,7 @@ import torch
 
 from ...config.ae import AEConfig
 from ...config.loader import from_dict
-from ...io_atomic import atomic_write
+from .checkpoint import save_released_checkpoint
 from .wfvae import WFVAE
 
 # First four channels of the release normalisation vectors: realistic, non-trivial values.
@@ -67,11 +67,5 @@ def write_tiny_wfvae(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WFVAE(config)
-    ema = {f"module.{name}": p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    checkpoint = {
-        "epoch": 0,
-        "current_step": 0,
-        "state_dict": {"gen_model": model.state_dict()},
-        "ema_state_dict": ema,
-    }
-    return atomic_write(Path(out_dir) / "merged.ckpt", lambda f: torch.save(checkpoint, f))
+    ema = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return save_released_checkpoint(Path(out_dir) / "merged.ckpt", model.state_dict(), ema)

@@ -18,7 +18,7 @@ videos impossible to tile and froze the video length after the first call) is ne
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -98,14 +98,18 @@ class Encoder(nn.Module):
         self.wavelet_transform_l2 = HaarWaveletTransform3D()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_coeffs(x)[0]
+
+    def forward_with_coeffs(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Posterior parameters and the Haar coefficients of the input at levels 2 and 3 (what the decoder's
+        energy-flow branches must reproduce: the wavelet loss of training)."""
         coeffs = self.wavelet_transform_in(x)
         l1_coeffs = self.wavelet_transform_l1(coeffs[:, :3])
-        l1 = self.connect_l1(l1_coeffs)
-        l2 = self.connect_l2(self.wavelet_transform_l2(l1_coeffs[:, :3]))
+        l2_coeffs = self.wavelet_transform_l2(l1_coeffs[:, :3])
         h = self.down1(coeffs)
-        h = self.down2(torch.cat([h, l1], dim=1))
-        h = self.mid(torch.cat([h, l2], dim=1))
-        return self.conv_out(silu(self.norm_out(h)))
+        h = self.down2(torch.cat([h, self.connect_l1(l1_coeffs)], dim=1))
+        h = self.mid(torch.cat([h, self.connect_l2(l2_coeffs)], dim=1))
+        return self.conv_out(silu(self.norm_out(h))), (l1_coeffs, l2_coeffs)
 
 
 class Decoder(nn.Module):
@@ -152,16 +156,31 @@ class Decoder(nn.Module):
             _set_time_rate(module, 4)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_coeffs(z)[0]
+
+    def forward_with_coeffs(self, z: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The video and the level-2 and level-3 Haar coefficients its energy-flow branches predict."""
         ed = self.energy_channels
         h = self.mid(self.conv_in(z))
         # The release uses the `_l1` inverse for level 2 and `_l2` for level 1; both are identical transforms.
-        l2 = self.inverse_wavelet_transform_l1(self.connect_l2(h[:, -ed:]))
+        l2_coeffs = self.connect_l2(h[:, -ed:])
+        l2 = self.inverse_wavelet_transform_l1(l2_coeffs)
         h = self.up2(h[:, :-ed])
         l1_coeffs = self.connect_l1(h[:, -ed:])
-        l1 = self.inverse_wavelet_transform_l2(torch.cat([l1_coeffs[:, :3] + l2, l1_coeffs[:, 3:]], dim=1))
+        l1_coeffs = torch.cat([l1_coeffs[:, :3] + l2, l1_coeffs[:, 3:]], dim=1)
+        l1 = self.inverse_wavelet_transform_l2(l1_coeffs)
         h = self.layer(self.up1(h[:, :-ed]))
         h = self.conv_out(silu(self.norm_out(h)))
-        return self.inverse_wavelet_transform_out(torch.cat([h[:, :3] + l1, h[:, 3:]], dim=1))
+        return self.inverse_wavelet_transform_out(torch.cat([h[:, :3] + l1, h[:, 3:]], dim=1)), (l1_coeffs, l2_coeffs)
+
+
+class TrainOutput(NamedTuple):
+    """One training forward pass: reconstruction, posterior and the paired Haar coefficients."""
+
+    reconstruction: torch.Tensor                   # (B, 3, T, H, W)
+    mean: torch.Tensor                             # (B, Z, t, h, w)
+    logvar: torch.Tensor                           # clamped as `split_posterior` does
+    coeffs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (input's, decoder's) at Haar levels 2 and 3
 
 
 def configure_streaming(module: nn.Module, enabled: bool, first_chunk: bool = True, latent_lookahead: int = 0) -> None:
@@ -203,6 +222,14 @@ class WFVAE(nn.Module):
         self.latent_dim = config.latent_dim
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> TrainOutput:
+        """Training pass in one chunk: encode, sample the posterior with `noise` (the latent's shape), decode."""
+        params, (enc_l1, enc_l2) = self.encoder.forward_with_coeffs(x)
+        mean, logvar = split_posterior(params)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
+        video, (dec_l1, dec_l2) = self.decoder.forward_with_coeffs(z)
+        return TrainOutput(video, mean, logvar, ((enc_l1, dec_l1), (enc_l2, dec_l2)))
 
     def encode(self, x: torch.Tensor, chunk_latent_frames: int = 0) -> torch.Tensor:
         """Video (B, 3, T, H, W), T = 1 mod 8 -> posterior parameters (B, 2Z, (T-1)/8+1, H/8, W/8).
