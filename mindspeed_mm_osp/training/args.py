@@ -64,7 +64,8 @@ class ScheduleArgs(_Flags):
     micro_batch_size: int = 1
     global_batch_size: int = 1
     num_microbatches: int = 1
-    train_iters: int = 1
+    train_iters: Optional[int] = None  # None (only --train-epochs): the trainer sets what the epochs give
+    train_epochs: Optional[int] = None  # passes over the data (None: one); the trainer caps train_iters to them
     seed: int = 1234
 
 
@@ -182,8 +183,23 @@ class DistillArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationArgs(_Flags):
+    """Validation loss on a held-out set and EMA samples of fixed prompts during training (`training.validation`)."""
+
+    mm_valid_data: Optional[str] = None
+    eval_interval: Optional[int] = None
+    eval_iters: Optional[int] = None  # validation batches of global_batch_size samples (None: every sample)
+    eval_sigmas: int = 8
+    validation_prompts: Optional[str] = None
+    validation_interval: Optional[int] = None
+    validation_steps: int = 10
+    validation_size: Optional[str] = None  # "FxHxW" (None: the data JSON's num_frames x max_height x max_width)
+    validation_guidance_scale: Optional[float] = None  # None: diffusion.guidance_scale of the model JSON
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, RecomputeArgs, CheckpointArgs, LoggingArgs,
-                   LoraArgs, DistillArgs):
+                   LoraArgs, DistillArgs, ValidationArgs):
     """Every flag the trainer reads, validated (see `arguments.validate`); no-op flags are dropped."""
 
     inject_nonfinite_grad: Optional[str] = None  # fault injection of the reliability tests: "ITER:nan|inf,..."
@@ -194,4 +210,4 @@ class TrainingArgs(ModelArgs, ParallelArgs, ScheduleArgs, OptimizerArgs, Recompu
 
 
 __all__ = ["CheckpointArgs", "DistillArgs", "LoggingArgs", "LoraArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs", "RecomputeArgs",
-           "ScheduleArgs", "TrainingArgs"]
+           "ScheduleArgs", "TrainingArgs", "ValidationArgs"]

@@ -42,8 +42,6 @@ NO_OP_FLAGS = {
     "--use-fused-rmsnorm": "q/k RMSNorm uses the fused kernel on Ascend automatically",
     "--qk-layernorm": "replicated q/k norm grads are always summed over TP (explicit rule, not a flag)",
     "--no-gradient-accumulation-fusion": "gradient accumulation fusion is always off (needs Apex/TE)",
-    "--eval-interval": "no validation set in text-to-video pretraining",
-    "--eval-iters": "no validation set in text-to-video pretraining",
     "--distributed-backend": "the backend follows the accelerator (hccl/nccl/gloo)",
     "--mm-tool": "the reference's profiler config; no profiler is built in (use torch.profiler around a run)",
     "--use-dist-ckpt": "checkpoints are always written in the legacy per-rank layout",
@@ -96,6 +94,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     _add_logging_flags(p)
     _add_lora_flags(p)
     _add_distill_flags(p)
+    _add_validation_flags(p)
     # Fault injection for the reliability tests (docs/reliability.md): "ITER:nan|inf,..." overwrites one gradient
     # element after the grad reduce of that iteration.
     p.add_argument("--inject-nonfinite-grad", default=None, help=argparse.SUPPRESS)
@@ -107,7 +106,7 @@ def _add_no_op_flags(p: argparse.ArgumentParser) -> None:
     """The flags of `NO_OP_FLAGS`, accepted for launcher compatibility; their help line is the reason."""
     noop = p.add_argument_group("accepted for launcher compatibility, no effect for this model")
     kinds = {int: ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-                   "--max-position-embeddings", "--vocab-size", "--rotary-base", "--eval-interval", "--eval-iters"),
+                   "--max-position-embeddings", "--vocab-size", "--rotary-base"),
              float: ("--attention-dropout", "--hidden-dropout"),
              str: ("--tokenizer-type", "--position-embedding-type", "--normalization", "--distributed-backend",
                    "--mm-tool")}
@@ -165,6 +164,9 @@ def _add_schedule_flags(p: argparse.ArgumentParser) -> None:
     bt.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train (or --train-samples)")
     bt.add_argument("--train-samples", type=int, default=None,
                     help="samples to train; sets the steps when --train-iters is not given")
+    bt.add_argument("--train-epochs", type=int, default=None,
+                    help="passes over the data, each in a new order (default: one); alone it sets the steps, with "
+                         "--train-iters the run stops at whichever comes first (docs/training.md, Epochs)")
     bt.add_argument("--seed", type=int, default=1234, help="seed of weights, noise and data order")
 
 
@@ -283,6 +285,29 @@ def _add_distill_flags(p: argparse.ArgumentParser) -> None:
                     help="static sigma shift of the student's and the teacher's sampling grid")
 
 
+def _add_validation_flags(p: argparse.ArgumentParser) -> None:
+    va = p.add_argument_group("validation during training (docs/training.md)")
+    va.add_argument("--mm-valid-data", default=None, metavar="FILE",
+                    help="validation data JSON (the format of --mm-data): its samples give the validation loss")
+    va.add_argument("--eval-interval", type=int, default=None,
+                    help="compute the validation loss every this many steps (needs --mm-valid-data)")
+    va.add_argument("--eval-iters", type=int, default=None,
+                    help="validation batches of --global-batch-size samples per evaluation (default: every sample)")
+    va.add_argument("--eval-sigmas", type=int, default=8,
+                    help="evenly spaced noise levels the validation loss is computed and logged at")
+    va.add_argument("--validation-prompts", default=None, metavar="FILE",
+                    help="prompt file (one a line) sampled with the EMA weights into <save>/validation/iter_N/")
+    va.add_argument("--validation-interval", type=int, default=None,
+                    help="sample --validation-prompts every this many steps")
+    va.add_argument("--validation-steps", type=int, default=10, help="denoising steps of a validation sample")
+    va.add_argument("--validation-size", default=None, metavar="FxHxW",
+                    help="frames x height x width of validation samples (default: num_frames x max_height x "
+                         "max_width of --mm-data)")
+    va.add_argument("--validation-guidance-scale", type=float, default=None,
+                    help="classifier-free guidance of validation samples (default: diffusion.guidance_scale of "
+                         "--mm-model)")
+
+
 def parse_fault_spec(spec: Optional[str]) -> dict[int, str]:
     """'3:nan,5:inf' -> {3: 'nan', 5: 'inf'} (fault-injection tests only)."""
     faults = {}
@@ -327,6 +352,9 @@ RANGES = {
     "--distill-student-steps": dict(low=1, high=1000), "--distill-teacher-substeps": dict(low=1, high=1000),
     "--distill-guidance-scale": dict(low=0, high=100), "--distill-guidance-rescale": dict(low=0, high=1),
     "--distill-shift": dict(low=1, high=100),
+    "--train-epochs": dict(low=1), "--eval-interval": dict(low=1), "--eval-iters": dict(low=1),
+    "--eval-sigmas": dict(low=1, high=1000), "--validation-interval": dict(low=1),
+    "--validation-steps": dict(low=1, high=1000), "--validation-guidance-scale": dict(low=0, high=100),
 }
 
 
@@ -363,9 +391,9 @@ def _derive_batches(args: argparse.Namespace, world_size: int) -> None:
                             f"--micro-batch-size x data-parallel size = {args.micro_batch_size} x {dp}")
     args.data_parallel_size = dp
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.train_iters is None and args.train_samples is None:
-        raise ArgumentError("set --train-iters (or --train-samples)")
-    if args.train_iters is None:
+    if args.train_iters is None and args.train_samples is None and args.train_epochs is None:
+        raise ArgumentError("set --train-iters, --train-samples or --train-epochs")
+    if args.train_iters is None and args.train_samples is not None:
         args.train_iters = args.train_samples // args.global_batch_size
         if args.train_iters < 1:
             raise ArgumentError(f"--train-samples={args.train_samples} is less than one global batch")
@@ -389,6 +417,33 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ArgumentError("--save-interval needs --save DIR")
     _check_lora(args)
     _check_distill(args)
+    _check_validation(args)
+
+
+def _check_validation(args: argparse.Namespace) -> None:
+    """Each validation flag with the ones it needs."""
+    pairs = (("--eval-interval", args.eval_interval, "--mm-valid-data FILE", args.mm_valid_data),
+             ("--mm-valid-data", args.mm_valid_data, "--eval-interval N", args.eval_interval),
+             ("--eval-iters", args.eval_iters, "--eval-interval N", args.eval_interval),
+             ("--validation-interval", args.validation_interval, "--validation-prompts FILE", args.validation_prompts),
+             ("--validation-prompts", args.validation_prompts, "--validation-interval N", args.validation_interval),
+             ("--validation-prompts", args.validation_prompts, "--save DIR (samples go to <save>/validation)",
+              args.save))
+    for flag, value, needed, given in pairs:
+        if value is not None and given is None:
+            raise ArgumentError(f"{flag} needs {needed}")
+    if args.validation_size is not None:
+        parse_size(args.validation_size)
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """--validation-size 'FxHxW' -> (frames, height, width); ArgumentError otherwise."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ArgumentError(f"--validation-size {text!r}: expected FRAMESxHEIGHTxWIDTH of positive integers, "
+                            "e.g. 17x64x128")
+    frames, height, width = (int(p) for p in parts)
+    return frames, height, width
 
 
 def _check_distill(args: argparse.Namespace) -> None:
