@@ -274,6 +274,22 @@ def make_tiny_inference(root: Path, **predictor) -> Path:
     return root / "inference.json"
 
 
+def tiny_assets_inference(assets, root: Path, steps: int = INFERENCE_STEPS) -> Path:
+    """examples/tiny/inference.json on the `tiny_assets` models (no predictor weights: pass them), one prompt,
+    `INFERENCE_SIZE` (2 latent frames of 4x6) and `steps` steps."""
+    data = json.loads((ROOT / "examples/tiny/inference.json").read_text())
+    models = assets["models"]
+    data["ae"]["from_pretrained"] = str(models["vae"])
+    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
+                        ("tokenizer_2", "clip")]:
+        data[key]["from_pretrained"] = str(models[folder])
+    data["pipeline_config"]["input_size"] = INFERENCE_SIZE
+    data["diffusion"]["num_inference_steps"] = steps
+    data.update(model_max_length=16, prompt="a white square moving over a grey background")
+    (root / "inference.json").write_text(json.dumps(data))
+    return root / "inference.json"
+
+
 def infer_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
     """Rank body for `run_distributed`: the inference CLI with `argv`."""
     from mindspeed_mm_osp.inference import cli

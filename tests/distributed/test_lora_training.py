@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.testing import run_distributed
+from helpers import tiny_assets_inference
 
 pytestmark = pytest.mark.slow
 
@@ -85,24 +86,6 @@ def test_resume_with_lora_load_equals_uninterrupted(tiny_assets, lora_base, tmp_
                 assert torch.equal(v, other) if torch.is_tensor(v) else v == other, (name, k)
 
 
-def _inference_json(assets, root):
-    """examples/tiny/inference.json on the test's tiny models, 2 latent frames of 4x6, 2 steps."""
-    import json
-    from pathlib import Path
-
-    data = json.loads((Path(__file__).resolve().parents[2] / "examples/tiny/inference.json").read_text())
-    models = assets["models"]
-    data["ae"]["from_pretrained"] = str(models["vae"])
-    for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
-                        ("tokenizer_2", "clip")]:
-        data[key]["from_pretrained"] = str(models[folder])
-    data["pipeline_config"]["input_size"] = [9, 32, 48]
-    data["diffusion"]["num_inference_steps"] = 2
-    data.update(model_max_length=16, prompt="a white square moving over a grey background")
-    (root / "inference.json").write_text(json.dumps(data))
-    return root / "inference.json"
-
-
 def test_inference_with_adapters_equals_merged_weights(tiny_assets, lora_base, tmp_path):
     """`inference.py --lora` (unmerged) and `convert_mm_to_ckpt.py --lora-merge` weights give the same latents;
     `--lora-scale 0` gives the base's."""
@@ -114,7 +97,7 @@ def test_inference_with_adapters_equals_merged_weights(tiny_assets, lora_base, t
     run_distributed(_train, 1, _argv(tiny_assets, lora_base, "--save", str(ckpt), iters=4), lora_base, timeout=240)
     convert.main(["--lora-merge", "--load_dir", str(ckpt), "--base", str(lora_base), "--save_dir",
                   str(tmp_path / "merged"), "--format", "safetensors"])
-    config = _inference_json(tiny_assets, tmp_path)
+    config = tiny_assets_inference(tiny_assets, tmp_path)
     runs = {"lora": ["--predictor-weights", str(lora_base), "--lora", str(ckpt)],
             "merged": ["--predictor-weights", str(tmp_path / "merged" / "model.safetensors")],
             "scale0": ["--predictor-weights", str(lora_base), "--lora", str(ckpt), "--lora-scale", "0"],
