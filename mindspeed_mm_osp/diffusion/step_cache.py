@@ -8,7 +8,8 @@ skipped and its last *residual* (stack output - stack input, in fp32) is added t
 the output head then still runs with the current timestep's modulation. Reusing the residual, not the last
 velocity, keeps the current input and the current timestep in the prediction: only the blocks' update is
 stale. When the sum reaches the threshold the stack runs, the residual is refreshed and the sum restarts.
-The first and the last step always run.
+The first and the last step always run, also when sampling starts part-way down the schedule (`first_step`,
+video editing): steps are counted as schedule steps, from `first_step` to `num_steps - 1`.
 
 No rescaling polynomial: TeaCache's fitted coefficients belong to other models (HunyuanVideo, Wan, ...) and
 none was fitted for SparseUMMDiT, so the raw relative change is used (identity rescale), and the threshold is
@@ -31,11 +32,14 @@ class StepCache:
     """A `model_fn` for `diffusion.sample` around a SparseUMMDiT; one instance per sampling run."""
 
     def __init__(self, model: torch.nn.Module, threshold: float, num_steps: int,
-                 group: Optional["torch.distributed.ProcessGroup"] = None) -> None:
+                 group: Optional["torch.distributed.ProcessGroup"] = None, first_step: int = 0) -> None:
         if threshold < 0:
             raise ValueError(f"cache threshold must be >= 0, got {threshold}")
+        if not 0 <= first_step <= num_steps:
+            raise ValueError(f"first step must be in [0, {num_steps}], got {first_step}")
         self.model, self.threshold, self.num_steps, self.group = model, threshold, num_steps, group
-        self.step = 0
+        self.first_step = first_step
+        self.step = first_step  # the schedule step of the next call
         self.skipped: list[int] = []
         self._accumulated = 0.0
         self._previous: Optional[torch.Tensor] = None
@@ -76,8 +80,12 @@ class StepCache:
         return model.head(out, inputs)
 
     @property
+    def steps_run(self) -> int:
+        return self.step - self.first_step
+
+    @property
     def skipped_fraction(self) -> float:
-        return len(self.skipped) / max(self.step, 1)
+        return len(self.skipped) / max(self.steps_run, 1)
 
 
 __all__ = ["StepCache"]

@@ -21,6 +21,7 @@ from ..parallel import ParallelConfigError
 from ..parallel.context_parallel import check_context_parallel
 from ..training.arguments import HelpFormatter
 from .conditioning import ConditionRequest
+from .editing import EditRequest
 from .presets import Duration, add_preset_arguments, size_from_args
 
 
@@ -67,11 +68,16 @@ class InferenceArgs:
     video: Optional[str] = None
     condition_frames: Optional[int] = None
     reimpose_condition: bool = True
+    strength: Optional[float] = None  # with `video`: edit it (`editing`) instead of continuing it
     trust_pickle: tuple[str, ...] = ()  # files unpickled in full (docs/security.md)
 
     def condition_request(self) -> ConditionRequest:
-        return ConditionRequest(image=self.image, last_image=self.last_image, video=self.video,
+        video = self.video if self.strength is None else None  # an edited clip is no condition
+        return ConditionRequest(image=self.image, last_image=self.last_image, video=video,
                                 condition_frames=self.condition_frames, reimpose=self.reimpose_condition)
+
+    def edit_request(self) -> Optional[EditRequest]:
+        return None if self.strength is None else EditRequest(self.video, self.strength)
 
     @property
     def size_preset(self) -> bool:
@@ -93,6 +99,7 @@ RANGES = {
     "--warmup": dict(low=0, high=10000),
     "--repeat": dict(low=1, high=10000),
     "--condition-frames": dict(low=1, high=100000),
+    "--strength": dict(low=0, high=1),
 }
 
 
@@ -149,11 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     i2v = p.add_argument_group("image-to-video (predictor.model_id SparseUMMDiTInpaint; docs/i2v.md)")
     i2v.add_argument("--image", metavar="PATH", help="first frame of the video")
     i2v.add_argument("--last-image", metavar="PATH", help="last frame (with --image: a transition)")
-    i2v.add_argument("--video", metavar="PATH", help="continue this clip: its first --condition-frames frames")
+    i2v.add_argument("--video", metavar="PATH", help="continue this clip (its first --condition-frames frames) or, "
+                     "with --strength, edit it")
     i2v.add_argument("--condition-frames", type=int, metavar="K", help="with --video: how many frames are given")
     i2v.add_argument("--reimpose-condition", action=argparse.BooleanOptionalAction, default=True,
                      help="keep the fully given latent frames on their noising path at every step (default); "
                           "--no-reimpose-condition feeds them through the input channels only, as Open-Sora Plan 1.3")
+    edit = p.add_argument_group("video editing (any predictor; docs/i2v.md)")
+    edit.add_argument("--strength", type=float, metavar="S",
+                      help="with --video: edit the clip's first frames under the prompt: noise its latents to the "
+                           "schedule's sigma after round(N x (1 - S)) of the N steps and denoise the rest (1: "
+                           "text-to-video from the same noise, 0: the clip's VAE round trip)")
     return p
 
 
@@ -166,6 +179,21 @@ def _register_trusted(p: argparse.ArgumentParser, files: tuple[str, ...]) -> Non
         trust_pickle(files)
     except CheckpointError as e:
         p.error(str(e))
+
+
+def _check_video_flags(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """`--video` is continued (`--condition-frames`) or edited (`--strength`): exactly one, and never with images."""
+    for flag, value in (("--condition-frames K", ns.condition_frames), ("--strength S", ns.strength)):
+        if value is not None and ns.video is None:
+            p.error(f"{flag} needs --video PATH")
+    if ns.video is None:
+        return
+    if ns.condition_frames is None and ns.strength is None:
+        p.error("--video needs --condition-frames K (continue the clip) or --strength S (edit it)")
+    if ns.condition_frames is not None and ns.strength is not None:
+        p.error("--condition-frames (continuation) and --strength (editing) cannot be combined; pass one")
+    if ns.image is not None or ns.last_image is not None:
+        p.error("--video cannot be combined with --image/--last-image")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
@@ -184,10 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
         check_ranges({flag: getattr(ns, dests[flag]) for flag in RANGES}, RANGES)
     except UserError as e:
         p.error(str(e))
-    if (ns.video is None) != (ns.condition_frames is None):
-        p.error("--video and --condition-frames K go together")
-    if ns.video is not None and (ns.image is not None or ns.last_image is not None):
-        p.error("--video (continuation) cannot be combined with --image/--last-image")
+    _check_video_flags(p, ns)
     try:
         check_context_parallel(ns.cp, ns.context_parallel_algo)
     except ParallelConfigError as e:

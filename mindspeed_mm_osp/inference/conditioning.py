@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data.readers import make_video_reader, read_image
+from ..data.readers import ReadError, make_video_reader, read_image
 from ..data.transforms import CenterCropResizeVideo, Compose, ToTensorVideo, ae_norm
+from ..errors import UserError
 from ..metrics import psnr
 from ..models.predictor.inpaint import MASKED_PIXEL_VALUE, compress_mask, given_latent_frames, inpaint_input
 from ..models.predictor.inpaint import masked_video
@@ -45,16 +46,30 @@ class ConditionRequest:
         return any(x is not None for x in (self.image, self.last_image, self.video))
 
 
+def clip_frames(uint8_thwc: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> (T, 3, height, width) in [-1, 1]: resized and centre-cropped as training samples are."""
+    transform = Compose([ToTensorVideo(), CenterCropResizeVideo((height, width), interpolation_mode="bicubic"),
+                         ae_norm])
+    return transform(torch.from_numpy(np.ascontiguousarray(uint8_thwc)).permute(0, 3, 1, 2))
+
+
+def read_clip(path: str, count: int) -> np.ndarray:
+    """The first `count` frames of the `--video` clip, uint8 (T, H, W, 3): consecutive, at the clip's own rate."""
+    try:
+        return make_video_reader("decoder").read(path, np.arange(count))
+    except ReadError as e:
+        raise UserError(f"--video {path}: cannot read its first {count} frames ({e}); pass a clip with at least "
+                        f"{count} readable frames") from e
+
+
 def condition_pixels(request: ConditionRequest, frames: int, height: int, width: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixels (3, T, H, W) in [-1, 1] with -1 at generated frames, frame mask (T,) with 1 = generate)."""
-    transform = Compose([ToTensorVideo(), CenterCropResizeVideo((height, width), interpolation_mode="bicubic"),
-                         ae_norm])
     pixels = torch.full((frames, 3, height, width), MASKED_PIXEL_VALUE)
     mask = torch.ones(frames)
 
     def place(uint8_thwc: np.ndarray, at: list[int]) -> None:
-        pixels[at] = transform(torch.from_numpy(np.ascontiguousarray(uint8_thwc)).permute(0, 3, 1, 2))
+        pixels[at] = clip_frames(uint8_thwc, height, width)
         mask[at] = 0
 
     if request.image is not None:
@@ -66,7 +81,7 @@ def condition_pixels(request: ConditionRequest, frames: int, height: int, width:
         if not 1 <= k <= frames:
             raise ConfigError("command line", "--condition-frames",
                               f"must be in [1, {frames}] (the output has {frames} frames), got {k}")
-        place(make_video_reader("decoder").read(request.video, np.arange(k)), list(range(k)))
+        place(read_clip(request.video, k), list(range(k)))
     return pixels.permute(1, 0, 2, 3).contiguous(), mask
 
 
@@ -125,4 +140,4 @@ def condition_report(output: torch.Tensor, pixels: torch.Tensor, frame_mask: tor
             "psnr_vae_round_trip_db": psnr(to_uint8_frames(round_trip[:, given]), target)}
 
 
-__all__ = ["ConditionRequest", "InpaintCondition", "condition_pixels", "condition_report"]
+__all__ = ["ConditionRequest", "InpaintCondition", "clip_frames", "condition_pixels", "condition_report", "read_clip"]

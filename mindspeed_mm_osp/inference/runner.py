@@ -1,12 +1,13 @@
 """One inference request (prompts + settings) through named stages, the way `training.trainer.Trainer` runs training.
 
 `InferenceRunner.run`: `setup` (the config from the flags, process groups) -> `build` (text encoders, predictor
-with LoRA and compile, VAE, the image-to-video condition's frames) -> for each micro-batch of this replica's
-prompts `encode_prompt` -> `prepare_condition` -> `denoise` -> per sample `decode` -> `write`. `--save-latents`
-writes after `denoise`, `--decode-latents` runs `decode` -> `write` on saved latents, `--benchmark` times the
-stages and writes a report instead. The runner alone reads the config and the flags and hands every stage's
-building block (`pipeline`, `conditioning`, the models) plain values; what a micro-batch carries between stages is
-one `Batch`, what lasts for the run one `RunState`. docs/inference.md follows a request through these stages.
+with LoRA and compile, VAE, the image-to-video condition's frames, the clip to edit) -> for each micro-batch of this
+replica's prompts `encode_prompt` -> `prepare_condition` -> `denoise` -> per sample `decode` -> `write`.
+`--save-latents` writes after `denoise`, `--decode-latents` runs `decode` -> `write` on saved latents,
+`--benchmark` times the stages and writes a report instead. The runner alone reads the config and the flags and
+hands every stage's building block (`pipeline`, `conditioning`, `editing`, the models) plain values; what a
+micro-batch carries between stages is one `Batch`, what lasts for the run one `RunState`. docs/inference.md
+follows a request through these stages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .arguments import InferenceArgs, build_config
 from .benchmark import StageTimer, peak_memory
 from .cfg_parallel import describe_pairs
 from .conditioning import InpaintCondition, condition_pixels, condition_report
+from .editing import EditSource, edit_pixels
 from .pipeline import TextConditioner, denoise, initial_noise, load_latents, load_prompts, save_latents
 from .ranks import Ranks, init_parallel, release_parallel
 from .weights import student_config
@@ -60,6 +62,7 @@ class Batch:
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
     uncond: Optional[dict[str, torch.Tensor]] = None  # None without classifier-free guidance
     noise: Optional[torch.Tensor] = None  # (B, C, t, h, w) fp32 on CPU
+    start: Optional[torch.Tensor] = None  # the sampler's initial latents when they are not `noise` (editing)
     condition: Optional[InpaintCondition] = None  # image-to-video only
     latents: Optional[torch.Tensor] = None  # (B, C, t, h, w) fp32 on CPU
 
@@ -76,6 +79,7 @@ class RunState:
     vae: Optional[torch.nn.Module] = None
     sigmas: Optional[torch.Tensor] = None
     condition: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # given pixels and frame mask (inpaint model)
+    edit: Optional[EditSource] = None  # the clip to edit (`--video --strength`)
     step_cache: Optional[StepCache] = None  # of the last `denoise`
     compiled: list = field(default_factory=list)  # the `--compile` wrappers
     compile_reported: bool = False
@@ -91,6 +95,7 @@ class InferenceRunner:
         self.args = args
         self.request = args.condition_request()
         self.student = None  # the distilled student's schedule (`weights.student_config`), once set up
+        self.edit = args.edit_request()
         self.state: Optional[RunState] = None
 
     def run(self) -> list[Path]:
@@ -124,7 +129,7 @@ class InferenceRunner:
 
     def build(self, decode: bool) -> None:
         """Text encoders, the predictor (weights, LoRA, compile) and, on the ranks that `decode` (or encode an
-        image-to-video condition), the VAE, with the accelerations the config asks for."""
+        image-to-video condition or the clip to edit), the VAE, with the accelerations the config asks for."""
         from ..config.dtypes import to_torch_dtype
         from ..diffusion import FlowMatchingScheduler
         from ..models.ae import VideoAutoencoder
@@ -138,18 +143,23 @@ class InferenceRunner:
                               "no predictor weights: set it or pass --predictor-weights")
         conditioned = cfg.predictor.conditioned
         if self.request.any and not conditioned:
-            raise ConfigError(args.config, "predictor.model_id", f"--image/--last-image/--video need the image-to-video "
-                              f"predictor \"SparseUMMDiTInpaint\", got {cfg.predictor.model_id!r}")
+            raise ConfigError(args.config, "predictor.model_id", "--image/--last-image/--video --condition-frames need "
+                              f"the image-to-video predictor \"SparseUMMDiTInpaint\", got {cfg.predictor.model_id!r}")
+        # the given frames and the clip to edit first, so that an unreadable file fails before any model is built;
+        # without given frames the inpaint model samples text-to-video (every frame generated, as t2iv training)
+        size = cfg.pipeline_config.input_size
+        state.condition = condition_pixels(self.request, *size) if conditioned else None
+        edit_clip = None if self.edit is None else edit_pixels(self.edit.video, *size)
         device, dtype = platform.device(), to_torch_dtype(cfg.weight_dtype)
         state.text = self._build_text(dtype, device)
         state.model = self._build_predictor(weights, dtype, device)
-        # every rank encodes the condition (posterior mean: the same on TP peers), writers also decode
-        if conditioned or (decode and state.ranks.decodes):
+        # every rank encodes the condition or the edited clip (posterior mean: the same on TP peers), writers decode
+        if conditioned or self.edit is not None or (decode and state.ranks.decodes):
             state.vae = VideoAutoencoder(cfg.ae).to(device)
-        # without given frames the inpaint model samples text-to-video (every frame generated, as t2iv training)
-        state.condition = condition_pixels(self.request, *cfg.pipeline_config.input_size) if conditioned else None
         _, _, h, w = latent_shape(cfg)
         state.sigmas = FlowMatchingScheduler(cfg.diffusion).sampling_sigmas(latent_hw=(h, w))
+        if self.edit is not None:
+            state.edit = EditSource.encode(state.vae, edit_clip, state.sigmas, self.edit.strength)
 
     def _build_text(self, dtype: torch.dtype, device: torch.device) -> TextConditioner:
         import dataclasses
@@ -201,10 +211,13 @@ class InferenceRunner:
         return batch
 
     def prepare_condition(self, batch: Batch) -> None:
-        """Image-to-video: the given frames through the VAE into the inpaint predictor's condition."""
+        """Image-to-video: the given frames through the VAE into the inpaint predictor's condition. Editing: the
+        clip's latents noised to the start sigma with this batch's noise."""
         if self.state.condition is not None:
             batch.condition = InpaintCondition.encode(self.state.vae, *self.state.condition, batch.noise,
                                                       self.request.reimpose)
+        if self.state.edit is not None:
+            batch.start = self.state.edit.start_latents(batch.noise)
 
     def denoise(self, batch: Batch, progress: bool) -> None:
         """The Euler CFG loop (step cache and CFG-parallel as configured); one `denoise_step` time per step."""
@@ -212,8 +225,9 @@ class InferenceRunner:
 
         state = self.state
         diffusion, acc = state.cfg.diffusion, state.cfg.acceleration
-        bar = tqdm(total=diffusion.num_inference_steps, desc=f"prompt {batch.indices[0]}", disable=not progress,
-                   file=sys.stderr)
+        first = 0 if state.edit is None else state.edit.start  # editing skips the schedule's first steps
+        sigmas = state.sigmas[first:]
+        bar = tqdm(total=sigmas.numel() - 1, desc=f"prompt {batch.indices[0]}", disable=not progress, file=sys.stderr)
         platform.synchronize()
         last = [time.perf_counter()]
 
@@ -232,8 +246,9 @@ class InferenceRunner:
 
         group = state.ranks.cfg.group if state.ranks.cfg is not None else None
         state.step_cache = None if acc.cache_threshold is None else StepCache(
-            state.model, acc.cache_threshold, diffusion.num_inference_steps, group)
-        batch.latents = denoise(state.model, batch.noise, batch.cond, batch.uncond, state.sigmas,
+            state.model, acc.cache_threshold, diffusion.num_inference_steps, group, first_step=first)
+        start = batch.noise if batch.start is None else batch.start
+        batch.latents = denoise(state.model, start, batch.cond, batch.uncond, sigmas,
                                 diffusion.guidance_scale, diffusion.guidance_rescale, on_step,
                                 step_cache=state.step_cache, cfg_parallel=state.ranks.cfg,
                                 condition=batch.condition).cpu()
@@ -241,7 +256,7 @@ class InferenceRunner:
         cache = state.step_cache
         if cache is not None and state.ranks.writer:
             logger.info("--cache-threshold %g: prompt %s skipped %d of %d steps %s", acc.cache_threshold,
-                        batch.indices[0], len(cache.skipped), cache.step, cache.skipped)
+                        batch.indices[0], len(cache.skipped), cache.steps_run, cache.skipped)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Optional[torch.Tensor]:
@@ -311,7 +326,7 @@ class InferenceRunner:
                 elif not save_latents_only and ranks.decodes:
                     video = self.decode(batch.latents[b:b + 1])
                     if ranks.writer:
-                        record.update(self._condition_report(video[0]))
+                        record.update(self._input_report(video[0]))
                         self.write(f"{index:06d}", record, video=video[0])
         return state.written
 
@@ -382,10 +397,21 @@ class InferenceRunner:
             "lora": str(args.lora) if args.lora else None, "lora_scale": args.lora_scale if args.lora else None,
             "student": None if self.student is None else self.student.to_record(),
             "acceleration": to_dict(cfg.acceleration),
+            **({} if self.state.edit is None else {"edit": self.state.edit.record(self.edit)}),
         }
 
-    def _condition_report(self, video: torch.Tensor) -> dict:
-        """Image-to-video: the given frames' PSNR in the output and after the VAE round trip, printed too."""
+    def _input_report(self, video: torch.Tensor) -> dict:
+        """The PSNR of the given frames (image-to-video) or of the edited clip in the output and after the VAE round
+        trip, printed too."""
+        edit = self.state.edit
+        if edit is not None:
+            frames = edit.pixels.shape[1]
+            report = condition_report(video, edit.pixels, torch.zeros(frames), self.state.vae)
+            del report["condition_frames"]
+            print(f"edit of {self.edit.video} at strength {self.edit.strength:g} ({edit.steps} of "
+                  f"{self.state.sigmas.numel() - 1} steps): PSNR output vs input {report['psnr_output_db']:.2f} dB, "
+                  f"VAE round trip {report['psnr_vae_round_trip_db']:.2f} dB")
+            return {"edit": {**edit.record(self.edit), **report}}
         if self.state.condition is None or not self.request.any:
             return {}
         report = condition_report(video, *self.state.condition, self.state.vae)

@@ -112,7 +112,7 @@ def test_condition_flags_need_the_inpaint_model_and_each_other(setup, tmp_path, 
     assert exc.value.code == 2 and "SparseUMMDiTInpaint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--config", str(setup / "i2v.json"), "--video", str(setup / "clip.mp4")])
-    assert "--video and --condition-frames K go together" in capsys.readouterr().err
+    assert "--video needs --condition-frames K (continue the clip) or --strength S" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # unreadable inputs and impossible lengths: a message, no traceback
         cli.main(["--config", str(setup / "i2v.json"), "--image", str(tmp_path / "missing.png")])
     assert exc.value.code == 2 and "missing.png" in capsys.readouterr().err
