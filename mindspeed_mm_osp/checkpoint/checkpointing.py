@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,7 @@ from ..models.wrappers import unwrap
 from ..optim import load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
 from ..parallel import ParallelDims
 from ..io_atomic import atomic_write_text
+from .async_save import AsyncSaves, local_request
 from .io import atomic_save
 from .layout import CheckpointError, CheckpointWriteError, iteration_dir, model_file, read_tracker, tracker_path
 from .manifest import FileDigest, write_manifest
@@ -67,7 +69,7 @@ def _model_state(model: nn.Module, lora: Optional[dict]) -> dict[str, torch.Tens
         from ..models.lora import lora_state_dict
 
         return lora_state_dict(unwrap(model))
-    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+    return {k: platform.host_copy(v) if torch.is_tensor(v) else v
             for k, v in unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
 
 
@@ -162,19 +164,6 @@ def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bo
     return out
 
 
-def _write_rank_file(path: Path, header: dict, model: nn.Module, lora: Optional[dict],
-                     training_state: dict) -> tuple[Optional[FileDigest], Optional[Exception]]:
-    """Write this TP rank's file; returns its digest, or the failure instead of raising, so every rank reaches
-    the vote."""
-    try:
-        payload = {**header, "model": _model_state(model, lora)}
-        if lora is not None:
-            payload["lora"] = lora
-        return atomic_save({**payload, **training_state}, path), None
-    except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the vote
-        return None, exc
-
-
 def _gather_digests(it_dir: Path, path: Path, digest: Optional[FileDigest]) -> dict[str, FileDigest]:
     """{file relative to the iteration folder: digest} of every writer rank, for rank 0's manifest; collective."""
     mine = (path.relative_to(it_dir).as_posix(), digest) if digest is not None else None
@@ -209,43 +198,87 @@ def _update_tracker(save_dir: Path, iteration: int, previous: Optional[int | str
             f"loadable with --ckpt-step {iteration}.") from error
 
 
+@dataclass
+class PendingSave:
+    """One save between its collective snapshot and its finalize: `write` needs no other rank (the async writer
+    runs it in a background process), `finalize` publishes it once every rank has written."""
+
+    save_dir: Path
+    iteration: int
+    previous: Optional[int | str]  # what the tracker named before this save
+    created_dir: bool
+    path: Path  # this TP rank's file
+    payload: Optional[dict]  # host copies to write; None on ranks that write no file (DP rank > 0)
+
+    def write(self) -> tuple[Optional[FileDigest], Optional[Exception]]:
+        """Write this rank's file; returns its digest, or the failure instead of raising, so every rank reaches
+        the vote."""
+        if self.payload is None:
+            return None, None
+        try:
+            return atomic_save(self.payload, self.path), None
+        except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the vote
+            return None, exc
+
+    def finalize(self, digest: Optional[FileDigest], error: Optional[Exception]) -> Path:
+        """Vote on every rank's write, then the manifest and the tracker (or clean up and raise on all ranks);
+        collective."""
+        it_dir = iteration_dir(self.save_dir, self.iteration)
+        if not _all_ranks_ok(error is None):
+            if self.created_dir and (not dist.is_initialized() or dist.get_rank() == 0):
+                shutil.rmtree(it_dir, ignore_errors=True)
+            where = (f"writing {self.path} failed: {error}" if error is not None
+                     else "another rank failed to write its file")
+            raise CheckpointWriteError(
+                f"saving checkpoint iteration {self.iteration} to {self.save_dir}: {where}. The tracker "
+                f"{tracker_path(self.save_dir)} still names the previous checkpoint ({_named(self.previous)}), "
+                "left intact.") from error
+        _update_tracker(self.save_dir, self.iteration, self.previous, _gather_digests(it_dir, self.path, digest))
+        logger.info("saved checkpoint iteration %s to %s", self.iteration, self.save_dir)
+        return self.path
+
+
+def _snapshot(save_dir: Path, iteration: int, model: nn.Module, optimizer, scheduler, clip, header: dict,
+              save_optim: bool, save_rng: bool, lora: Optional[dict], dims: ParallelDims) -> PendingSave:
+    """Everything the file will hold, as host copies taken now; collective (gathers over DP)."""
+    previous = read_tracker(save_dir)
+    created_dir = not iteration_dir(save_dir, iteration).exists()
+    if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
+        dist.barrier()
+    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng, dims)
+    payload = None
+    if dims.dp_cp_rank == 0:
+        payload = {**header, "parallel": {"tensor_model_parallel_size": dims.tp}, "model": _model_state(model, lora),
+                   **({"lora": lora} if lora is not None else {}), **training_state}
+    return PendingSave(save_dir, int(iteration), previous, created_dir, model_file(save_dir, iteration, dims.tp_rank),
+                       payload)
+
+
 def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
                     clip=None, consumed_train_samples: int = 0, args: Any = None, save_optim: bool = True,
-                    save_rng: bool = True, lora: Optional[dict] = None, dims: Optional[ParallelDims] = None) -> Path:
+                    save_rng: bool = True, lora: Optional[dict] = None, dims: Optional[ParallelDims] = None,
+                    async_saves: Optional[AsyncSaves] = None) -> Path:
     """Write iteration `iteration`; collective, call on every rank. Returns this TP rank's file path.
 
     `model` is the (megatron-DDP-wrapped) module, `optimizer` the megatron optimizer from `build_optimizer`,
     `scheduler` its `OptimizerParamScheduler`, `clip` the `AdaptiveGradClip`. `lora` (`lora_metadata` of a
     LoRA run) stores the adapters instead of the whole model, with the metadata. `dims`: the run's layout
-    (default: the process groups already built).
+    (default: the process groups already built). `async_saves` (`--async-save`): snapshot now, write in the
+    background, publish at a later `async_saves.maybe_finalize` (docs/checkpoints.md).
     """
-    save_dir = Path(save_dir)
-    dims = dims or ParallelDims.current()
-    tp_rank, tp_size, dp_rank = dims.tp_rank, dims.tp, dims.dp_cp_rank
-    previous = read_tracker(save_dir)
-    it_dir = iteration_dir(save_dir, iteration)
-    created_dir = not it_dir.exists()
-    if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
-        dist.barrier()
-
-    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng, dims)
-    path = model_file(save_dir, iteration, tp_rank)
-    error = digest = None
-    if dp_rank == 0:
-        header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
-                  "consumed_train_samples": int(consumed_train_samples), "args": _plain(args),
-                  "parallel": {"tensor_model_parallel_size": tp_size}}
-        digest, error = _write_rank_file(path, header, model, lora, training_state)
-    if not _all_ranks_ok(error is None):
-        if created_dir and (not dist.is_initialized() or dist.get_rank() == 0):
-            shutil.rmtree(it_dir, ignore_errors=True)
-        where = f"writing {path} failed: {error}" if error is not None else "another rank failed to write its file"
-        raise CheckpointWriteError(
-            f"saving checkpoint iteration {iteration} to {save_dir}: {where}. The tracker {tracker_path(save_dir)} "
-            f"still names the previous checkpoint ({_named(previous)}), left intact.") from error
-    _update_tracker(save_dir, iteration, previous, _gather_digests(it_dir, path, digest))
-    logger.info("saved checkpoint iteration %s to %s", iteration, save_dir)
-    return path
+    started = time.monotonic()
+    waited = async_saves.wait() if async_saves is not None else 0.0  # at most one save in flight
+    header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
+              "consumed_train_samples": int(consumed_train_samples), "args": _plain(args)}
+    pending = _snapshot(Path(save_dir), iteration, model, optimizer, scheduler, clip, header, save_optim, save_rng,
+                        lora, dims or ParallelDims.current())
+    if async_saves is not None:
+        async_saves.schedule(pending.iteration, local_request(pending.write, pending.finalize),
+                             stalled_s=time.monotonic() - started, waited_s=waited)
+        return pending.path
+    pending.finalize(*pending.write())
+    logger.info("checkpoint iteration %s: training paused %.3f s for the save", iteration, time.monotonic() - started)
+    return pending.path
 
 
 def _load_adapters(model: nn.Module, state: dict, path: Path, lora: dict) -> None:

@@ -15,6 +15,7 @@ from .device import (
     dist_backend,
     empty_cache,
     get_accelerator_rng_state,
+    host_copy,
     max_memory_allocated,
     npu_fused_ema_adamw,
     reset_peak_memory_stats,
@@ -31,6 +32,6 @@ silence_harmless_logs()
 
 __all__ = [
     "accelerator", "adapt_megatron", "attention_backend", "device", "device_count", "device_name", "dist_backend", "empty_cache",
-    "get_accelerator_rng_state", "max_memory_allocated", "npu_fused_ema_adamw", "reset_peak_memory_stats",
+    "get_accelerator_rng_state", "host_copy", "max_memory_allocated", "npu_fused_ema_adamw", "reset_peak_memory_stats",
     "set_accelerator_rng_state", "set_device", "silence_third_party", "synchronize",
 ]

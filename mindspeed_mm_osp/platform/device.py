@@ -100,6 +100,15 @@ def empty_cache() -> None:
         mod.empty_cache()
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of `tensor`, in pinned (page-locked) memory when an accelerator is present, so that a
+    checkpoint snapshot leaves the device at full copy speed."""
+    tensor = tensor.detach()
+    if _module() is None:
+        return tensor.to("cpu", copy=True)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+
 def max_memory_allocated() -> int:
     """Peak accelerator memory in bytes since the last reset; 0 on CPU (benchmarks measure CPU memory themselves)."""
     mod = _module()

@@ -232,6 +232,9 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ck.add_argument("--exit-interval", type=int, default=None, help="save and exit at a step divisible by this")
     ck.add_argument("--exit-duration-in-mins", type=float, default=None,
                     help="save and exit after this many minutes of training")
+    ck.add_argument("--async-save", action="store_true",
+                    help="write checkpoints in a background process while training goes on; the tracker moves "
+                         "only once every rank has written (docs/checkpoints.md)")
     ck.add_argument("--verify-checkpoint", action="store_true",
                     help="compare the checksums of the checkpoint read by --load/--lora-load with its manifest "
                          "(sizes are always compared), and of merged weights with the one they carry")

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import platform
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint.async_save import AsyncSaves
 from ..checkpoint.reader import load_weights
 from ..checkpoint.weights import load_predictor_weights
 from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
@@ -110,6 +111,7 @@ class Trainer:
         self.state = TrainState()
         self.faults = parse_fault_spec(args.inject_nonfinite_grad)
         self.lora: Optional[dict] = None  # `models.lora.lora_metadata` of a LoRA run (set by build_model)
+        self.async_saves = AsyncSaves() if args.async_save else None  # --async-save: the save in flight
 
     # -- build -------------------------------------------------------------------------------------------------
 
@@ -287,8 +289,10 @@ class Trainer:
         Raises TrainingStopped, after saving the last good state, when too many steps in a row were skipped.
         """
         args, it = self.args, self.state.iteration
+        if self.async_saves is not None:
+            self.async_saves.maybe_finalize()  # publish a background save once every rank has written it
         if step.clip.stop_training:
-            self.save()
+            self.save(wait=True)
             raise TrainingStopped(
                 f"{step.clip.consecutive_skips} consecutive iterations skipped for non-finite or extreme gradients "
                 f"(limit --max-consecutive-skips={args.max_consecutive_skips}); the last good state was saved at "
@@ -301,15 +305,18 @@ class Trainer:
             return "exit duration"
         return None
 
-    def save(self) -> None:
-        """Checkpoint the current iteration to `--save` (collective; once per iteration)."""
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current iteration to `--save` (collective; once per iteration). `wait`: return only
+        once it is published, also with --async-save (the end of training and every stop)."""
         args, state = self.args, self.state
         if args.save and state.iteration != state.last_saved:
             save_checkpoint(args.save, state.iteration, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                             consumed_train_samples=state.consumed_samples, args=args.to_dict(),
                             save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, lora=self.lora,
-                            dims=self.dims)
+                            dims=self.dims, async_saves=self.async_saves)
             state.last_saved = state.iteration
+        if wait and self.async_saves is not None:
+            self.async_saves.wait()
 
     # -- the run -----------------------------------------------------------------------------------------------
 
@@ -347,7 +354,7 @@ class Trainer:
                 if reason is not None:
                     state.stop_reason = reason
                     break
-            self.save()
+            self.save(wait=True)
         finally:
             self.writers.close()
 
