@@ -290,6 +290,13 @@ def tiny_assets_inference(assets, root: Path, steps: int = INFERENCE_STEPS) -> P
     return root / "inference.json"
 
 
+def smooth_frames(frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 (T, H, W, 3): moving colour gradients (what a tiny VAE reconstructs best)."""
+    t, y, x = np.meshgrid(np.arange(frames), np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    rgb = np.stack([0.5 + 0.4 * np.sin(3 * x + 0.2 * t), 0.3 + 0.5 * y, 0.6 - 0.3 * x * y], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
 def infer_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
     """Rank body for `run_distributed`: the inference CLI with `argv`."""
     from mindspeed_mm_osp.inference import cli

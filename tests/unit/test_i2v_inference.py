@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,16 +17,9 @@ from mindspeed_mm_osp.inference.conditioning import ConditionRequest, InpaintCon
 from mindspeed_mm_osp.inference.video_io import read_mp4, to_uint8_frames, write_mp4
 from mindspeed_mm_osp.metrics import psnr
 from mindspeed_mm_osp.models.ae import VideoAutoencoder
-from helpers import make_tiny_inference
+from helpers import make_tiny_inference, smooth_frames
 
 SIZE = [17, 32, 48]  # 3 latent frames of 4x6
-
-
-def _smooth_frames(frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 (T, H, W, 3): moving colour gradients (what a tiny VAE reconstructs best)."""
-    t, y, x = np.meshgrid(np.arange(frames), np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    rgb = np.stack([0.5 + 0.4 * np.sin(3 * x + 0.2 * t), 0.3 + 0.5 * y, 0.6 - 0.3 * x * y], axis=-1)
-    return (rgb * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def setup(tmp_path_factory):
     data["pipeline_config"]["input_size"] = SIZE
     data["prompt"] = "a slow colour sweep"
     (root / "i2v.json").write_text(json.dumps(data))
-    frames = _smooth_frames(20, 40, 64)  # not the output size: resized and cropped like training samples
+    frames = smooth_frames(20, 40, 64)  # not the output size: resized and cropped like training samples
     Image.fromarray(frames[0]).save(root / "first.png")
     Image.fromarray(frames[-1]).save(root / "last.png")
     write_mp4(root / "clip.mp4", frames, 24)

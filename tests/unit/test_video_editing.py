@@ -22,8 +22,7 @@ from mindspeed_mm_osp.inference.runner import InferenceRunner
 from mindspeed_mm_osp.inference.video_io import read_mp4, to_uint8_frames, write_mp4
 from mindspeed_mm_osp.metrics import psnr
 from mindspeed_mm_osp.models.ae import VideoAutoencoder
-from helpers import INFERENCE_SIZE, make_tiny_inference
-from test_i2v_inference import _smooth_frames
+from helpers import INFERENCE_SIZE, make_tiny_inference, smooth_frames
 
 SIZE = INFERENCE_SIZE  # 9 x 32 x 48 -> 2 latent frames of 4 x 6
 
@@ -32,7 +31,7 @@ SIZE = INFERENCE_SIZE  # 9 x 32 x 48 -> 2 latent frames of 4 x 6
 def setup(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("video_editing")
     make_tiny_inference(root)
-    write_mp4(root / "clip.mp4", _smooth_frames(12, 40, 64), 24)  # longer and larger than the output
+    write_mp4(root / "clip.mp4", smooth_frames(12, 40, 64), 24)  # longer and larger than the output
     return root
 
 
