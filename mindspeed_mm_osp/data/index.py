@@ -188,7 +188,7 @@ class _Columns(NamedTuple):
     aes: np.ndarray
 
 
-def _columns(records: list[dict]) -> _Columns:
+def annotation_columns(records: list[dict]) -> _Columns:
     """One pass over the dicts → numpy columns (missing values as 0 / NaN / -1).
 
     Python lists are filled and converted once (writing numpy scalars one by one is ~3×
@@ -407,7 +407,7 @@ def build_index(records: list[dict], preprocess: PreprocessParameters, *, global
     malformed = sum(dropped.values()) if dropped else malformed
     stats = FilterStats(records_in=len(records) + malformed, malformed=malformed,
                         dropped=dict(dropped or ({"malformed": malformed} if malformed else {})))
-    c = _columns(records)
+    c = annotation_columns(records)
     stats.videos_in, stats.images_in = int((c.kind == KIND_VIDEO).sum()), int((c.kind == KIND_IMAGE).sum())
     f = _Filter(stats, len(records))
     if not allow_paths_outside_data_folder:
@@ -535,4 +535,4 @@ def iter_plans(index: SampleIndex, preprocess: PreprocessParameters, seed: int) 
 
 __all__ = ["COUNTER_NAMES", "DROP_HINTS", "FilterStats", "IMAGE_EXTENSIONS", "KIND_IMAGE", "KIND_VIDEO",
            "KIND_VIDEO_FRAME", "NothingSurvivedError", "SampleIndex", "SamplePlan", "SampleShape", "VIDEO_EXTENSIONS",
-           "build_index", "drop_hint", "effective_min_hxw", "iter_plans", "media_kind", "plan_rng"]
+           "annotation_columns", "build_index", "drop_hint", "effective_min_hxw", "iter_plans", "media_kind", "plan_rng"]
