@@ -198,7 +198,7 @@ def test_missing_path_inside_a_config(micro_assets, tmp_path, key):
 
 @pytest.mark.parametrize("flag, value, where", [
     ("--guidance-scale", "nan", "inference"), ("--num-inference-steps", "-3", "inference"),
-    ("--seed", "-1", "inference"), ("--cache-threshold", "inf", "inference"),
+    ("--seed", "-1", "inference"), ("--cache-threshold", "inf", "inference"), ("--strength", "1.5", "inference"),
     ("--num-videos", "-2", "synthetic"), ("--world-size", "0", "plan"), ("--device-memory-gib", "0", "plan"),
     ("--device-memory-gib", "nan", "plan"), ("--shard-size", "0", "extract"), ("--iteration", "latest", "convert"),
     ("--target-tp", "0", "convert"), ("--lr", "nan", "pretrain"), ("--micro-batch-size", "-1", "pretrain"),
