@@ -154,7 +154,7 @@ def _captions(opts: PrepareOptions, media: list[str], result: PrepareResult) -> 
 
 def _write_outputs(opts: PrepareOptions, probed: dict, media: list[str], result: PrepareResult) -> None:
     """Annotation records in path order, data.txt, the unreadable-files report and the data JSON."""
-    captions = _captions(opts, media, result)
+    captions = _captions(opts, [rel for rel in media if "error" not in probed[rel]["probe"]], result)
     for rel in media:
         probe = probed[rel]["probe"]
         result.kinds[probe["kind"] if "error" not in probe else "unreadable"] += 1
