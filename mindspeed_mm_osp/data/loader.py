@@ -66,15 +66,17 @@ def build_index_from_config(data_config: DataConfig, *, global_batch_size: int) 
 
 def build_train_dataloader(data_config: DataConfig, *, tokenizer, tokenizer_2, dp_rank: int, dp_size: int,
                            micro_batch_size: int, global_batch_size: int, consumed_samples: int, seed: int,
-                           num_workers: Optional[int] = None, num_epochs: int = 1) -> tuple[TrainDataLoader, DatasetStats]:
+                           num_workers: Optional[int] = None, num_epochs: int = 1,
+                           index: Optional[tuple[SampleIndex, FilterStats]] = None) -> tuple[TrainDataLoader, DatasetStats]:
     """The training loader of one DP rank (pass the DP rank/size, not the world rank: TP
     peers must build the same loader) and the dataset statistics.
 
     `global_batch_size / (micro_batch_size · dp_size)` is the real gradient accumulation;
-    `consumed_samples` (optimizer steps × global batch) resumes exactly where a run stopped.
+    `consumed_samples` (optimizer steps × global batch) resumes exactly where a run stopped, in any of the
+    `num_epochs` passes. `index`: `build_index_from_config`'s result when the caller has it already.
     Batches: see the package docstring.
     """
-    index, fstats = build_index_from_config(data_config, global_batch_size=global_batch_size)
+    index, fstats = index or build_index_from_config(data_config, global_batch_size=global_batch_size)
     dp = data_config.dataset_param
     dataset = T2VDataset(index, dp, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                          video_reader=make_video_reader(dp.preprocess_parameters.video_reader_type), seed=seed)

@@ -221,13 +221,14 @@ class FeatureCollate:
 def build_cached_dataloader(data_config: DataConfig, model_config: ModelConfig, *, tokenizer, tokenizer_2,
                             dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int,
                             consumed_samples: int, seed: int, num_workers: Optional[int] = None, num_epochs: int = 1,
-                            cache_dir: Optional[str | Path] = None) -> tuple[TrainDataLoader, DatasetStats]:
+                            cache_dir: Optional[str | Path] = None,
+                            index: Optional[tuple] = None) -> tuple[TrainDataLoader, DatasetStats]:
     """`build_train_dataloader` reading `model_config.load_video_features` / `load_text_features`
     from the cache in `cache_dir` (default `dataset_param.feature_cache_dir`).
 
     Same index, sampler (sharding, resume from `consumed_samples`) and per-item RNG as the online
     loader. Refuses (CacheMismatchError) a cache whose provenance differs from the configs.
-    Tokenizers are only needed when text is not cached.
+    Tokenizers are only needed when text is not cached; `index`: `build_index_from_config`'s result, if known.
     """
     dp = data_config.dataset_param
     cache_dir = cache_dir if cache_dir is not None else dp.feature_cache_dir
@@ -237,7 +238,7 @@ def build_cached_dataloader(data_config: DataConfig, model_config: ModelConfig, 
                          "dataset_param.feature_cache_dir in the data JSON")
     if not (video or text):
         raise ValueError("build_cached_dataloader: the model JSON loads neither video nor text features")
-    index, fstats = build_index_from_config(data_config, global_batch_size=global_batch_size)
+    index, fstats = index or build_index_from_config(data_config, global_batch_size=global_batch_size)
     cache = FeatureCache(cache_dir)
     ids = cache.check(data_config, model_config, index, video=video, text=text)
     dataset = CachedT2VDataset(index, dp, cache, ids, tokenizer=tokenizer, tokenizer_2=tokenizer_2,

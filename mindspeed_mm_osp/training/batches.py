@@ -57,9 +57,56 @@ class LoaderShard:
                    consumed_samples=consumed_samples, start_ordinal=ordinal)
 
 
-def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, dims: ParallelDims, *,
+@dataclass(frozen=True)
+class DataPlan:
+    """The training index of this run and how many optimizer steps it gives: `micro_batches_per_epoch` of this
+    replica over `epochs` passes, `num_microbatches` per step (the stream runs on across epoch boundaries)."""
+
+    index: tuple  # (SampleIndex, FilterStats), handed to the loader so the annotations are read once
+    samples: int
+    micro_batches_per_epoch: int
+    num_microbatches: int
+    epochs: int
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return self.micro_batches_per_epoch // self.num_microbatches
+
+    @property
+    def iterations(self) -> int:
+        return self.epochs * self.micro_batches_per_epoch // self.num_microbatches
+
+
+def _shard(model_cfg: ModelConfig, dims: ParallelDims, *, micro_batch_size: int, global_batch_size: int,
+           consumed_samples: int) -> LoaderShard:
+    """Encoder DP shards over the TP x DP ranks; CP peers load and encode what their TP peer position does."""
+    dp_rank, dp_size, tp_rank, tp_size = dims.dp_rank, dims.dp, dims.tp_rank, dims.tp  # DP excludes CP
+    return LoaderShard.plan(
+        rank=dp_rank * tp_size + tp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
+        dp_size=dp_size, tp_rank=tp_rank, tp_size=tp_size, encoder_dp=model_cfg.enable_encoder_dp,
+        micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples)
+
+
+def plan_train_data(data_cfg: DataConfig, model_cfg: ModelConfig, dims: ParallelDims, *, micro_batch_size: int,
+                    global_batch_size: int, num_microbatches: int, epochs: int, seed: int) -> DataPlan:
+    """Read and filter the annotations once, and count the optimizer steps `epochs` passes over them give."""
+    from ..data.loader import build_index_from_config
+    from ..data.sampler import LengthGroupedSampler
+
+    index = build_index_from_config(data_cfg, global_batch_size=global_batch_size)
+    shard = _shard(model_cfg, dims, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                   consumed_samples=0)
+    sampler = LengthGroupedSampler(index[0].shape_id, micro_batch_size=micro_batch_size,
+                                   global_batch_size=shard.global_batch_size, dp_rank=shard.dp_rank,
+                                   dp_size=shard.dp_size, seed=seed)
+    return DataPlan(index=index, samples=len(index[0]), num_microbatches=num_microbatches, epochs=epochs,
+                    micro_batches_per_epoch=sampler.micro_steps_per_epoch * shard.encoder_dp_size)
+
+
+def build_train_stream(plan: DataPlan, data_cfg: DataConfig, model_cfg: ModelConfig, encoders, dims: ParallelDims, *,
                        micro_batch_size: int, global_batch_size: int, consumed_samples: int, seed: int):
-    """(EncodedStream, DatasetStats) of this rank: online loader or feature cache, sharded by `LoaderShard`."""
+    """(EncodedStream, DatasetStats) of this rank over `plan`'s index and epochs: online loader or feature cache,
+    sharded by `LoaderShard`, positioned after `consumed_samples` (in whichever epoch that falls)."""
     from ..data import build_train_dataloader
     from ..models.text import load_tokenizer
 
@@ -73,18 +120,13 @@ def build_train_stream(data_cfg: DataConfig, model_cfg: ModelConfig, encoders, d
         build_loader = functools.partial(build_cached_dataloader, model_config=model_cfg)
     else:
         build_loader = build_train_dataloader
-    dp_rank, dp_size = dims.dp_rank, dims.dp  # DP excludes CP
-    tp_rank, tp_size = dims.tp_rank, dims.tp
-    # Encoder DP shards over the TP x DP ranks; CP peers load and encode what their TP peer position does.
-    shard = LoaderShard.plan(
-        rank=dp_rank * tp_size + tp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
-        dp_size=dp_size, tp_rank=tp_rank, tp_size=tp_size, encoder_dp=model_cfg.enable_encoder_dp,
-        micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples)
+    shard = _shard(model_cfg, dims, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                   consumed_samples=consumed_samples)
     loader, stats = build_loader(
         data_cfg, tokenizer=tokenizer, tokenizer_2=tokenizer_2, dp_rank=shard.dp_rank, dp_size=shard.dp_size,
         micro_batch_size=micro_batch_size, global_batch_size=shard.global_batch_size,
-        consumed_samples=shard.consumed_samples, seed=seed)
-    stream = EncodedStream(loader, encoders, seed=seed, start_ordinal=shard.start_ordinal, dp_rank=dp_rank,
+        consumed_samples=shard.consumed_samples, seed=seed, num_epochs=plan.epochs, index=plan.index)
+    stream = EncodedStream(loader, encoders, seed=seed, start_ordinal=shard.start_ordinal, dp_rank=dims.dp_rank,
                            encoder_dp_size=shard.encoder_dp_size, encoder_dp_rank=shard.encoder_dp_rank,
                            tp_group=dims.tp_group)
     return stream, stats

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Optional
 
 from .args import TrainingArgs
@@ -147,11 +148,30 @@ class MetricWriters:
             scalars["clip-threshold"] = s.clip_threshold
         if s.mfu is not None:
             scalars["mfu"] = s.mfu
+        self.write_scalars(scalars, s.iteration)
+
+    def write_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, s.iteration)
+                self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(scalars, step=s.iteration)
+            self.wandb.log(dict(scalars), step=step)
+
+    def write_videos(self, paths: list[Path], step: int) -> None:
+        """Validation mp4s: to W&B as videos, to TensorBoard as a grid of their frames (its video panel needs
+        moviepy, which is not a dependency)."""
+        if self.tb is not None:
+            import torch
+
+            from ..inference.video_io import read_mp4
+
+            for path in paths:
+                frames, _ = read_mp4(path)
+                self.tb.add_images(f"validation/{path.stem}", torch.from_numpy(frames), step, dataformats="NHWC")
+        if self.wandb is not None and paths:
+            import wandb
+
+            self.wandb.log({f"validation/{p.stem}": wandb.Video(str(p), format="mp4") for p in paths}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -16,6 +16,7 @@ the last good state and stop with an error.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -41,11 +42,12 @@ from ..parallel import ParallelDims, initialize_distributed
 from ..parallel.context_parallel import loss_scale_for_grads
 from .args import TrainingArgs
 from .arguments import parse_fault_spec
-from .batches import build_train_stream
+from .batches import DataPlan, build_train_stream, plan_train_data
 from .components import FrozenEncoders, resolve_precision, wrap_ddp
 from .flops import peak_flops_per_second, predictor_training_flops
 from .logging import IterationStats, MetricWriters, format_line, setup_logging
 from .step import flow_matching_loss
+from .validation import ValidationLoss, ValidationSampler, ValidationSet, validation_loss, validation_sigmas
 
 logger = logging.getLogger("mindspeed_mm_osp.train")
 
@@ -64,6 +66,7 @@ class TrainResult:
     losses: list[float]  # per iteration of this run, the last RECENT_LOSSES at most
     skipped_iterations: int
     stop_reason: str
+    validation: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss of this run
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TrainState:
     nan_iterations: int = 0
     stop_reason: str = "train_iters reached"
     losses: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_LOSSES))
+    validation: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss of this run
 
 
 @dataclass
@@ -130,12 +134,15 @@ class Trainer:
             # predictor is initialised from: the same seed gives the same predictor with or without the feature cache.
             self.encoders = FrozenEncoders(self.model_cfg, self.precision)
         self.ddp = wrap_ddp(self.build_model(), args)
+        self.plan_iterations()
+        args = self.args  # with the iteration count the data allows
         settings = OptimizerSettings.from_args(args, bf16=self.precision.predictor == torch.bfloat16)
         self.optimizer = build_optimizer(self.ddp, settings)
         self.scheduler = build_lr_scheduler(self.optimizer, settings)
         self.clipper = AdaptiveGradClip(clip_grad=args.clip_grad, ema_decay=args.clip_grad_ema_decay or 0.0,
                                         max_consecutive_skips=args.max_consecutive_skips)
         self.diffusion = FlowMatchingScheduler(self.model_cfg.diffusion)
+        self.build_validation()
 
     def _init_distributed(self) -> None:
         args = self.args
@@ -149,6 +156,42 @@ class Trainer:
         logger.info("world %d = TP %d x CP %d x DP %d; sequence parallel %s; %s; accelerator %s", self.world_size,
                     self.tp, self.cp, self.dp, args.sequence_parallel,
                     "distributed optimizer" if args.use_distributed_optimizer else "optimizer", platform.accelerator())
+
+    def plan_iterations(self) -> None:
+        """Read the annotations once and fix the run's length: `--train-iters` (or `--train-samples`), at most what
+        `--train-epochs` passes over the data give (one pass by default; a warning says when that cuts the run),
+        or exactly those passes when no length is given."""
+        args = self.args
+        epochs = args.train_epochs or 1
+        self.data_plan: DataPlan = plan_train_data(
+            self.data_cfg, self.model_cfg, self.dims, micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size, num_microbatches=args.num_microbatches, epochs=epochs,
+            seed=args.seed)
+        allowed = self.data_plan.iterations
+        if args.train_iters is not None and args.train_iters > allowed and self.rank == 0:
+            logger.warning("--train-iters %d is more than the data allows: %d samples give %d iterations per epoch "
+                           "at global batch %d, x %d epoch(s) = %d iterations; training for %d. To train longer, "
+                           "repeat the data with --train-epochs %d", args.train_iters, self.data_plan.samples,
+                           self.data_plan.iterations_per_epoch, args.global_batch_size, epochs, allowed, allowed,
+                           -(-args.train_iters // max(self.data_plan.iterations_per_epoch, 1)))
+        iters = allowed if args.train_iters is None else min(args.train_iters, allowed)
+        self.args = dataclasses.replace(args, train_iters=iters)
+
+    def build_validation(self) -> None:
+        """The validation set (`--mm-valid-data`) and prompts (`--validation-prompts`), when asked for; building
+        them draws from no generator training uses."""
+        from .validation import preserved_rng
+
+        args = self.args
+        self.valid_set: Optional[ValidationSet] = None
+        self.valid_sampler: Optional[ValidationSampler] = None
+        with preserved_rng():
+            if args.mm_valid_data:
+                limit = args.eval_iters * args.global_batch_size if args.eval_iters else None
+                self.valid_set = ValidationSet(load_data_config(args.mm_valid_data), self.model_cfg, self.encoders,
+                                               self.dims, seed=args.seed, limit=limit)
+            if args.validation_prompts:
+                self.valid_sampler = ValidationSampler(args, self.model_cfg, self.data_cfg, self.encoders, self.dims)
 
     def build_model(self) -> nn.Module:
         """The predictor on this rank's device, with `predictor.from_pretrained` (merged weights) when set.
@@ -203,8 +246,17 @@ class Trainer:
         """This rank's encoded micro-batch stream, positioned after the samples already consumed."""
         args = self.args
         self.stream, self.data_stats = build_train_stream(
-            self.data_cfg, self.model_cfg, self.encoders, self.dims, micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size, consumed_samples=self.state.consumed_samples, seed=args.seed)
+            self.data_plan, self.data_cfg, self.model_cfg, self.encoders, self.dims,
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            consumed_samples=self.state.consumed_samples, seed=args.seed)
+
+    def announce(self) -> None:
+        """One line (rank 0) with the iterations this run trains, which `_train_loop` then runs."""
+        plan, args, start = self.data_plan, self.args, self.state.iteration
+        if self.rank == 0:
+            logger.info("training for %d iterations (%d samples x %d epoch(s) = %d iterations at global batch %d)%s",
+                        args.train_iters, plan.samples, plan.epochs, plan.iterations, args.global_batch_size,
+                        f", from iteration {start}" if start else "")
 
     # -- one iteration -----------------------------------------------------------------------------------------
 
@@ -281,6 +333,29 @@ class Trainer:
             logger.info(format_line(stats))
         self.writers.write(stats)
 
+    # -- validation ------------------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """The validation loss every `--eval-interval` and EMA samples every `--validation-interval` iterations
+        (collective); both change nothing training computes, and the time they take is logged."""
+        from ..models.wrappers import unwrap
+
+        args, it = self.args, self.state.iteration
+        if self.valid_set is not None and it % args.eval_interval == 0:
+            result: ValidationLoss = validation_loss(
+                unwrap(self.ddp), self.diffusion, self.valid_set, self.dims, sigmas=validation_sigmas(args.eval_sigmas),
+                dtype=self.precision.predictor, loss_region=args.i2v_loss_region)
+            self.state.validation[it] = result.loss
+            if self.rank == 0:
+                logger.info(result.line(it))
+            self.writers.write_scalars({**result.scalars(), "validation/seconds": result.elapsed_s}, it)
+        if self.valid_sampler is not None and it % args.validation_interval == 0:
+            videos = self.valid_sampler.sample(self.ddp, self.optimizer, args.save, it)
+            if self.rank == 0:
+                logger.info(videos.line(it, len(self.valid_sampler.prompts)))
+            self.writers.write_videos(videos.paths(), it)
+            self.writers.write_scalars({"validation/sample-seconds": videos.elapsed_s}, it)
+
     # -- stop and save -----------------------------------------------------------------------------------------
 
     def should_stop(self, step: StepOutcome) -> Optional[str]:
@@ -325,6 +400,7 @@ class Trainer:
         self.build()
         self.resume()
         self.build_data()
+        self.announce()
         self._train_loop()
         state, read_failures = self.state, self.data_stats.read_failures
         if read_failures and self.rank == 0:
@@ -332,7 +408,7 @@ class Trainer:
         logger.info("training finished: %s at iteration %d", state.stop_reason, state.iteration)
         return TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_samples,
                            losses=list(state.losses), skipped_iterations=state.skipped_iterations,
-                           stop_reason=state.stop_reason)
+                           stop_reason=state.stop_reason, validation=dict(state.validation))
 
     def _train_loop(self) -> None:
         args, state = self.args, self.state
@@ -350,6 +426,7 @@ class Trainer:
                                 state.consumed_samples)
                     break
                 self.log(step)
+                self.validate()
                 reason = self.should_stop(step)
                 if reason is not None:
                     state.stop_reason = reason

@@ -143,7 +143,7 @@ def _velocity_error_ratio(trainer, sigmas=(0.3, 0.5, 0.7, 0.9)) -> float:
     from mindspeed_mm_osp.training.batches import build_train_stream
     from mindspeed_mm_osp.training.step import keyed_generator, model_inputs
 
-    stream, _ = build_train_stream(trainer.data_cfg, trainer.model_cfg, trainer.encoders, trainer.dims, micro_batch_size=1,
+    stream, _ = build_train_stream(trainer.data_plan, trainer.data_cfg, trainer.model_cfg, trainer.encoders, trainer.dims, micro_batch_size=1,
                                    global_batch_size=1, consumed_samples=0, seed=trainer.args.seed)
     err = zero = 0.0
     with torch.no_grad():
