@@ -4,9 +4,9 @@
         --mm-data data.json --mm-model model.json --out DIR [--shard-size 32]
 
 Each rank encodes a disjoint set of shards; re-running after an interruption skips every shard
-whose manifest and checksum are intact. Rank 0 then writes and verifies DIR/index.json. Set
-`dataset_param.feature_cache_dir` to DIR and `load_video_features`/`load_text_features` to train
-from it (see `mindspeed_mm_osp.features`).
+whose manifest and checksum are intact. Rank 0 then writes and verifies DIR/index.json and prints the
+keys that train from it: `dataset_param.feature_cache_dir` = DIR in the data JSON, `load_video_features` and
+`load_text_features` true in the model JSON (see `mindspeed_mm_osp.features` and docs/data.md).
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ def _check(a: argparse.Namespace):
     return data_cfg, model_cfg
 
 
+def train_from_cache(data_json: str, model_json: str, cache: Path) -> str:
+    """The exact keys and command that train from the finished cache `cache`."""
+    return "\n".join([
+        "to train from this cache, without the VAE and text encoders:",
+        f'  {data_json}: "dataset_param": {{"feature_cache_dir": "{cache}", ...}}',
+        f'  {model_json}: "load_video_features": true, "load_text_features": true (top level)',
+        f"  then: pretrain.py --mm-data {data_json} --mm-model {model_json} ... (the flags of your run; "
+        "--global-batch-size of any size when extracted with --global-batch-size 1)"])
+
+
 @entry_point("extract_features")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +60,8 @@ def main(argv=None) -> None:
     p.add_argument("--text-batch-size", type=int, default=64, help="captions per T5/CLIP forward")
     p.add_argument("--seed", type=int, default=1234, help="picks the cached temporal window of long clips")
     p.add_argument("--global-batch-size", type=int, default=1,
-                   help="minority filter of the extracted set (4 x it); 1 keeps a superset of any training run")
+                   help="minority filter of the extracted set (min_samples_per_shape_factor x it); 1 keeps a "
+                   "superset of any training run")
     p.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupted run
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     a = p.parse_args(argv)
@@ -75,6 +86,8 @@ def main(argv=None) -> None:
                                   stop_after_shards=a.stop_after_shards, progress=not a.no_progress)
         print(f"rank {rank}: computed shards {result.computed}, reused {result.reused}"
               + (f"; index {result.index_path}" if result.complete and rank == 0 else ""), flush=True)
+        if result.complete and rank == 0:
+            print(train_from_cache(a.mm_data, a.mm_model, Path(a.out).resolve()), flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

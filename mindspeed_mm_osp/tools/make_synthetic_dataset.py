@@ -1,4 +1,4 @@
-"""Write a small synthetic text-to-video dataset in a few seconds (its cases: docs/data.md).
+"""Write a small synthetic text-to-video dataset in a few seconds (docs/data.md, "The synthetic dataset").
 
     python -m mindspeed_mm_osp.tools.make_synthetic_dataset OUT [--num-videos N --num-images M --seed S]
 
@@ -6,7 +6,8 @@ OUT gets `set1/` (video edge cases V1–V21, incl. a corrupt, a zero-byte and a
 missing file), `set2/` (image cases I1–I7 and records without caption/resolution),
 `set3/` (N random videos and M random images that all pass the filter), one
 `anno.json` per set (each record carries an `id` naming its case), `data.txt` (with a
-blank line) and `data.json` (config A: 17 frames, 64×128, force_resolution).
+blank line) and `data.json` (17 frames, 64×128, force_resolution). For your own videos use
+`tools.prepare_dataset`; the annotation format and the data.txt line are in docs/data.md, "Your own videos".
 
 Frame k of every clip encodes k: the background has grey level `8 + 6·(k mod 40)` and the
 top-left quadrant `8 + 6·(k div 40)`; a white square moves in the bottom-right quadrant.
@@ -262,6 +263,10 @@ BROKEN_FILES = (("set1/corrupt.mp4", "random bytes"), ("set1/missing.mp4", "anno
                 ("set1/empty.mp4", "zero bytes"), ("set1/v24_10.mp4", "10 frames, annotated as 40"))
 _BROKEN_HEADER = "# Broken on purpose by make_synthetic_dataset: the loader's read-failure path is part of the demo.\n"
 
+OWN_VIDEOS = ("Your own videos: python -m mindspeed_mm_osp.tools.prepare_dataset FOLDER --out OUT writes the "
+              "annotation JSON and data.txt from a folder of videos and images; the format of both is described in "
+              "docs/data.md, section 'Your own videos'.")
+
 # The valid range of every numeric flag (`errors.check_ranges`).
 RANGES = {"--num-videos": dict(low=0, high=10000), "--num-images": dict(low=0, high=10000),
           "--seed": dict(low=0, high=2**32 - 1)}
@@ -269,11 +274,12 @@ RANGES = {"--num-videos": dict(low=0, high=10000), "--num-images": dict(low=0, h
 
 @entry_point("make_synthetic_dataset")
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=OWN_VIDEOS)
     p.add_argument("out", help="output folder (created; refused when it holds files, unless --overwrite)")
     p.add_argument("--num-videos", type=int, default=8, help="random extra videos in set3")
     p.add_argument("--num-images", type=int, default=4, help="random extra images in set3")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of set3's random sizes, frame rates and lengths "
+                   "(default: 0)")
     p.add_argument("--overwrite", action="store_true", help="write into an OUT that already holds files")
     a = p.parse_args(argv)
     check_ranges({"--num-videos": a.num_videos, "--num-images": a.num_images, "--seed": a.seed}, RANGES)
