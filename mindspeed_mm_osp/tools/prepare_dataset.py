@@ -14,6 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..config.data import load_data_config
 from ..data.prepare import OUTPUTS, PrepareOptions, PrepareResult, dry_run_report, run_prepare
 from ..errors import UserError, check_input_path, check_output_dir, check_ranges, entry_point
 
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="probing processes")
     p.add_argument("--split-frames", type=int, help="cut longer videos into clips of at most this many frames at "
                    "--train-fps (annotation entries into the same file, no re-encoding)")
-    p.add_argument("--train-fps", type=float, default=24.0, help="frame rate --split-frames counts at (the data "
-                   "JSON's train_fps)")
+    p.add_argument("--train-fps", type=float, help="frame rate --split-frames counts at (default: train_fps of the "
+                   "--data-json template, else 24)")
     p.add_argument("--data-json", default=str(RELEASE_DATA_JSON) if RELEASE_DATA_JSON.is_file() else None,
                    help="template data JSON copied to OUT/data.json with its data_path set to OUT/data.txt")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
@@ -91,6 +92,9 @@ def _prepare(a: argparse.Namespace) -> None:
     if a.data_json:
         check_input_path("--data-json", a.data_json, "file")
     check_output_dir("--out", a.out, overwrite=a.overwrite or a.resume, taken=lambda p: p.name in OUTPUTS)
+    if a.train_fps is None:
+        a.train_fps = load_data_config(a.data_json).dataset_param.preprocess_parameters.train_fps if a.data_json \
+            else 24.0
     opts = PrepareOptions(folder=Path(a.folder).resolve(), out=Path(a.out).resolve(),
                           captions=Path(a.captions) if a.captions else None, workers=a.workers,
                           split_frames=a.split_frames, train_fps=a.train_fps, resume=a.resume,

@@ -243,3 +243,17 @@ def test_training_runs_from_the_prepared_folder(media, tiny_assets, tmp_path):
     out = run_distributed(_train, 1, argv, timeout=240)[0]
     assert out["iteration"] == 2 and all(np.isfinite(out["losses"]))
     assert "10 of 12 records kept" in out["log"] and "read failed" not in out["log"]
+
+
+def test_extract_features_names_the_keys_that_train_from_its_cache(tmp_path):
+    from dataclasses import fields
+
+    from mindspeed_mm_osp.config.data import DatasetParam
+    from mindspeed_mm_osp.config.model import ModelConfig
+    from mindspeed_mm_osp.tools.extract_features import train_from_cache
+
+    text = train_from_cache("d.json", "m.json", tmp_path)
+    for cls, keys in ((DatasetParam, ["feature_cache_dir"]), (ModelConfig, ["load_video_features",
+                                                                           "load_text_features"])):
+        assert all(f'"{key}"' in text and key in {f.name for f in fields(cls)} for key in keys)
+    assert f'"feature_cache_dir": "{tmp_path}"' in text and "pretrain.py --mm-data d.json --mm-model m.json" in text
