@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="benchmark: untimed full runs first")
     p.add_argument("--repeat", type=int, default=3, help="benchmark: timed full runs")
     p.add_argument("--report", help="benchmark report path (default: <save-path>/benchmark.json)")
+    _add_video_arguments(p)
+    return p
+
+
+def _add_video_arguments(p: argparse.ArgumentParser) -> None:
+    """The given frames of image-to-video and continuation, and the clip to edit."""
     i2v = p.add_argument_group("image-to-video (predictor.model_id SparseUMMDiTInpaint; docs/i2v.md)")
     i2v.add_argument("--image", metavar="PATH", help="first frame of the video")
     i2v.add_argument("--last-image", metavar="PATH", help="last frame (with --image: a transition)")
@@ -164,10 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--no-reimpose-condition feeds them through the input channels only, as Open-Sora Plan 1.3")
     edit = p.add_argument_group("video editing (any predictor; docs/i2v.md)")
     edit.add_argument("--strength", type=float, metavar="S",
-                      help="with --video: edit the clip's first frames under the prompt: noise its latents to the "
-                           "schedule's sigma after round(N x (1 - S)) of the N steps and denoise the rest (1: "
-                           "text-to-video from the same noise, 0: the clip's VAE round trip)")
-    return p
+                      help="with --video: edit the clip's first frames under the prompt: skip the first N x (1 - S) "
+                           "of the N steps (rounded half up), noise its latents to the schedule's sigma there and "
+                           "denoise the rest (1: text-to-video from the same noise, 0: the clip's VAE round trip)")
 
 
 def _register_trusted(p: argparse.ArgumentParser, files: tuple[str, ...]) -> None:
