@@ -7,7 +7,8 @@ Used by resume (`checkpointing.load_checkpoint`), by the converter (`convert`) a
   iteration) or, for resume, as one `RankFile`. Checked here, with errors naming the file: every rank folder
   and file present, each file holding a `model` entry, and the TP size and iteration it records equal to its
   folder's;
-* a flat weights file (`load_weights`): safetensors, or a torch file holding a state dict, possibly wrapped.
+* a flat weights file (`load_weights`, or one TP rank's shard of it with `load_weights_shard`, which reads
+  only that shard): safetensors, or a torch file holding a state dict, possibly wrapped.
 
 Another on-disk format goes here and nowhere else: `read_rank_file` is the one read of a training checkpoint,
 `load_weights` the one read of a weights file. Both unpickle through `safe_load` (no file runs code), and a
@@ -167,39 +168,74 @@ def read_rank(load_dir: Path | str, iteration: int | str, tp_rank: int, tp_size:
     return read_rank_file(path, tp_size, iteration, ("model", "iteration"))
 
 
-def _read_safetensors(path: Path, verify: bool) -> dict[str, torch.Tensor]:
-    """A safetensors file; with `verify`, checked against the checksum in its metadata when it has one."""
+class _LazyTensors(Mapping):
+    """The tensors of an open safetensors file, each read when asked for: a checksum over it holds one tensor in
+    memory at a time."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._handle.keys())
+
+    def __len__(self) -> int:
+        return len(self._handle.keys())
+
+
+def _verify_safetensors(path: Path, handle) -> None:
+    """Compare the tensors' checksum with the one recorded in the file's metadata, when it has one."""
+    expected = (handle.metadata() or {}).get(TENSORS_CHECKSUM_KEY)
+    if expected is None:
+        return
+    found = tensors_checksum(_LazyTensors(handle))
+    if found != expected:
+        raise CheckpointError(f"{path}: tensor checksum {found} differs from the {expected} recorded when it was "
+                              "written (damaged copy); copy or convert it again")
+
+
+def _safetensors_shard(path: Path, tp_rank: int, tp_size: int, verify: bool) -> dict[str, torch.Tensor]:
+    """This TP rank's piece of every tensor, read through `safe_open`: a split tensor's other pieces are never
+    copied out of the file."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    if verify:
-        with safe_open(str(path), "pt") as f:
-            expected = (f.metadata() or {}).get(TENSORS_CHECKSUM_KEY)
-        if expected is not None and tensors_checksum(state) != expected:
-            raise CheckpointError(f"{path}: tensor checksum {tensors_checksum(state)} differs from the {expected} "
-                                  "recorded when it was written (damaged copy); copy or convert it again")
-    return state
+    from ..models.predictor import tp_slice
+
+    out = {}
+    with safe_open(str(path), "pt") as handle:
+        if verify:
+            _verify_safetensors(path, handle)
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            piece = tp_slice(key, view.get_shape(), tp_rank, tp_size)
+            if piece is None:
+                out[key] = handle.get_tensor(key)
+            else:
+                dim, start, length = piece
+                out[key] = view[(slice(None),) * dim + (slice(start, start + length),)]
+    return out
 
 
-def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tensor]:
-    """Merged or released predictor weights (.safetensors, or a torch file possibly wrapped in
-    `ema_state_dict`/`model`/`state_dict`), without `_extra_state` entries. `verify`: check the checksum a
-    merged safetensors file carries."""
-    from ..models.predictor import strip_extra_state, unwrap_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
+def _torch_file_mapped(path: Path):
+    """A torch file loaded with `mmap=True` (tensors stay in the file until touched), or read whole when it
+    predates the zip format, which cannot be mapped."""
     try:
-        if path.suffix == ".safetensors":
-            state = _read_safetensors(path, verify)
-        else:
-            state = load_torch_file(path, "weights file")
+        return load_torch_file(path, "weights file", mmap=True)
     except CheckpointError:
         raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+        return load_torch_file(path, "weights file")
+
+
+def _flat_tensors(path: Path, state) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file, unwrapped from `ema_state_dict`/`model`/`state_dict`, without
+    `_extra_state` entries; anything else than a non-empty flat dict of tensors is refused, naming the file."""
+    from ..models.predictor import strip_extra_state, unwrap_state_dict
+
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: unknown layout, expected a state dict, got {type(state).__name__}")
     state = strip_extra_state(unwrap_state_dict(state))
@@ -210,5 +246,44 @@ def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tens
     return state
 
 
-__all__ = ["RankFile", "SavedCheckpoint", "TENSORS_CHECKSUM_KEY", "load_weights", "locate_iteration", "read_checkpoint",
+def _torch_file_shard(path: Path, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """This TP rank's piece of every tensor of a memory-mapped torch file, copied out; the mapping goes with the
+    loaded dict."""
+    from ..models.predictor import tp_slice
+
+    out = {}
+    for key, value in _flat_tensors(path, _torch_file_mapped(path)).items():
+        piece = tp_slice(key, value.shape, tp_rank, tp_size)
+        out[key] = (value if piece is None else value.narrow(*piece)).clone()
+    return out
+
+
+def load_weights_shard(path: Path | str, tp_rank: int, tp_size: int, verify: bool = False) -> dict[str, torch.Tensor]:
+    """This tensor-parallel rank's shard (`models.predictor.tp_layout`) of merged or released predictor weights
+    (.safetensors, or a torch file possibly wrapped in `ema_state_dict`/`model`/`state_dict`), without
+    `_extra_state` entries, reading only what the rank keeps: safetensors through `safe_open` slices, a torch
+    file memory-mapped (`safe_load.load_torch_file(mmap=True)`, weights only). `verify`: check the checksum a merged
+    safetensors file carries (one tensor in memory at a time)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            state = _safetensors_shard(path, tp_rank, tp_size, verify)
+        else:
+            state = _torch_file_shard(path, tp_rank, tp_size)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    return _flat_tensors(path, state)
+
+
+def load_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tensor]:
+    """Merged or released predictor weights, whole (the converter's input); `load_weights_shard` at TP=1."""
+    return load_weights_shard(path, 0, 1, verify)
+
+
+__all__ = ["RankFile", "SavedCheckpoint", "TENSORS_CHECKSUM_KEY", "load_weights", "load_weights_shard",
+           "locate_iteration", "read_checkpoint",
            "read_rank", "read_rank_file"]

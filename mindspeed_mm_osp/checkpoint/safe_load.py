@@ -87,22 +87,23 @@ def _refusal(path: Path, what: str, names: list[str]) -> UntrustedPickleError:
         f"--trust-pickle {path}")
 
 
-def load_torch_file(path: Path | str, what: str, allow: Sequence[str] = ()) -> Any:
+def load_torch_file(path: Path | str, what: str, allow: Sequence[str] = (), mmap: bool = False) -> Any:
     """`torch.load` of `path` on the CPU with `weights_only=True` and exactly the globals named in `allow`.
 
     `what` names the kind of file in the refusal. Raises `UntrustedPickleError` for a file that needs another
-    global; other failures (truncated, corrupt, not a torch file) propagate for the caller to name.
+    global; other failures (truncated, corrupt, not a torch file) propagate for the caller to name. `mmap`: map
+    the file instead of reading it (tensors are read when touched; zip-format files only).
     """
     path = Path(path)
     if path.resolve() in _trusted:
         logger.warning("%s: unpickled in full because of --trust-pickle; it can run code", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     process_wide = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:
         with torch.serialization.safe_globals(allow_list(allow)):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as exc:
                 names = _forbidden(path, exc)
                 if names:

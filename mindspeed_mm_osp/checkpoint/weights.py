@@ -10,15 +10,18 @@ import torch
 
 from .convert import merge_entry
 from .layout import MODEL_FILE, CheckpointError
-from .reader import load_weights, read_checkpoint
+from .reader import load_weights_shard, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
-def load_predictor_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tensor]:
-    """Merged predictor state dict from a weights file (.pt/.pth/.ckpt/.safetensors, wrapped or flat) or from a
-    training checkpoint (root with tracker or one `iter_XXXXXXX` folder, any TP size; its EMA when it has one).
-    `verify`: check checksums (the manifest's, or a merged file's own)."""
+def load_predictor_shard(path: Path | str, tp_rank: int, tp_size: int, verify: bool = False) -> dict[str, torch.Tensor]:
+    """This TP rank's shard (`models.predictor.tp_layout`) of the predictor weights in a weights file
+    (.pt/.pth/.ckpt/.safetensors, wrapped or flat; only the shard is read, `reader.load_weights_shard`) or in a
+    training checkpoint (root with tracker or one `iter_XXXXXXX` folder, any TP size; its EMA when it has one;
+    merged, then sliced). `verify`: check checksums (the manifest's, or a merged file's own)."""
+    from ..models.predictor import shard_state_dict
+
     path = Path(path)
     if path.is_dir():
         source = read_checkpoint(path, verify=verify)
@@ -28,10 +31,15 @@ def load_predictor_weights(path: Path | str, verify: bool = False) -> dict[str, 
         key = "ema_model" if source.has("ema_model") else "model"
         if key == "model":
             logger.warning("%s has no EMA weights; using the model weights", path)
-        return merge_entry(source, key).state_dict
+        return shard_state_dict(merge_entry(source, key).state_dict, tp_rank, tp_size)
     if path.name == MODEL_FILE:
         raise CheckpointError(f"{path}: one TP shard of a training checkpoint; pass its checkpoint folder instead")
-    return load_weights(path, verify)
+    return load_weights_shard(path, tp_rank, tp_size, verify)
+
+
+def load_predictor_weights(path: Path | str, verify: bool = False) -> dict[str, torch.Tensor]:
+    """The whole merged predictor state dict of any source `load_predictor_shard` reads (its TP=1 shard)."""
+    return load_predictor_shard(path, 0, 1, verify)
 
 
 def load_lora_adapters(path: Path | str, verify: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -43,4 +51,4 @@ def load_lora_adapters(path: Path | str, verify: bool = False) -> tuple[dict, di
     return source.lora, merge_entry(source, "model").state_dict
 
 
-__all__ = ["load_lora_adapters", "load_predictor_weights"]
+__all__ = ["load_lora_adapters", "load_predictor_shard", "load_predictor_weights"]

@@ -175,15 +175,15 @@ class InferenceRunner:
         return TextConditioner(encoders, load_tokenizer(cfg.tokenizer), tokenizer_2, cfg.model_max_length)
 
     def _build_predictor(self, weights: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-        from ..checkpoint.weights import load_predictor_weights
+        from ..checkpoint.weights import load_predictor_shard
         from ..models.predictor import build_predictor
         from .compile import compile_blocks
         from .weights import apply_adapters
 
         cfg, args = self.state.cfg, self.args
         dims = self.state.ranks.dims
-        model = build_predictor(cfg.predictor, load_predictor_weights(weights), dtype, device,
-                                sequence_parallel=dims.tp > 1, dims=dims)
+        model = build_predictor(cfg.predictor, load_predictor_shard(weights, dims.tp_rank, dims.tp), dtype, device,
+                                sequence_parallel=dims.tp > 1, dims=dims, tp_local=True)
         if args.lora:
             apply_adapters(model, args.lora, args.lora_scale)
         if cfg.acceleration.compile:  # after the adapters, so that the compiled blocks include them

@@ -30,8 +30,8 @@ from torch import nn
 from .. import platform
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..checkpoint.async_save import AsyncSaves
-from ..checkpoint.reader import load_weights
-from ..checkpoint.weights import load_predictor_weights
+from ..checkpoint.reader import load_weights_shard
+from ..checkpoint.weights import load_predictor_shard
 from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
 from ..models.lora import apply_lora, lora_metadata
@@ -206,13 +206,13 @@ class Trainer:
         if lora and not source:
             raise ConfigError(self.args.mm_model, key, "LoRA fine-tuning needs base weights: pass --load (released "
                               "model_ema.pt, merged weights or a full-model checkpoint folder) or set it")
-        try:  # a LoRA base may also be a training checkpoint folder
-            read = load_predictor_weights if lora else load_weights
-            state = read(source, self.args.verify_checkpoint) if source else None
+        try:  # a LoRA base may also be a training checkpoint folder; each rank reads only its TP shard
+            read = load_predictor_shard if lora else load_weights_shard
+            state = read(source, self.dims.tp_rank, self.tp, self.args.verify_checkpoint) if source else None
         except CheckpointError as exc:
             raise ConfigError(self.args.mm_model, key, str(exc)) from exc
         model = build_predictor(cfg, state, self.precision.predictor, platform.device(), self.args.sequence_parallel,
-                                recompute=self.args.recompute_config(), train=True, dims=self.dims)
+                                recompute=self.args.recompute_config(), train=True, dims=self.dims, tp_local=True)
         if state is not None:
             logger.info("predictor weights loaded from %s", source)
         if lora:

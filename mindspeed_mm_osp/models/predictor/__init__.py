@@ -28,7 +28,8 @@ from .sparseu_mmdit import (
     load_merged_state_dict,
     local_state_dict,
 )
-from .tp_layout import merge_state_dicts, shard_state_dict, strip_extra_state, tp_split_dim, unwrap_state_dict
+from .tp_layout import (merge_state_dicts, shard_state_dict, strip_extra_state, tp_slice, tp_split_dim,
+                        unwrap_state_dict)
 
 __all__ = [
     "PredictorConfig", "RecomputeConfig", "SparseUMMDiT", "build_predictor", "compress_mask",
@@ -38,5 +39,5 @@ __all__ = [
     "pad_to_skiparse", "padded_length", "shard_state_dict", "skiparse_groups", "skiparse_index",
     "skiparse_attention", "skiparse_inverse_index", "skiparse_key_mask", "skiparse_permute", "skiparse_unpermute",
     "strip_extra_state",
-    "tp_split_dim", "unwrap_state_dict",
+    "tp_slice", "tp_split_dim", "unwrap_state_dict",
 ]

@@ -15,14 +15,15 @@ from .sparseu_mmdit import SparseUMMDiT, has_final_block_text_params, load_merge
 def build_predictor(config: PredictorConfig, state_dict: Optional[Mapping[str, torch.Tensor]], dtype: torch.dtype,
                     device: torch.device, sequence_parallel: bool = False, *,
                     recompute: Optional[RecomputeConfig] = None, train: bool = False,
-                    dims: Optional[ParallelDims] = None) -> SparseUMMDiT:
+                    dims: Optional[ParallelDims] = None, tp_local: bool = False) -> SparseUMMDiT:
     """SparseUMMDiT for this TP rank on `device`, its weights sliced from the merged (TP=1) `state_dict`.
 
     The final block's text params exist exactly when `state_dict` carries them (the release, trained at TP>1,
     does). `train=True`: parameters created in `dtype` (a run from scratch initialises them from the RNG in that
     dtype), trainable. Otherwise Megatron's TP layers are created in fp32 and cast afterwards, as the reference
     does, and the model is returned in eval mode without gradients. `dims`: the layout to shard for (default:
-    the process groups already built, if any).
+    the process groups already built, if any). `tp_local`: `state_dict` is already this rank's shard
+    (`checkpoint.weights.load_predictor_shard`), so no rank ever holds the whole model.
     """
     if state_dict is not None:
         config = dataclasses.replace(config, final_block_text_params=has_final_block_text_params(state_dict, config))
@@ -31,7 +32,7 @@ def build_predictor(config: PredictorConfig, state_dict: Optional[Mapping[str, t
     if train:
         model.to(device)
     if state_dict is not None:
-        load_merged_state_dict(model, state_dict)
+        load_merged_state_dict(model, state_dict, tp_local)
     if train:
         return model
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -285,8 +285,9 @@ def has_final_block_text_params(state_dict: Mapping[str, object], config: Predic
     return any(k.startswith(prefix) for k in unwrap_state_dict(state_dict))
 
 
-def load_merged_state_dict(model: SparseUMMDiT, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a merged (TP=1 view, e.g. the released `model_ema.pt`) state dict into `model` at its TP rank.
+def load_merged_state_dict(model: SparseUMMDiT, state_dict: Mapping[str, torch.Tensor], tp_local: bool = False) -> None:
+    """Load a merged (TP=1 view, e.g. the released `model_ema.pt`) state dict into `model` at its TP rank; with
+    `tp_local`, `state_dict` is already this rank's shard (`checkpoint.reader.load_weights_shard`).
 
     T2V weights load into the inpaint variant with `patch_embed` widened (new input channels zero, see
     `inpaint.widen_patch_embed`). Unwraps `ema_state_dict`/`model`/`state_dict`, drops `*._extra_state`, slices
@@ -294,7 +295,7 @@ def load_merged_state_dict(model: SparseUMMDiT, state_dict: Mapping[str, torch.T
     """
     ctx = model.ctx
     full = widen_patch_embed(strip_extra_state(unwrap_state_dict(state_dict)), model.predictor_config)
-    local = shard_state_dict(full, ctx.tp_rank, ctx.tp_size)
+    local = full if tp_local else shard_state_dict(full, ctx.tp_rank, ctx.tp_size)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing = sorted(set(expected) - set(local))
     unexpected = sorted(set(local) - set(expected))

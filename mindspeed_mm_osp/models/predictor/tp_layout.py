@@ -56,17 +56,24 @@ def unwrap_state_dict(sd: Mapping) -> dict:
     return dict(sd)
 
 
+def tp_slice(key: str, shape: Sequence[int], tp_rank: int, tp_size: int) -> Optional[tuple[int, int, int]]:
+    """(dim, start, length) of rank `tp_rank`'s piece of `key` (`torch.chunk(tp)[rank]`, as the reference); None
+    when the rank keeps the whole tensor."""
+    dim = tp_split_dim(key)
+    if dim is None or tp_size == 1:
+        return None
+    if shape[dim] % tp_size:
+        raise ValueError(f"{key}: dim {dim} of shape {tuple(shape)} is not divisible by TP={tp_size}")
+    length = shape[dim] // tp_size
+    return dim, tp_rank * length, length
+
+
 def shard_state_dict(full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int) -> dict:
-    """This rank's slice of a merged (TP=1 view) state dict (`torch.chunk(tp)[rank]`, as the reference)."""
+    """This rank's slice of a merged (TP=1 view) state dict."""
     out = {}
     for key, value in strip_extra_state(full_sd).items():
-        dim = tp_split_dim(key)
-        if dim is None or tp_size == 1:
-            out[key] = value
-            continue
-        if value.shape[dim] % tp_size:
-            raise ValueError(f"{key}: dim {dim} of shape {tuple(value.shape)} is not divisible by TP={tp_size}")
-        out[key] = value.chunk(tp_size, dim=dim)[tp_rank].clone()
+        piece = tp_slice(key, value.shape, tp_rank, tp_size)
+        out[key] = value if piece is None else value.narrow(*piece).clone()
     return out
 
 
@@ -85,5 +92,5 @@ def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]]) -> dict:
     return out
 
 
-__all__ = ["ADAPTER_KEY", "merge_state_dicts", "shard_state_dict", "strip_extra_state", "tp_split_dim",
+__all__ = ["ADAPTER_KEY", "merge_state_dicts", "shard_state_dict", "strip_extra_state", "tp_slice", "tp_split_dim",
            "unwrap_state_dict"]
