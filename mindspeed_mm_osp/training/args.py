@@ -124,6 +124,7 @@ class CheckpointArgs(_Flags):
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None
     verify_checkpoint: bool = False  # checksums against the manifest on --load/--lora-load
+    ckpt_format: str = "legacy"  # what --save writes: legacy or torch_dist (checkpoint.dist_format)
     async_save: bool = False  # write checkpoints in the background (checkpoint.async_save)
     trust_pickle: tuple[str, ...] = ()  # files unpickled in full (docs/security.md)
 

@@ -44,7 +44,7 @@ NO_OP_FLAGS = {
     "--no-gradient-accumulation-fusion": "gradient accumulation fusion is always off (needs Apex/TE)",
     "--distributed-backend": "the backend follows the accelerator (hccl/nccl/gloo)",
     "--mm-tool": "the reference's profiler config; no profiler is built in (use torch.profiler around a run)",
-    "--use-dist-ckpt": "checkpoints are always written in the legacy per-rank layout",
+    "--use-dist-ckpt": "deprecated in Megatron; choose the format with --ckpt-format",
     "--accumulate-allreduce-grads-in-fp32": "main gradients are always accumulated and reduced in fp32",
     "--log-throughput": "throughput is always on the iteration line",
     "--tensorboard-log-interval": "TensorBoard scalars are written at --log-interval",
@@ -232,6 +232,10 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     ck.add_argument("--exit-interval", type=int, default=None, help="save and exit at a step divisible by this")
     ck.add_argument("--exit-duration-in-mins", type=float, default=None,
                     help="save and exit after this many minutes of training")
+    ck.add_argument("--ckpt-format", choices=("legacy", "torch_dist"), default="legacy",
+                    help="how --save writes checkpoints: legacy (one file per TP rank, resumable at the same TP) or "
+                         "torch_dist (megatron dist_checkpointing, resumable at any TP/CP/DP); --load reads either "
+                         "(docs/checkpoints.md)")
     ck.add_argument("--async-save", action="store_true",
                     help="write checkpoints in a background process while training goes on; the tracker moves "
                          "only once every rank has written (docs/checkpoints.md)")
