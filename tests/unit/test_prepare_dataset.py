@@ -257,3 +257,23 @@ def test_extract_features_names_the_keys_that_train_from_its_cache(tmp_path):
                                                                            "load_text_features"])):
         assert all(f'"{key}"' in text and key in {f.name for f in fields(cls)} for key in keys)
     assert f'"feature_cache_dir": "{tmp_path}"' in text and "pretrain.py --mm-data d.json --mm-model m.json" in text
+
+
+@pytest.mark.parametrize("case", ["missing folder", "captions header", "nothing to resume", "taken out", "workers"])
+def test_bad_input_is_one_line_and_exit_2(media, prepared, tmp_path, capsys, case):
+    from mindspeed_mm_osp.tools import prepare_dataset
+
+    folder, captions = media
+    (tmp_path / "bad.csv").write_text("file,text\na.mp4,x\n")
+    argv, named = {
+        "missing folder": ([str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "FOLDER"),
+        "captions header": ([str(folder), "--out", str(tmp_path / "o"), "--captions", str(tmp_path / "bad.csv")],
+                            "path,caption"),
+        "nothing to resume": ([str(folder), "--out", str(tmp_path / "o"), "--resume"], "nothing to resume"),
+        "taken out": ([str(folder), "--out", str(prepared[0])], "--overwrite"),
+        "workers": ([str(folder), "--out", str(tmp_path / "o"), "--workers", "0"], "--workers"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_dataset.main(argv + ["--no-progress", "--data-json", str(prepared[0] / "data.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and named in err[0], err
