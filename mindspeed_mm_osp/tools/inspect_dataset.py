@@ -20,8 +20,10 @@ RANGES = {"--global-batch-size": dict(low=1, high=1 << 24)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..training.arguments import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m mindspeed_mm_osp.tools.inspect_dataset",
+                                description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("data_json", help="the data JSON training reads (--mm-data)")
     p.add_argument("--global-batch-size", type=int, default=1,
                    help="the training global batch size (the minority filter and the batches per bucket)")

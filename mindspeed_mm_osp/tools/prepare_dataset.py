@@ -28,8 +28,10 @@ RANGES = {"--workers": dict(low=1, high=256), "--split-frames": dict(low=1, high
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ..training.arguments import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m mindspeed_mm_osp.tools.prepare_dataset",
+                                description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("folder", nargs="?", help="folder of videos and images (searched recursively)")
     p.add_argument("--out", help="output folder: annotation.json, data.txt, data.json, unreadable.txt")
     p.add_argument("--captions", help="CSV with a 'path,caption' header, or JSONL of {\"path\", \"caption\"}; "
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--train-fps (annotation entries into the same file, no re-encoding)")
     p.add_argument("--train-fps", type=float, help="frame rate --split-frames counts at (default: train_fps of the "
                    "--data-json template, else 24)")
-    p.add_argument("--data-json", default=str(RELEASE_DATA_JSON) if RELEASE_DATA_JSON.is_file() else None,
-                   help="template data JSON copied to OUT/data.json with its data_path set to OUT/data.txt")
+    p.add_argument("--data-json", help="template data JSON copied to OUT/data.json with its data_path set to "
+                   "OUT/data.txt (default: the release's examples/opensoraplan1.5/data.json when present)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
     p.add_argument("--overwrite", action="store_true", help="write into an --out that already holds outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,6 +91,8 @@ def _prepare(a: argparse.Namespace) -> None:
     check_input_path("FOLDER", a.folder, "dir")
     if a.captions:
         check_input_path("--captions", a.captions, "file")
+    if a.data_json is None and RELEASE_DATA_JSON.is_file():
+        a.data_json = str(RELEASE_DATA_JSON)
     if a.data_json:
         check_input_path("--data-json", a.data_json, "file")
     check_output_dir("--out", a.out, overwrite=a.overwrite or a.resume, taken=lambda p: p.name in OUTPUTS)
