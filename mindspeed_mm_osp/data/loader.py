@@ -106,7 +106,7 @@ def assemble_loader(data_config: DataConfig, index: SampleIndex, filter_stats: F
 def iter_annotation_plans(data_config: DataConfig, *, seed: int, global_batch_size: int = 1) -> Iterator[SamplePlan]:
     """Every kept sample with its final (frames, h, w) and source frame indices, without
     reading any video (feature extraction). `global_batch_size` sets the minority filter
-    (4 × it); use the training value to extract exactly the training set."""
+    (`min_samples_per_shape_factor` × it); use the training value to extract exactly the training set."""
     index, _ = build_index_from_config(data_config, global_batch_size=global_batch_size)
     yield from iter_plans(index, data_config.dataset_param.preprocess_parameters, seed)
 

@@ -318,8 +318,9 @@ def extract_features(data_config: DataConfig, model_config: ModelConfig, out_dir
                      progress: bool = True) -> ExtractResult:
     """Extract this rank's shards into `out_dir` (rank/world from torch.distributed when initialised).
 
-    `global_batch_size` sets the minority filter: the default 1 keeps every shape with >= 4 samples,
-    a superset of what any training run keeps, so one cache serves every batch size. `seed` picks
+    `global_batch_size` sets the minority filter: the default 1 keeps every shape with at least
+    `min_samples_per_shape_factor` samples, a superset of what any training run keeps, so one cache serves every
+    batch size. `seed` picks
     the temporal window of clips longer than `num_frames` (a cache stores one window per clip).
     `stop_after_shards` stops after encoding that many shards, without writing the index (tests:
     an interrupted run). Returns what was computed/reused; rank 0's result says where index.json is.
