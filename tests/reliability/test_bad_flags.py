@@ -63,6 +63,12 @@ def flag_violations(a) -> list[str]:
         bad.append("--adam-beta1/2 in [0, 1), --adam-eps > 0")
     if not (a.distributed_timeout_minutes > 0 and math.isfinite(a.distributed_timeout_minutes)):
         bad.append("--distributed-timeout-minutes > 0")
+    bad += [f"{_dashed(n)} >= 1 when set" for n in ("train_epochs", "eval_interval", "eval_iters", "validation_interval")
+            if getattr(a, n) is not None and not getattr(a, n) >= 1]
+    if (a.eval_interval is None) != (a.mm_valid_data is None):
+        bad.append("--eval-interval and --mm-valid-data together")
+    if (a.validation_interval is None) != (a.validation_prompts is None) or (a.validation_prompts and not a.save):
+        bad.append("--validation-interval, --validation-prompts and --save together")
     try:
         parse_fault_spec(a.inject_nonfinite_grad)
     except ValueError:
@@ -103,6 +109,14 @@ REGRESSIONS: dict[str, list[str]] = {
     "--distributed-timeout-minutes > 0": ["--distributed-timeout-minutes", "0"],
     "--inject-nonfinite-grad parses": ["--inject-nonfinite-grad", "3:zero"],
 }
+REGRESSIONS.update({  # validation and epochs (issue 29)
+    "--train-epochs >= 1 when set": ["--train-epochs", "0"],
+    "--eval-interval >= 1 when set": ["--eval-interval", "0", "--mm-valid-data", "v.json"],
+    "--eval-interval and --mm-valid-data together": ["--eval-interval", "5"],
+    "--validation-interval, --validation-prompts and --save together": ["--validation-prompts", "p.txt",
+                                                                        "--validation-interval", "5"],
+    "--validation-size is FxHxW": ["--validation-size", "17x64"],
+})
 REGRESSIONS.update({  # were ZeroDivisionErrors
     "--micro-batch-size 0": ["--micro-batch-size", "0"],
     "--tensor-model-parallel-size 0": ["--tensor-model-parallel-size", "0"],
