@@ -18,9 +18,10 @@ always, checksums with `verify`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -168,67 +169,108 @@ def read_rank(load_dir: Path | str, iteration: int | str, tp_rank: int, tp_size:
     return read_rank_file(path, tp_size, iteration, ("model", "iteration"))
 
 
-class _LazyTensors(Mapping):
-    """The tensors of an open safetensors file, each read when asked for: a checksum over it holds one tensor in
-    memory at a time."""
+# A rank maps about an eighth of its shard's bytes of the file at a time (within these bounds): pages read but not
+# kept (the other ranks' pieces of a tensor split along its rows' width) then cost at most that much memory.
+_WINDOW_BYTES = (16 << 20, 1 << 30)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
-    def __init__(self, handle) -> None:
-        self._handle = handle
+
+def _window(path: Path, tp_size: int) -> int:
+    low, high = _WINDOW_BYTES
+    return min(max(path.stat().st_size // (8 * tp_size), low), high)
+
+
+def _windows(sizes: Sequence[tuple[str, int]], window: int) -> Iterator[list[str]]:
+    """Consecutive groups of keys whose tensors add up to about `window` bytes; one group is mapped at a time."""
+    group, total = [], 0
+    for key, nbytes in sizes:
+        if group and total + nbytes > window:
+            yield group
+            group, total = [], 0
+        group.append(key)
+        total += nbytes
+    if group:
+        yield group
+
+
+def _own_piece(key: str, view, shape: Sequence[int], tp_rank: int, tp_size: int,
+               whole: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """This rank's piece of a tensor (or safetensors slice) still in the file's mapping, copied out; `whole()`
+    gives the tensor a rank keeps whole."""
+    from ..models.predictor import tp_slice
+
+    piece = tp_slice(key, shape, tp_rank, tp_size)
+    if piece is None:
+        return whole().clone()
+    dim, start, length = piece
+    return view[(slice(None),) * dim + (slice(start, start + length),)].clone()
+
+
+class _LazyTensors(Mapping):
+    """The tensors of a safetensors file, each read (through its own mapping) when asked for: a checksum over it
+    holds one tensor in memory at a time."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._path, self._open = path, safe_open
+        with safe_open(str(path), "pt") as handle:
+            self._keys = list(handle.keys())
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(key)
+        with self._open(str(self._path), "pt") as handle:
+            return handle.get_tensor(key).clone()
 
     def __iter__(self):
-        return iter(self._handle.keys())
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._handle.keys())
+        return len(self._keys)
 
 
-def _verify_safetensors(path: Path, handle) -> None:
+def _verify_safetensors(path: Path) -> None:
     """Compare the tensors' checksum with the one recorded in the file's metadata, when it has one."""
-    expected = (handle.metadata() or {}).get(TENSORS_CHECKSUM_KEY)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        expected = (handle.metadata() or {}).get(TENSORS_CHECKSUM_KEY)
     if expected is None:
         return
-    found = tensors_checksum(_LazyTensors(handle))
+    found = tensors_checksum(_LazyTensors(path))
     if found != expected:
         raise CheckpointError(f"{path}: tensor checksum {found} differs from the {expected} recorded when it was "
                               "written (damaged copy); copy or convert it again")
 
 
 def _safetensors_shard(path: Path, tp_rank: int, tp_size: int, verify: bool) -> dict[str, torch.Tensor]:
-    """This TP rank's piece of every tensor, read through `safe_open`: a split tensor's other pieces are never
-    copied out of the file."""
+    """This TP rank's piece of every tensor, through `safe_open` slices, one window of the file at a time."""
     from safetensors import safe_open
 
-    from ..models.predictor import tp_slice
-
-    out = {}
+    if verify:
+        _verify_safetensors(path)
     with safe_open(str(path), "pt") as handle:
-        if verify:
-            _verify_safetensors(path, handle)
-        for key in handle.keys():
-            view = handle.get_slice(key)
-            piece = tp_slice(key, view.get_shape(), tp_rank, tp_size)
-            if piece is None:
-                out[key] = handle.get_tensor(key)
-            else:
-                dim, start, length = piece
-                out[key] = view[(slice(None),) * dim + (slice(start, start + length),)]
+        sizes = [(key, math.prod(view.get_shape()) * _DTYPE_BYTES.get(view.get_dtype(), 4))
+                 for key in handle.keys() for view in (handle.get_slice(key),)]
+    out = {}
+    for group in _windows(sizes, _window(path, tp_size)):
+        with safe_open(str(path), "pt") as handle:
+            for key in group:
+                view = handle.get_slice(key)
+                out[key] = _own_piece(key, view, view.get_shape(), tp_rank, tp_size, lambda: handle.get_tensor(key))
     return out
 
 
-def _torch_file_mapped(path: Path):
-    """A torch file loaded with `mmap=True` (tensors stay in the file until touched), or read whole when it
-    predates the zip format, which cannot be mapped."""
+def _torch_file_mapped(path: Path) -> tuple[object, bool]:
+    """(the loaded object, whether it is memory-mapped): a torch file loaded with `mmap=True` (tensors stay in
+    the file until touched), or read whole when it predates the zip format, which cannot be mapped."""
     try:
-        return load_torch_file(path, "weights file", mmap=True)
+        return load_torch_file(path, "weights file", mmap=True), True
     except CheckpointError:
         raise
     except RuntimeError as exc:
         if "mmap can only be used" not in str(exc):
             raise
-        return load_torch_file(path, "weights file")
+        return load_torch_file(path, "weights file"), False
 
 
 def _flat_tensors(path: Path, state) -> dict[str, torch.Tensor]:
@@ -247,14 +289,18 @@ def _flat_tensors(path: Path, state) -> dict[str, torch.Tensor]:
 
 
 def _torch_file_shard(path: Path, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
-    """This TP rank's piece of every tensor of a memory-mapped torch file, copied out; the mapping goes with the
-    loaded dict."""
-    from ..models.predictor import tp_slice
-
+    """This TP rank's piece of every tensor of a memory-mapped torch file, one window of the file at a time (each
+    window maps the file anew; dropping it unmaps what was read)."""
+    state, mapped = _torch_file_mapped(path)
+    state = _flat_tensors(path, state)
+    sizes = [(key, value.numel() * value.element_size()) for key, value in state.items()]
     out = {}
-    for key, value in _flat_tensors(path, _torch_file_mapped(path)).items():
-        piece = tp_slice(key, value.shape, tp_rank, tp_size)
-        out[key] = (value if piece is None else value.narrow(*piece)).clone()
+    for group in _windows(sizes, _window(path, tp_size) if mapped else sum(n for _, n in sizes)):
+        state = state or _flat_tensors(path, _torch_file_mapped(path)[0])
+        for key in group:
+            value = state[key]
+            out[key] = _own_piece(key, value, value.shape, tp_rank, tp_size, lambda: value)
+        state = None
     return out
 
 
