@@ -428,10 +428,9 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 
 def _check_validation(args: argparse.Namespace) -> None:
-    """Each validation flag with the ones it needs."""
-    pairs = (("--eval-interval", args.eval_interval, "--mm-valid-data FILE", args.mm_valid_data),
-             ("--mm-valid-data", args.mm_valid_data, "--eval-interval N", args.eval_interval),
-             ("--eval-iters", args.eval_iters, "--eval-interval N", args.eval_interval),
+    """Each validation flag with the ones it needs. `--eval-interval`/`--eval-iters` alone are accepted (the release
+    launcher passes them; without `--mm-valid-data` there is nothing to validate, which the trainer says)."""
+    pairs = (("--mm-valid-data", args.mm_valid_data, "--eval-interval N", args.eval_interval),
              ("--validation-interval", args.validation_interval, "--validation-prompts FILE", args.validation_prompts),
              ("--validation-prompts", args.validation_prompts, "--validation-interval N", args.validation_interval),
              ("--validation-prompts", args.validation_prompts, "--save DIR (samples go to <save>/validation)",

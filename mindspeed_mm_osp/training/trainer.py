@@ -183,6 +183,9 @@ class Trainer:
         from .validation import preserved_rng
 
         args = self.args
+        if args.eval_interval and not args.mm_valid_data and self.rank == 0:
+            logger.info("--eval-interval %d: no validation loss without a validation set (--mm-valid-data FILE)",
+                        args.eval_interval)
         self.valid_set: Optional[ValidationSet] = None
         self.valid_sampler: Optional[ValidationSampler] = None
         with preserved_rng():

@@ -65,8 +65,8 @@ def flag_violations(a) -> list[str]:
         bad.append("--distributed-timeout-minutes > 0")
     bad += [f"{_dashed(n)} >= 1 when set" for n in ("train_epochs", "eval_interval", "eval_iters", "validation_interval")
             if getattr(a, n) is not None and not getattr(a, n) >= 1]
-    if (a.eval_interval is None) != (a.mm_valid_data is None):
-        bad.append("--eval-interval and --mm-valid-data together")
+    if a.mm_valid_data is not None and a.eval_interval is None:
+        bad.append("--mm-valid-data needs --eval-interval")
     if (a.validation_interval is None) != (a.validation_prompts is None) or (a.validation_prompts and not a.save):
         bad.append("--validation-interval, --validation-prompts and --save together")
     try:
@@ -112,7 +112,7 @@ REGRESSIONS: dict[str, list[str]] = {
 REGRESSIONS.update({  # validation and epochs (issue 29)
     "--train-epochs >= 1 when set": ["--train-epochs", "0"],
     "--eval-interval >= 1 when set": ["--eval-interval", "0", "--mm-valid-data", "v.json"],
-    "--eval-interval and --mm-valid-data together": ["--eval-interval", "5"],
+    "--mm-valid-data needs --eval-interval": ["--mm-valid-data", "v.json"],
     "--validation-interval, --validation-prompts and --save together": ["--validation-prompts", "p.txt",
                                                                         "--validation-interval", "5"],
     "--validation-size is FxHxW": ["--validation-size", "17x64"],

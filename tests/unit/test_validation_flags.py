@@ -17,9 +17,8 @@ BASE = ["--mm-data", "d.json", "--mm-model", "m.json"]
 @pytest.mark.parametrize("extra, message", [
     ([], "set --train-iters, --train-samples or --train-epochs"),
     (["--train-epochs", "0"], "--train-epochs"),
-    (["--train-iters", "4", "--eval-interval", "2"], "--eval-interval needs --mm-valid-data FILE"),
     (["--train-iters", "4", "--mm-valid-data", "v.json"], "--mm-valid-data needs --eval-interval N"),
-    (["--train-iters", "4", "--eval-iters", "2"], "--eval-iters needs --eval-interval N"),
+    (["--train-iters", "4", "--eval-interval", "0"], "--eval-interval"),
     (["--train-iters", "4", "--mm-valid-data", "v.json", "--eval-interval", "2", "--eval-sigmas", "0"],
      "--eval-sigmas"),
     (["--train-iters", "4", "--validation-prompts", "p.txt", "--validation-interval", "2"],
@@ -33,6 +32,11 @@ def test_a_bad_validation_or_epoch_flag_exits_2_with_one_line(extra, message):
         parse_args(BASE + extra)
     assert exit_info.value.code == 2
     assert err.getvalue().count("\n") == 1 and message in err.getvalue(), err.getvalue()
+
+
+def test_the_release_launchers_eval_flags_alone_are_accepted():
+    args = parse_args(BASE + ["--train-iters", "4", "--eval-interval", "10", "--eval-iters", "10"])
+    assert (args.eval_interval, args.eval_iters, args.mm_valid_data) == (10, 10, None)
 
 
 def test_epochs_alone_leave_the_length_to_the_data():
