@@ -22,6 +22,7 @@ from typing import Callable, Optional
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 EXIT_LOST_PEER = 4  # another rank died or hung (3 is pretrain.py's "stopped after too many skipped steps")
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what `cat` and `grep` report when the reader (e.g. `head`) has gone
 
 
 class UserError(Exception):
@@ -61,6 +62,24 @@ def _is_environment_error(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.filename is not None
 
 
+def _stdout_closed() -> bool:
+    """True when the reader of our stdout has gone (`tool | head`): stop quietly, the output was not wanted.
+
+    A pipe whose reader closed polls as an error; stdout is then pointed at /dev/null so the interpreter's own
+    flush at exit does not raise again."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (captured, detached)
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
+
+
 def entry_point(name: str) -> Callable:
     """Decorator for a `main(argv=None)`: the one error boundary of the entry points and tools (module docstring)."""
     def wrap(main: Callable) -> Callable:
@@ -71,6 +90,10 @@ def entry_point(name: str) -> Callable:
             except UserError as e:
                 print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
                 raise SystemExit(EXIT_USER_ERROR) from None
+            except BrokenPipeError:
+                if not _stdout_closed():
+                    raise
+                raise SystemExit(EXIT_CLOSED_PIPE) from None
             except Exception as e:  # noqa: BLE001 - the boundary: a bug keeps its traceback
                 if _is_environment_error(e):
                     print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)

@@ -5,6 +5,8 @@ generated variants of the same kinds are in test_fuzz_entry_points.py and test_f
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +16,7 @@ import torch
 from mindspeed_mm_osp.checkpoint import convert
 from mindspeed_mm_osp.data import load_annotations
 from mindspeed_mm_osp.data.readers import DatasetError
-from mindspeed_mm_osp.errors import EXIT_BUG, entry_point
+from mindspeed_mm_osp.errors import EXIT_BUG, EXIT_CLOSED_PIPE, entry_point
 from mindspeed_mm_osp.features.dataset import FeatureCache
 from mindspeed_mm_osp.features.format import FORMAT_VERSION, CacheMismatchError
 from mindspeed_mm_osp.inference import cli as inference_cli
@@ -234,3 +236,18 @@ def test_a_bug_keeps_its_traceback_and_says_so():
     assert code == EXIT_BUG != 2
     assert "Traceback (most recent call last)" in err and "KeyError" in err
     assert err.strip().splitlines()[-1].startswith("tool: internal error (KeyError): this is a bug")
+
+
+def test_a_reader_that_stops_early_ends_the_tool_quietly():
+    """`tool | head`: the closed pipe is not reported as a bug."""
+    script = ("from mindspeed_mm_osp.errors import entry_point\n"
+              "@entry_point('tool')\n"
+              "def main(argv=None):\n"
+              "    for i in range(200000):\n"
+              "        print('row', i)\n"
+              "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"row 0\n"
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == EXIT_CLOSED_PIPE and err == ""
