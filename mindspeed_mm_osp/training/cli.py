@@ -52,14 +52,19 @@ def check_output_paths(args: TrainingArgs) -> None:
 
 
 def check_config_paths(args: TrainingArgs) -> None:
-    """Files the model and data JSON name (data_path, annotation files, encoder and VAE weights) exist and are
-    of the right kind, before anything is built."""
+    """Files the model and data JSONs name (data_path, annotation files, encoder and VAE weights) and the validation
+    prompt file exist and are of the right kind, before anything is built."""
     from ..config import load_data_config, load_model_config
 
     model, data = load_model_config(args.mm_model), load_data_config(args.mm_data)
     model.check_paths(args.mm_model)
     data.check_paths(args.mm_data, tokenizers=not model.load_text_features,
                      feature_cache=model.load_video_features or model.load_text_features)
+    if args.mm_valid_data:  # validated online: tokenizers and media, never a feature cache
+        check_input_path("--mm-valid-data", args.mm_valid_data, kind="file")
+        load_data_config(args.mm_valid_data).check_paths(args.mm_valid_data, tokenizers=True, feature_cache=False)
+    if args.validation_prompts:
+        check_input_path("--validation-prompts", args.validation_prompts, kind="file")
 
 
 @entry_point("pretrain.py")

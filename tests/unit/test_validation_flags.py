@@ -75,3 +75,21 @@ def test_the_sampler_reorders_each_epoch_and_resumes_anywhere():
     assert all(sorted(e) == list(range(6)) for e in epochs) and len(set(epochs)) == 3
     for consumed in (1, 6, 8, 17):
         assert order(consumed) == full[consumed:]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mm-valid-data", "missing.json", "--eval-interval", "2"], "--mm-valid-data missing.json: does not exist"),
+    (["--validation-prompts", "missing.txt", "--validation-interval", "2", "--save", "out"],
+     "--validation-prompts missing.txt: does not exist"),
+])
+def test_a_missing_validation_file_is_named_before_anything_is_built(tiny_assets, tmp_path, monkeypatch, capsys,
+                                                                      extra, message):
+    from mindspeed_mm_osp.training.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--mm-data", str(tiny_assets["data_json"]), "--mm-model", str(tiny_assets["model_json"]),
+            "--train-iters", "2", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
