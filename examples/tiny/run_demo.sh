@@ -23,7 +23,9 @@ TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.jso
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
   --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS \
   --lr 2e-4 --lr-warmup-iters 4 --lr-decay-style cosine --min-lr 2e-5 --weight-decay 1e-4 --clip-grad 1.0 \
-  --ema-decay 0.99 --seed 1234 --log-interval 1 --save $OUT/ckpt --save-interval $HALF"
+  --ema-decay 0.99 --seed 1234 --log-interval 1 --save $OUT/ckpt --save-interval $HALF --train-epochs 2 \
+  --mm-valid-data examples/tiny/data.json --eval-interval $HALF --eval-iters 4 \
+  --validation-prompts examples/tiny/validation_prompts.txt --validation-interval $ITERS"
 
 echo "== 2/5 train (TP=2 + SP, 2 CPU ranks), stop at iteration $HALF"
 $TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --exit-interval $HALF
