@@ -28,8 +28,8 @@ import torch
 
 from ..config.predictor import PredictorConfig, RecomputeConfig
 from ..errors import UserError, check_ranges, entry_point
-from ..training.memory_plan import (GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, Workload, fits, headroom,
-                                    plan_memory)
+from ..training.memory_plan import (GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, TrainablePlan, Workload,
+                                    adapter_param_count, fits, headroom, plan_memory)
 
 # Architectures of the release's text encoders, used to count their parameters when the local folder is absent
 # (t5-v1_1-xl encoder; CLIP ViT-bigG-14 text tower with projection).
@@ -122,6 +122,11 @@ class PlanRequest:
     microbatches: int
     notes: tuple[str, ...] = ()
     global_batch: Optional[int] = None  # --global-batch-size when given
+    trainable: TrainablePlan = TrainablePlan()  # LoRA adapters only, and distillation's teacher passes
+
+    def plan(self, par: Parallel, recompute: RecomputeConfig, opt: OptimizerPlan) -> MemoryPlan:
+        return plan_memory(self.predictor, self.work, par, recompute, self.act_dtype, opt, self.encoders,
+                           self.trainable)
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:
@@ -142,12 +147,41 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
     precision = resolve_precision(model_cfg, ModelArgs.from_namespace(args))
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     encoders, notes = encoder_plan(model_cfg, precision.vae, precision.text)
-    return PlanRequest(
+    return PlanRequest(trainable=trainable_plan(args),
         predictor=model_cfg.predictor, work=work, par=Parallel(tp, cp, dp, args.sequence_parallel),
         recompute=RecomputeArgs.from_namespace(args).recompute_config(), act_dtype=precision.predictor,
         opt=OptimizerPlan(distributed=args.use_distributed_optimizer),
         encoders=encoders, world=args.world_size, microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
         notes=tuple(notes), global_batch=args.global_batch_size)
+
+
+def trainable_plan(args: argparse.Namespace) -> TrainablePlan:
+    """LoRA (`--lora-r`): the adapters this rank trains; `--distill`: the teacher's guided sub-steps per
+    micro-batch (cond and uncond rows in one forward when the guidance scale is above 1)."""
+    if args.lora_r is None:
+        return TrainablePlan()
+    lora = TrainablePlan(lora_r=args.lora_r, lora_targets=tuple(args.lora_target_modules))
+    if not args.distill:
+        return lora
+    return dataclasses.replace(lora, teacher_passes=args.distill_teacher_substeps,
+                               teacher_rows=2 if args.distill_guidance_scale > 1 else 1)
+
+
+def trainable_lines(req: PlanRequest, plan: MemoryPlan) -> list[str]:
+    """What LoRA and distillation change, and for distillation the full-weight student's figure next to it."""
+    t = req.trainable
+    if t.lora_r is None:
+        return []
+    adapters = adapter_param_count(req.predictor, req.par.tp, t.lora_r, t.lora_targets)
+    lines = [f"  LoRA r={t.lora_r}: {adapters / 1e6:.1f} M adapter params/rank train; the base is frozen (weights only)"]
+    if t.teacher_passes:
+        full = dataclasses.replace(req, trainable=dataclasses.replace(t, lora_r=None, teacher_copy=True))
+        full_plan = full.plan(req.par, req.recompute, req.opt)
+        lines.append(f"  distillation: {t.teacher_passes} teacher forwards x {t.teacher_rows} rows per micro-batch "
+                     f"without autograd, on the same weights (no second copy)")
+        lines.append(f"  full-weight student instead (teacher + student copies): {_gib(full_plan.total)} GiB "
+                     f"(+ headroom {_gib(headroom(full_plan))} GiB) vs {_gib(plan.total)} GiB")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +208,7 @@ def suggest(req: PlanRequest, device_gib: float) -> Optional[Candidate]:
         for recompute in recompute_options(sum(req.predictor.num_layers)):
             for distributed in dict.fromkeys((req.opt.distributed, True)):
                 opt = dataclasses.replace(req.opt, distributed=distributed)
-                plan = plan_memory(req.predictor, req.work, par, recompute, req.act_dtype, opt, req.encoders)
+                plan = req.plan(par, recompute, opt)
                 if fits(plan, device_gib * GIB):
                     return Candidate(tp, recompute, distributed, plan)
     return None
@@ -265,7 +299,7 @@ def fit_lines(req: PlanRequest, plan: MemoryPlan, argv: Sequence[str], device_gi
 
 def run(args: argparse.Namespace) -> str:
     req = request_from_args(args)
-    plan = plan_memory(req.predictor, req.work, req.par, req.recompute, req.act_dtype, req.opt, req.encoders)
+    plan = req.plan(req.par, req.recompute, req.opt)
     w = req.work
     if args.json:
         report = {"plan": dataclasses.asdict(plan), "total": plan.total, "headroom": headroom(plan)}
@@ -276,7 +310,8 @@ def run(args: argparse.Namespace) -> str:
     out.append(f"TP={req.par.tp} SP={req.par.sp} CP={req.par.cp} DP={req.par.dp} micro-batch={w.micro_batch} "
                f"latent {w.latent_frames}x{w.latent_height}x{w.latent_width} text {w.text_len} "
                f"{str(req.act_dtype)[6:]} recompute: {describe_recompute(req.recompute)}")
-    return "\n".join([*out, format_plan(plan, args.peak_tflops, req.microbatches), *req.notes])
+    return "\n".join([*out, format_plan(plan, args.peak_tflops, req.microbatches), *trainable_lines(req, plan),
+                      *req.notes])
 
 
 PLANNER_GROUP = "planner (its own flags; then every pretrain.py flag, read as pretrain.py reads them)"

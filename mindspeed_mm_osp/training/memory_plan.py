@@ -16,14 +16,16 @@ optimizer within 15%.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..config.predictor import PredictorConfig, RecomputeConfig
-from .flops import predictor_training_flops
+from .flops import predictor_forward_flops, predictor_training_flops
 
 FP32 = 4
 GIB = 1024 ** 3
@@ -79,6 +81,22 @@ class EncoderPlan:
 
 
 @dataclass(frozen=True)
+class TrainablePlan:
+    """What trains. Default: every predictor parameter. LoRA (`lora_r` on `lora_targets`): the adapters train, the
+    base is frozen (weights only; activations as for full training: the adapters' inputs and the path back to them
+    are kept).
+    Distillation adds teacher forwards without autograd, `teacher_passes` per micro-batch of `teacher_rows` x the
+    micro-batch each (2: cond and uncond), and for a full-weight student (`teacher_copy`) a frozen teacher copy of
+    the weights next to the trained student."""
+
+    lora_r: Optional[int] = None
+    lora_targets: tuple[str, ...] = ()
+    teacher_passes: int = 0
+    teacher_rows: int = 2
+    teacher_copy: bool = False
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     weights: int
     grads: int
@@ -87,7 +105,7 @@ class MemoryPlan:
     encoders: int
     workspace: int
     params_local: int
-    model_flops: float       # per micro-batch and device (3x forward, recompute not counted)
+    model_flops: float       # per micro-batch and device (3x forward + distillation's teacher forwards)
     hardware_flops: float    # with the recomputed forward
 
     @property
@@ -366,23 +384,59 @@ def _workspace(sh: _Shapes, recomputed: int, par: Parallel, act_bytes: int) -> i
     return recomputed + hidden + gather
 
 
+@functools.lru_cache(maxsize=32)
+def adapter_param_count(cfg: PredictorConfig, tp: int, r: int, targets: tuple[str, ...]) -> int:
+    """LoRA parameters one TP rank holds: per adapted linear A (r x in) and B (out x r), split like the base
+    (`models.lora`: a column-parallel base splits B's rows, a row-parallel one A's columns)."""
+    from ..models.lora import resolve_targets
+    from ..models.predictor import SparseUMMDiT
+    from ..models.predictor.tp_layout import tp_split_dim
+
+    cfg.validate_parallel(tp)
+    with torch.device("meta"):
+        model = SparseUMMDiT(cfg)
+    total = 0
+    for name in resolve_targets(model, targets):
+        out_features, in_features = model.get_submodule(name).weight.shape
+        split = tp_split_dim(f"{name}.weight")
+        total += r * (in_features // tp if split == 1 else in_features)
+        total += r * (out_features // tp if split == 0 else out_features)
+    return total
+
+
+def _teacher_bytes(cfg: PredictorConfig, work: Workload, par: Parallel, rows: int, act_bytes: int) -> int:
+    """Transient peak of a teacher forward without autograd: at most one block's tensors at a time (bounded by
+    everything the largest block would save) at `rows` x the micro-batch, and its FFN hidden."""
+    sh = _shapes(cfg, dataclasses.replace(work, micro_batch=work.micro_batch * rows), par)
+    block = max(block_saved_bytes(sh, k, group, text_out, cfg.double_ff, "none", act_bytes, act_bytes)
+                for k, group, text_out in _block_layout(cfg))
+    return block + _workspace(sh, 0, par, act_bytes)
+
+
 def plan_memory(cfg: PredictorConfig, work: Workload, par: Parallel, recompute: RecomputeConfig,
                 act_dtype: torch.dtype = torch.bfloat16, opt: OptimizerPlan = OptimizerPlan(),
-                encoders: EncoderPlan = EncoderPlan()) -> MemoryPlan:
+                encoders: EncoderPlan = EncoderPlan(), trainable: TrainablePlan = TrainablePlan()) -> MemoryPlan:
     """Per-device bytes of one training micro-batch step and its FLOPs (see the module docstring)."""
     a = torch.empty((), dtype=act_dtype).element_size()
     params = local_param_count(cfg, par.tp)
-    weights, grads, optimizer = static_bytes(params, a, opt, par.dp * par.cp)
+    lora = trainable.lora_r is not None
+    trained = adapter_param_count(cfg, par.tp, trainable.lora_r, trainable.lora_targets) if lora else params
+    weights, grads, optimizer = static_bytes(trained, a, opt, par.dp * par.cp)
+    weights += (int(lora) + int(trainable.teacher_copy)) * params * a  # the frozen base; a full student's teacher
     acts, recomputed = activation_bytes(cfg, work, par, recompute, a, a)
     sh = _shapes(cfg, work, par)
+    workspace = _workspace(sh, recomputed, par, a)
+    if trainable.teacher_passes:  # before the student's forward: its peak sits on the static memory alone
+        workspace = max(workspace, _teacher_bytes(cfg, work, par, trainable.teacher_rows, a) - acts)
     enc = encoders.vae_params * encoders.vae_bytes + encoders.text_params * encoders.text_bytes
     thw = (work.latent_frames, work.latent_height, work.latent_width)
     model_flops = predictor_training_flops(cfg, work.micro_batch, thw, work.text_len)
-    recompute_fraction = _recompute_flop_fraction(cfg, recompute)
-    hardware = model_flops * (1 + recompute_fraction / 3)
+    teacher = trainable.teacher_passes * predictor_forward_flops(cfg, work.micro_batch * trainable.teacher_rows, thw,
+                                                                 work.text_len)
+    hardware = model_flops * (1 + _recompute_flop_fraction(cfg, recompute) / 3) + teacher
     return MemoryPlan(weights=weights, grads=grads, optimizer=optimizer, activations=acts, encoders=enc,
-                      workspace=_workspace(sh, recomputed, par, a), params_local=params,
-                      model_flops=model_flops / (par.tp * par.cp), hardware_flops=hardware / (par.tp * par.cp))
+                      workspace=workspace, params_local=params, model_flops=(model_flops + teacher) / (par.tp * par.cp),
+                      hardware_flops=hardware / (par.tp * par.cp))
 
 
 # What a device needs beyond the planned peak (`headroom`): the accelerator runtime's own context and the
@@ -417,5 +471,5 @@ def _recompute_flop_fraction(cfg: PredictorConfig, recompute: RecomputeConfig) -
     return (full + ffn * 2 / 3) / n
 
 
-__all__ = ["EncoderPlan", "GIB", "MemoryPlan", "OptimizerPlan", "Parallel", "Workload", "activation_bytes",
-           "block_saved_bytes", "fits", "headroom", "local_param_count", "plan_memory", "static_bytes"]
+__all__ = ["EncoderPlan", "GIB", "MemoryPlan", "OptimizerPlan", "Parallel", "TrainablePlan", "Workload",
+           "activation_bytes", "adapter_param_count", "block_saved_bytes", "fits", "headroom", "local_param_count", "plan_memory", "static_bytes"]
