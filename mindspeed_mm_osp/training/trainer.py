@@ -191,7 +191,7 @@ class Trainer:
         with preserved_rng():
             if args.mm_valid_data:
                 limit = args.eval_iters * args.global_batch_size if args.eval_iters else None
-                self.valid_set = ValidationSet(load_data_config(args.mm_valid_data), self.model_cfg, self.encoders,
+                self.valid_set = ValidationSet(load_data_config(args.mm_valid_data), args.mm_model, self.encoders,
                                                self.dims, seed=args.seed, limit=limit)
             if args.validation_prompts:
                 self.valid_sampler = ValidationSampler(args, self.model_cfg, self.data_cfg, self.encoders, self.dims)

@@ -79,7 +79,7 @@ class ValidationSet:
     """The held-out samples of `--mm-valid-data`: read, captioned and encoded the same way at every evaluation
     (no caption drop, keyed frame windows and posterior samples); this replica's share is samples i = DP rank mod DP."""
 
-    def __init__(self, data_cfg: DataConfig, model_cfg: ModelConfig, encoders, dims: ParallelDims, *, seed: int,
+    def __init__(self, data_cfg: DataConfig, model_file: str, encoders, dims: ParallelDims, *, seed: int,
                  limit: Optional[int]):
         from ..data.collate import GroupLengthCollate
         from ..data.dataset import T2VDataset
@@ -87,6 +87,10 @@ class ValidationSet:
         from ..data.readers import make_video_reader
         from ..models.text import load_tokenizer
 
+        if encoders.text is None or encoders.vae is None:
+            raise ConfigError(model_file, "load_text_features" if encoders.text is None else "load_video_features",
+                              "--mm-valid-data is read and encoded online (VAE, T5/CLIP); training from cached "
+                              "features builds neither: drop --mm-valid-data or train online")
         dp = data_cfg.dataset_param
         # global batch 0: no shape is too rare to validate on (the minority rule is about forming training batches)
         index, _ = build_index_from_config(data_cfg, global_batch_size=0)
