@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,6 @@ from ..parallel import ParallelDims
 from .args import TrainingArgs
 from .arguments import ArgumentError, parse_size
 from .step import EncodedBatch, LossRegion, encode_batch, keyed_generator, velocity_loss
-
-logger = logging.getLogger("mindspeed_mm_osp.train")
 
 PROMPT_VERSION = "v1.5"  # the prompt template of Open-Sora Plan v1.5 (models.text.apply_prompt_template)
 
