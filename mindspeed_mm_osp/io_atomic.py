@@ -58,6 +58,21 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def replace_dir(tmp: Path | str, path: Path | str) -> Path:
+    """Publish the complete folder `tmp` as `path` by a rename (a folder of many files written by several
+    processes, e.g. a torch_dist checkpoint); an older `path` is moved aside first and removed after."""
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def atomic_save_safetensors(tensors: Mapping[str, "torch.Tensor"], path: Path | str,
                            metadata: dict[str, str]) -> Path:
     """A safetensors file (weights, latents, feature shards), written by name so the library streams the tensors
@@ -68,4 +83,4 @@ def atomic_save_safetensors(tensors: Mapping[str, "torch.Tensor"], path: Path | 
     return atomic_write(path, lambda f: save_file(contiguous, f.name, metadata=metadata))
 
 
-__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_text"]
+__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_text", "replace_dir"]

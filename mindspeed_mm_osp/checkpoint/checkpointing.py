@@ -382,12 +382,19 @@ def load_checkpoint(load_dir: Path | str, model: nn.Module, optimizer=None, sche
             logger.warning("no %s in %s: starting from scratch", tracker_path(load_dir).name, load_dir)
             return None
     dims = dims or ParallelDims.current()
-    tp_rank, tp_size, dp_rank = dims.tp_rank, dims.tp, dims.dp_cp_rank
-    saved = _read_on_every_rank(load_dir, iteration, tp_rank, tp_size, verify)
+    saved = _read_on_every_rank(load_dir, iteration, dims.tp_rank, dims.tp, verify)
+    return restore(saved, model, optimizer, scheduler, clip=clip, no_load_optim=no_load_optim, finetune=finetune,
+                   load_rng=not (finetune or no_load_rng), strict=strict, lora=lora, dp_rank=dims.dp_cp_rank)
+
+
+def restore(saved: RankFile, model: nn.Module, optimizer=None, scheduler=None, *, clip=None, no_load_optim: bool,
+            finetune: bool, load_rng: bool, strict: bool, lora: Optional[dict], dp_rank: int) -> LoadedCheckpoint:
+    """Put a rank's checkpoint content (the legacy file's dict, also what `dist_format` reads) into the run;
+    collective (ends with a barrier)."""
     _restore_weights(model, saved, strict, lora)
     _restore_training_state(model, saved, optimizer, scheduler, clip,
                             fresh_optimizer=finetune or no_load_optim or "optimizer" not in saved.state,
-                            load_rng=not (finetune or no_load_rng), dp_rank=dp_rank)
+                            load_rng=load_rng, dp_rank=dp_rank)
     if dist.is_initialized():
         dist.barrier()
     state = saved.state

@@ -7,6 +7,9 @@ layout) plus `OUT/convert_info.json`. `--target-tp N` instead writes `OUT/iter_X
 infer at another TP size.
 `--lora-merge --base BASE` folds the LoRA adapters of the checkpoint in `--load_dir` (their EMA with `--ema`) into
 the base weights (a merged/released file or a training checkpoint) and writes the merged weights like above.
+`--ckpt-format legacy|torch_dist` converts a training checkpoint of either format into that format with all its
+state (optimizer, EMA, schedule, RNG): legacy at the saved TP size (or `--target-tp`), torch_dist at none.
+Every input may be of either format (`full_state` reads both as one whole, TP=1 view).
 
 Checkpoints are read by `reader` (which checks each rank file against its folder); this module merges, splits
 and writes. Differences from the reference converter (docs/checkpoints.md), on purpose:
@@ -34,11 +37,13 @@ import torch
 
 from ..errors import entry_point
 from ..io_atomic import atomic_save_safetensors, atomic_write_text
+from . import dist_format
 from .checkpointing import CHECKPOINT_VERSION
 from .io import atomic_save
-from .layout import RELEASE, CheckpointError, iteration_dir, model_file, tracker_path
+from .layout import (CKPT_FORMATS, ITER_DIR, RELEASE, CheckpointError, is_dist_iteration, iteration_dir, model_file,
+                     tracker_path)
 from .manifest import tensors_checksum, write_manifest
-from .reader import TENSORS_CHECKSUM_KEY, SavedCheckpoint, load_weights, read_checkpoint
+from .reader import TENSORS_CHECKSUM_KEY, SavedCheckpoint, load_weights, locate_iteration, read_checkpoint
 from .safe_load import trust_pickle
 
 INFO_FILE = "convert_info.json"
@@ -94,9 +99,72 @@ def merge_shards(shards: Sequence[Mapping[str, torch.Tensor]], names: Optional[S
 
 def merge_checkpoint(load_dir: Path | str, *, ema: bool = False, iteration: Optional[int | str] = None,
                      verify: bool = False) -> MergedCheckpoint:
-    """Read every TP rank of one iteration (the tracker's by default) and merge `model` (or `ema_model`);
-    `verify`: check the files' checksums against the manifest."""
-    return merge_entry(read_checkpoint(load_dir, iteration, verify), "ema_model" if ema else "model")
+    """Merged `model` (or `ema_model`) of one iteration (the tracker's by default) of either format; `verify`:
+    check the files' checksums against the manifest."""
+    return full_state(load_dir, iteration, verify).merged("ema_model" if ema else "model")
+
+
+@dataclass(frozen=True)
+class FullCheckpoint:
+    """A training checkpoint of either format as one whole (TP=1 view): the legacy file's dict with every tensor
+    merged over the TP ranks and `rng_state` as one list (over DP x CP ranks) per saved TP rank."""
+
+    state: dict
+    directory: Path  # the iteration folder
+    iteration: int | str
+    tp_size: int
+
+    def merged(self, key: str) -> MergedCheckpoint:
+        """`key` ("model" or "ema_model") as merged weights."""
+        if key not in self.state:
+            raise CheckpointError(f"{self.directory}: no '{key}' entry (was the run trained with the EMA optimizer?); "
+                                  "drop --ema to export the model weights")
+        return MergedCheckpoint(self.state[key], self.iteration, self.tp_size, key == "ema_model", self.directory)
+
+
+def _merge_optimizer(saved: Sequence[Mapping], names: Sequence[str]) -> dict:
+    """Model-space optimizer states of the TP ranks as one (each tensor field merged like the weights)."""
+    fields = sorted({f for entry in saved[0]["state"].values() for f in entry if f != "step"})
+    merged = {f: merge_shards([{n: e[f] for n, e in opt["state"].items() if f in e} for opt in saved], names)
+              for f in fields}
+    state = {name: {"step": entry["step"], **{f: merged[f][name] for f in fields if name in merged[f]}}
+             for name, entry in saved[0]["state"].items()}
+    return {"format": saved[0]["format"], "param_groups": saved[0]["param_groups"], "state": state}
+
+
+def _legacy_full(source: SavedCheckpoint) -> FullCheckpoint:
+    names = [str(f) for f in source.files]
+    first = source.ranks[0].state
+    state = {k: v for k, v in first.items() if k not in ("model", "ema_model", "optimizer", "rng_state")}
+    state["model"] = merge_entry(source, "model").state_dict
+    if source.has("ema_model"):
+        state["ema_model"] = merge_entry(source, "ema_model").state_dict
+    if source.has("optimizer"):
+        state["optimizer"] = _merge_optimizer([rank.state["optimizer"] for rank in source.ranks], names)
+    if source.has("rng_state"):
+        state["rng_state"] = [rank.state["rng_state"] for rank in source.ranks]
+    return FullCheckpoint(state, source.directory, source.iteration, source.tp_size)
+
+
+def _locate(load_dir: Path | str, iteration: Optional[int | str]) -> tuple[Path, int | str]:
+    """`reader.locate_iteration`, also for a torch_dist `iter_XXXXXXX` folder given directly."""
+    load_dir = Path(load_dir)
+    if ITER_DIR.match(load_dir.name) and is_dist_iteration(load_dir):
+        found = RELEASE if load_dir.name == RELEASE else int(load_dir.name[len("iter_"):])
+        if iteration is not None and str(iteration) != str(found):
+            raise CheckpointError(f"{load_dir}: is iteration {found}, but --iteration {iteration} was asked")
+        return load_dir, found
+    return locate_iteration(load_dir, iteration)
+
+
+def full_state(load_dir: Path | str, iteration: Optional[int | str] = None, verify: bool = False) -> FullCheckpoint:
+    """One iteration (the tracker's by default) of a legacy or torch_dist checkpoint, as one whole."""
+    it_dir, found = _locate(load_dir, iteration)
+    if not is_dist_iteration(it_dir):
+        return _legacy_full(read_checkpoint(it_dir.parent, found, verify))
+    tensors, common = dist_format.read_full(it_dir, verify)
+    state = dist_format.join_payload(tensors, common)
+    return FullCheckpoint(state, it_dir, found, int(common.get("parallel", {}).get("tensor_model_parallel_size", 1)))
 
 
 def merge_entry(source: SavedCheckpoint, key: str) -> MergedCheckpoint:
@@ -151,6 +219,19 @@ def save_merged(merged: MergedCheckpoint, save_dir: Path | str, fmt: str = "both
     return written + [path]
 
 
+def _write_legacy(payloads: Sequence[dict], save_dir: Path | str, iteration: int | str) -> list[Path]:
+    """Rank files of a legacy iteration (payloads in TP rank order, all built before this is called), then the
+    manifest, then the tracker."""
+    paths, digests = [], {}
+    for rank, payload in enumerate(payloads):
+        path = model_file(save_dir, iteration, rank)
+        digests[path.relative_to(iteration_dir(save_dir, iteration)).as_posix()] = atomic_save(payload, path)
+        paths.append(path)
+    write_manifest(iteration_dir(save_dir, iteration), iteration, digests)
+    atomic_write_text(tracker_path(save_dir), str(iteration))
+    return paths
+
+
 def save_split_checkpoint(model_sd: Mapping[str, torch.Tensor], save_dir: Path | str, tp_size: int,
                           iteration: int | str, ema_sd: Optional[Mapping[str, torch.Tensor]] = None,
                           source: str = "") -> list[Path]:
@@ -162,18 +243,49 @@ def save_split_checkpoint(model_sd: Mapping[str, torch.Tensor], save_dir: Path |
     """
     model_shards = split_weights(model_sd, tp_size)
     ema_shards = split_weights(ema_sd, tp_size) if ema_sd is not None else model_shards
-    paths, digests = [], {}
-    for rank, (model, ema) in enumerate(zip(model_shards, ema_shards)):
-        payload = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0 if iteration == RELEASE else int(iteration),
-                   "consumed_train_samples": 0, "args": {"converted_from": source},
-                   "parallel": {"tensor_model_parallel_size": tp_size}, "model": model,
-                   "ema_model": {k: v.float() for k, v in ema.items()}}
-        path = model_file(save_dir, iteration, rank)
-        digests[path.relative_to(iteration_dir(save_dir, iteration)).as_posix()] = atomic_save(payload, path)
-        paths.append(path)
-    write_manifest(iteration_dir(save_dir, iteration), iteration, digests)
-    atomic_write_text(tracker_path(save_dir), str(iteration))
-    return paths
+    payloads = [{"checkpoint_version": CHECKPOINT_VERSION,
+                 "iteration": 0 if iteration == RELEASE else int(iteration), "consumed_train_samples": 0,
+                 "args": {"converted_from": source}, "parallel": {"tensor_model_parallel_size": tp_size},
+                 "model": model, "ema_model": {k: v.float() for k, v in ema.items()}}
+                for model, ema in zip(model_shards, ema_shards)]
+    return _write_legacy(payloads, save_dir, iteration)
+
+
+def _split_optimizer(optimizer: Mapping, tp_size: int) -> list[dict]:
+    """The TP ranks' model-space optimizer states of a merged one (the inverse of `_merge_optimizer`)."""
+    fields = sorted({f for entry in optimizer["state"].values() for f in entry if f != "step"})
+    split = {f: split_weights({n: e[f] for n, e in optimizer["state"].items() if f in e}, tp_size) for f in fields}
+    return [{"format": optimizer["format"], "param_groups": optimizer["param_groups"],
+             "state": {name: {"step": entry["step"], **{f: split[f][rank][name] for f in fields if name in split[f][rank]}}
+                       for name, entry in optimizer["state"].items()}}
+            for rank in range(tp_size)]
+
+
+def save_legacy_checkpoint(full: FullCheckpoint, save_dir: Path | str, tp_size: Optional[int] = None) -> list[Path]:
+    """`full` in the legacy layout at TP=`tp_size` (default: its own), with all its state. The per-rank RNG
+    states are kept only at the saved TP size (at another one they do not map onto the ranks)."""
+    tp_size = tp_size or full.tp_size
+    state = full.state
+    common = {k: v for k, v in state.items() if k not in ("model", "ema_model", "optimizer", "rng_state", "format")}
+    sections = {key: split_weights(state[key], tp_size) for key in ("model", "ema_model") if key in state}
+    if "optimizer" in state:
+        sections["optimizer"] = _split_optimizer(state["optimizer"], tp_size)
+    rng = state.get("rng_state")
+    if rng is not None and len(rng) == tp_size:
+        sections["rng_state"] = rng
+    payloads = [{**common, "parallel": {"tensor_model_parallel_size": tp_size},
+                 **{key: parts[rank] for key, parts in sections.items()}} for rank in range(tp_size)]
+    return _write_legacy(payloads, save_dir, full.iteration)
+
+
+def save_dist_checkpoint(full: FullCheckpoint, save_dir: Path | str) -> list[Path]:
+    """`full` in the torch_dist format, with all its state; returns its files."""
+    tensors, common = dist_format.split_payload(full.state)
+    common.setdefault("parallel", {"tensor_model_parallel_size": full.tp_size})
+    if "rng_state" in full.state:
+        common["rng_state"] = full.state["rng_state"]
+    it_dir = dist_format.write_full(save_dir, full.iteration, tensors, common)
+    return sorted(p for p in it_dir.iterdir() if p.is_file()) + [tracker_path(save_dir)]
 
 
 def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool = False,
@@ -185,20 +297,20 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
     """
     from ..models.lora import check_base_weights, merge_lora, recorded_config
 
-    source = read_checkpoint(load_dir, iteration, verify)
-    if source.lora is None:
-        raise CheckpointError(f"{source.files[0]}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge "
+    source = full_state(load_dir, iteration, verify)
+    lora = source.state.get("lora")
+    if lora is None:
+        raise CheckpointError(f"{source.directory}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge "
                               "to convert a full-model checkpoint)")
-    adapters = merge_entry(source, "ema_model" if ema else "model")
+    adapters = source.merged("ema_model" if ema else "model")
     base = Path(base)
     base_sd = load_weights(base, verify) if base.is_file() else merge_checkpoint(base, verify=verify).state_dict
     try:
-        check_base_weights(source.lora, base_sd, str(base))
-        merged = merge_lora(base_sd, adapters.state_dict, recorded_config(source.lora).scaling)
+        check_base_weights(lora, base_sd, str(base))
+        merged = merge_lora(base_sd, adapters.state_dict, recorded_config(lora).scaling)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
-    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory,
-                            source.lora.get("distill"))
+    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory)
 
 
 def _merged_file_iteration(path: Path) -> int | str:
@@ -225,6 +337,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="split into this many TP shards in the Megatron layout (model and ema_model both) "
                         "instead of writing merged files")
     p.add_argument("--format", choices=FORMATS, default="both", help="merged file format(s)")
+    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=None,
+                   help="write a training checkpoint in this format, with its optimizer, EMA, schedule and RNG "
+                        "state, instead of merged files: legacy (at the saved TP size or --target-tp) or torch_dist")
     p.add_argument("--lora-merge", action="store_true",
                    help="--load_dir is a LoRA adapter checkpoint: fold its adapters (with --ema, their EMA) into "
                         "--base and write the merged weights (merged files, or --target-tp shards)")
@@ -244,6 +359,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error(f"--target-tp must be in [1, 1024], got {args.target_tp}")
     if args.lora_merge != (args.base is not None):
         p.error("--lora-merge and --base go together (adapters from --load_dir, base weights from --base)")
+    if args.ckpt_format is not None and args.lora_merge:
+        p.error("--ckpt-format converts a training checkpoint; --lora-merge writes merged weights: use one")
+    if args.ckpt_format == "torch_dist" and args.target_tp is not None:
+        p.error("--target-tp does not apply to --ckpt-format torch_dist (it resumes at any TP size)")
     return args
 
 
@@ -256,18 +375,23 @@ def _convert(args: argparse.Namespace) -> list[Path]:
             return save_merged(merged, args.save_dir, args.format)
         return save_split_checkpoint(merged.state_dict, args.save_dir, args.target_tp, merged.iteration,
                                      source=f"{merged.source} + {args.base}")
+    if args.ckpt_format is not None:
+        if load.is_file():
+            raise CheckpointError(f"{load}: a weights file; --ckpt-format converts a training checkpoint folder")
+        full = full_state(load, args.iteration, verify)
+        if args.ckpt_format == "torch_dist":
+            return save_dist_checkpoint(full, args.save_dir)
+        return save_legacy_checkpoint(full, args.save_dir, args.target_tp)
     if args.target_tp is None:
         merged = merge_checkpoint(load, ema=args.ema, iteration=args.iteration, verify=verify)
         return save_merged(merged, args.save_dir, args.format)
     if load.is_file():
         it = args.iteration if args.iteration is not None else _merged_file_iteration(load)
         return save_split_checkpoint(load_weights(load, verify), args.save_dir, args.target_tp, it, source=str(load))
-    source = read_checkpoint(load, args.iteration, verify)
-    model = merge_entry(source, "model")
+    full = full_state(load, args.iteration, verify)
     # Without an EMA in the source, the EMA restarts from the weights.
-    ema_sd = merge_entry(source, "ema_model").state_dict if "ema_model" in source.ranks[0].state else None
-    return save_split_checkpoint(model.state_dict, args.save_dir, args.target_tp, model.iteration, ema_sd,
-                                 source=str(model.source))
+    return save_split_checkpoint(full.state["model"], args.save_dir, args.target_tp, full.iteration,
+                                 full.state.get("ema_model"), source=str(full.directory))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -299,5 +423,6 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
         raise
 
 
-__all__ = ["MergedCheckpoint", "cli", "main", "merge_checkpoint", "merge_entry", "merge_lora_checkpoint",
-           "merge_shards", "save_merged", "save_split_checkpoint", "split_weights"]
+__all__ = ["FullCheckpoint", "MergedCheckpoint", "cli", "full_state", "main", "merge_checkpoint", "merge_entry",
+           "merge_lora_checkpoint", "merge_shards", "save_dist_checkpoint", "save_legacy_checkpoint", "save_merged",
+           "save_split_checkpoint", "split_weights"]

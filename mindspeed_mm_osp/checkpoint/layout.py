@@ -1,7 +1,8 @@
-"""Megatron legacy checkpoint layout (docs/checkpoints.md) and its errors.
+"""Checkpoint folder layout (docs/checkpoints.md) and its errors: the Megatron legacy layout and `torch_dist`.
 
     <dir>/latest_checkpointed_iteration.txt      "1000" (or "release")
-    <dir>/iter_0001000/mp_rank_00/model_optim_rng.pt
+    <dir>/iter_0001000/mp_rank_00/model_optim_rng.pt    legacy: one file per TP rank
+    <dir>/iter_0001000/metadata.json, common.pt, .metadata, __R_T.distcp    torch_dist (`dist_format`)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ MODEL_FILE = "model_optim_rng.pt"
 RELEASE = "release"
 ITER_DIR = re.compile(r"^(iter_\d{7}|release)$")
 MP_DIR = re.compile(r"^mp_rank_(\d{2})$")
+DIST_MARKER = "metadata.json"  # megatron's dist_checkpointing config file: its presence makes a torch_dist folder
+CKPT_FORMATS = ("legacy", "torch_dist")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -34,6 +37,11 @@ def iteration_dir(root: Path | str, iteration: int | str) -> Path:
 
 def model_file(root: Path | str, iteration: int | str, tp_rank: int) -> Path:
     return iteration_dir(root, iteration) / f"mp_rank_{tp_rank:02d}" / MODEL_FILE
+
+
+def is_dist_iteration(it_dir: Path | str) -> bool:
+    """Whether an iteration folder holds a `torch_dist` checkpoint (else the legacy layout)."""
+    return (Path(it_dir) / DIST_MARKER).is_file()
 
 
 def tracker_path(root: Path | str) -> Path:

@@ -48,7 +48,19 @@ def _child(rank: int, world_size: int, port: int, tp: int, cp: int, seed: int, i
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        _end_helper_processes()
         os._exit(0)
+
+
+def _end_helper_processes() -> None:
+    """Run multiprocessing's exit handlers, which `os._exit` skips: helper processes a rank started (megatron's
+    torch_dist writer keeps a queue-manager process for the life of its rank) end with it instead of lingering."""
+    from multiprocessing import util
+
+    try:
+        util._exit_function()
+    except Exception:  # a rank that is ending anyway: nothing else to do
+        pass
 
 
 def fork_ranks(fn: Callable, world_size: int, args: tuple, *, tp: int = 1, cp: int = 1, seed: int = 1234,

@@ -391,7 +391,7 @@ class Trainer:
             save_checkpoint(args.save, state.iteration, self.ddp, self.optimizer, self.scheduler, clip=self.clipper,
                             consumed_train_samples=state.consumed_samples, args=args.to_dict(),
                             save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, lora=self.lora,
-                            dims=self.dims, async_saves=self.async_saves)
+                            dims=self.dims, async_saves=self.async_saves, ckpt_format=args.ckpt_format)
             state.last_saved = state.iteration
         if wait and self.async_saves is not None:
             self.async_saves.wait()
