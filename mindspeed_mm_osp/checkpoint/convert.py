@@ -310,7 +310,7 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
         merged = merge_lora(base_sd, adapters.state_dict, recorded_config(lora).scaling)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
-    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory)
+    return MergedCheckpoint(merged, source.iteration, source.tp_size, ema, source.directory, lora.get("distill"))
 
 
 def _merged_file_iteration(path: Path) -> int | str:
