@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Callable, Optional
 
+import torch
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 
 from .layout import CheckpointWriteError
@@ -50,6 +51,7 @@ def _die_with(parent: int) -> None:
 def _write_and_report(write: Callable[[], tuple], send, parent: int) -> None:
     """The writer process: `write()` -> (result, error or None), sent back through `send`."""
     _die_with(parent)
+    torch.set_num_threads(1)  # the intra-op pool of the rank it was forked from is not usable here
     result, error = write()
     try:
         pickle.dumps(error)

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import platform
 from ..models.wrappers import unwrap
-from ..optim import load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
+from ..optim import gathers_locally, load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
 from ..parallel import ParallelDims
 from ..io_atomic import atomic_write_text
 from .async_save import AsyncSaves, local_request
@@ -145,12 +145,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool, save_rng: bool,
-                    dims: ParallelDims) -> dict:
-    """The EMA, optimizer, scheduler, clip and RNG entries of the payload; collective (gathers over DP)."""
+def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bool) -> dict:
+    """The EMA, optimizer, scheduler and clip entries of the payload; collective unless the optimizer
+    `gathers_locally`."""
     out: dict[str, Any] = {}
     if optimizer is not None:
-        ema_model, saved = optimizer_state_for_save(unwrap(model), optimizer)  # collective
+        ema_model, saved = optimizer_state_for_save(unwrap(model), optimizer)
         if ema_model is not None:
             out["ema_model"] = ema_model
         if save_optim:
@@ -159,8 +159,6 @@ def _training_state(model: nn.Module, optimizer, scheduler, clip, save_optim: bo
                 out["opt_param_scheduler"] = scheduler.state_dict()
     if clip is not None:
         out["clip_state"] = clip.state_dict()
-    if save_rng:
-        out["rng_state"] = _gather_rng_states(dims)  # collective
     return out
 
 
@@ -208,7 +206,7 @@ class PendingSave:
     previous: Optional[int | str]  # what the tracker named before this save
     created_dir: bool
     path: Path  # this TP rank's file
-    payload: Optional[dict]  # host copies to write; None on ranks that write no file (DP rank > 0)
+    payload: Optional[Callable[[], dict]]  # builds what to write; None on ranks that write no file (DP rank > 0)
 
     def write(self) -> tuple[Optional[FileDigest], Optional[Exception]]:
         """Write this rank's file; returns its digest, or the failure instead of raising, so every rank reaches
@@ -216,7 +214,7 @@ class PendingSave:
         if self.payload is None:
             return None, None
         try:
-            return atomic_save(self.payload, self.path), None
+            return atomic_save(self.payload(), self.path), None
         except Exception as exc:  # ENOSPC/EIO, but any failure: the other ranks must not hang in the vote
             return None, exc
 
@@ -238,20 +236,41 @@ class PendingSave:
         return self.path
 
 
+def _payload(header: dict, model: nn.Module, lora: Optional[dict], training_state: dict, rng: dict) -> dict:
+    """The rank file's dict (module docstring), in its key order."""
+    return {**header, "model": _model_state(model, lora), **({"lora": lora} if lora is not None else {}),
+            **training_state, **rng}
+
+
 def _snapshot(save_dir: Path, iteration: int, model: nn.Module, optimizer, scheduler, clip, header: dict,
-              save_optim: bool, save_rng: bool, lora: Optional[dict], dims: ParallelDims) -> PendingSave:
-    """Everything the file will hold, as host copies taken now; collective (gathers over DP)."""
+              save_optim: bool, save_rng: bool, lora: Optional[dict], dims: ParallelDims,
+              in_writer: bool) -> PendingSave:
+    """What the file will hold; collective. With `in_writer` (an async save of host-resident state whose optimizer
+    `gathers_locally`) everything but the RNG states is gathered by the forked writer from the memory as it is at
+    the fork, so training pauses for no copy; otherwise the payload is built here, as host copies."""
     previous = read_tracker(save_dir)
     created_dir = not iteration_dir(save_dir, iteration).exists()
     if dist.is_initialized():  # everyone has looked at the directory before anyone creates it
         dist.barrier()
-    training_state = _training_state(model, optimizer, scheduler, clip, save_optim, save_rng, dims)
-    payload = None
-    if dims.dp_cp_rank == 0:
-        payload = {**header, "parallel": {"tensor_model_parallel_size": dims.tp}, "model": _model_state(model, lora),
-                   **({"lora": lora} if lora is not None else {}), **training_state}
+    rng = {"rng_state": _gather_rng_states(dims)} if save_rng else {}  # collective
+    header = {**header, "parallel": {"tensor_model_parallel_size": dims.tp}}
+    writes = dims.dp_cp_rank == 0
+    if in_writer:
+        payload = (lambda: _payload(header, model, lora, _training_state(model, optimizer, scheduler, clip,
+                                                                         save_optim), rng)) if writes else None
+    else:
+        training_state = _training_state(model, optimizer, scheduler, clip, save_optim)  # collective
+        built = _payload(header, model, lora, training_state, rng) if writes else None
+        payload = (lambda: built) if writes else None
     return PendingSave(save_dir, int(iteration), previous, created_dir, model_file(save_dir, iteration, dims.tp_rank),
                        payload)
+
+
+def _gathers_in_writer(model: nn.Module, optimizer) -> bool:
+    """Whether an async save can leave the whole snapshot to its forked writer: host-resident weights and an
+    optimizer state that needs no other rank to gather."""
+    on_host = all(p.device.type == "cpu" for p in unwrap(model).parameters())
+    return on_host and (optimizer is None or gathers_locally(optimizer))
 
 
 def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, optimizer=None, scheduler=None, *,
@@ -271,7 +290,8 @@ def save_checkpoint(save_dir: Path | str, iteration: int, model: nn.Module, opti
     header = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration),
               "consumed_train_samples": int(consumed_train_samples), "args": _plain(args)}
     pending = _snapshot(Path(save_dir), iteration, model, optimizer, scheduler, clip, header, save_optim, save_rng,
-                        lora, dims or ParallelDims.current())
+                        lora, dims or ParallelDims.current(),
+                        in_writer=async_saves is not None and _gathers_in_writer(model, optimizer))
     if async_saves is not None:
         async_saves.schedule(pending.iteration, local_request(pending.write, pending.finalize),
                              stalled_s=time.monotonic() - started, waited_s=waited)

@@ -13,6 +13,7 @@ from .megatron import (
     build_optimizer,
     ema_state_dict,
     gather_model_space,
+    gathers_locally,
     load_optimizer_state,
     optimizer_state_for_save,
     reset_optimizer_state,
@@ -22,6 +23,6 @@ from .megatron import (
 __all__ = [
     "AdaptiveGradClip", "ClipDecision", "ClipStepResult", "EMA_KEY", "FusedEmaAdamW", "OptimizerSettings",
     "build_lr_scheduler", "build_optimizer", "clip_and_step", "ema_decay_at", "ema_state_dict",
-    "gather_model_space", "load_optimizer_state", "optimizer_state_for_save", "reset_optimizer_state",
+    "gather_model_space", "gathers_locally", "load_optimizer_state", "optimizer_state_for_save", "reset_optimizer_state",
     "scatter_model_space",
 ]

@@ -260,6 +260,12 @@ def _entry(p: nn.Parameter, step: float, flats: dict[str, torch.Tensor], offset:
     return entry
 
 
+def gathers_locally(optimizer) -> bool:
+    """True when `gather_model_space` needs no other rank (no sub-optimizer shards its state over DP ranks), so it
+    may run in a process forked from this one (the async checkpoint writer)."""
+    return not any(_reduce_group(sub) for sub in _subs(optimizer))
+
+
 def gather_model_space(model: nn.Module, optimizer, keys: Iterable[str] = STATE_KEYS) -> dict[str, dict]:
     """`{param_name: {key: full fp32 CPU tensor (model shape) | float step}}` for every trainable param.
 

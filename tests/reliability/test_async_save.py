@@ -164,3 +164,15 @@ def test_write_error_of_a_dead_writer_is_reported(tmp_path):
     message = run_distributed(die, 1, str(tmp_path))[0]
     assert message and "ended without reporting" in message
     assert read_tracker(tmp_path) is None
+
+
+def test_async_save_with_the_distributed_optimizer_writes_what_a_sync_save_writes(micro_assets, tmp_path):
+    """DP=2 with sharded optimizer state: the gather needs both ranks, so the snapshot is taken before the fork."""
+    flags = ("--use-distributed-optimizer",)
+    dirs = {kind: tmp_path / kind for kind in ("sync", "async")}
+    for kind, save_dir in dirs.items():
+        extra = flags + (("--async-save",) if kind == "async" else ())
+        results = run_ranks(train, 2, _argv(micro_assets, save_dir, *extra))
+        assert all(ok for ok, _ in results.values()) and len(results) == 2, results
+    for it in range(1, SAVE_ITERS + 1):
+        assert_same_training_state(load_file(model_file(dirs["async"], it, 0)), load_file(model_file(dirs["sync"], it, 0)))
