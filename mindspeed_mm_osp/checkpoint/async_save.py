@@ -1,10 +1,12 @@
 """`--async-save`: training goes on while a checkpoint is written (docs/checkpoints.md, "Async saves").
 
-A save is cut in three. The snapshot (collective, on the main thread) copies everything the file holds to host
-memory; the training loop pauses only for it. The write runs in a process forked from the rank (megatron-core's
-`AsyncCallsQueue`, the machinery Megatron-LM uses): a forked writer shares the snapshot's pages without copying
-them and holds no lock the training threads need, where a writer thread stalled the loop on the interpreter
-lock (about 10x slower steps while it wrote, measured). The finalize (collective, on the main thread, never from
+A save is cut in three. The snapshot (collective, on the main thread) is all the training loop pauses for. The
+write runs in a process forked from the rank (megatron-core's `AsyncCallsQueue`, the machinery Megatron-LM uses):
+a forked writer sees the rank's memory as it was at the fork (copy-on-write) and holds no lock the training
+threads need, where a writer thread stalled the loop on the interpreter lock (about 10x slower steps while it
+wrote, measured). So when the weights and the optimizer state are in host memory and the optimizer needs no
+other rank to gather them, the snapshot is only the RNG states and the writer gathers the rest; otherwise
+(state on an accelerator, or sharded over DP ranks) the snapshot copies the file's content to host memory first. The finalize (collective, on the main thread, never from
 a background thread) runs once every rank's writer has finished: the ranks vote on the writes, then rank 0 writes
 the manifest and the tracker, last, so a crash at any moment leaves the previous checkpoint as the latest.
 
