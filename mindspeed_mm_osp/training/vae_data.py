@@ -48,4 +48,24 @@ def posterior_noise(latent_shape: tuple[int, ...], *, seed: int, first_sample: i
                         for i in range(latent_shape[0])])
 
 
-__all__ = ["build_clip_loader", "posterior_noise"]
+
+
+
+def to_uint8_range(video: torch.Tensor) -> torch.Tensor:
+    """One clip (3, T, H, W) in [-1, 1] -> (T, H, W, 3) in [0, 255] (clamped, not rounded), as `metrics` takes."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 3, 0)
+
+
+@torch.no_grad()
+def reconstruction_psnr(model, videos: list[torch.Tensor]) -> float:
+    """Mean PSNR (dB, `metrics.psnr`) of the WF-VAE's reconstructions (posterior mean) of clips (B, 3, T, H, W)."""
+    from ..metrics import psnr
+    from ..models.ae.wfvae import split_posterior
+
+    scores = []
+    for video in videos:
+        recon = model.decode(split_posterior(model.encode(video))[0])
+        scores += [psnr(to_uint8_range(a), to_uint8_range(b)) for a, b in zip(video, recon)]
+    return sum(scores) / len(scores)
+
+__all__ = ["build_clip_loader", "posterior_noise", "reconstruction_psnr", "to_uint8_range"]
