@@ -11,6 +11,7 @@ the file and the global. The one way around it is `--trust-pickle FILE` on the c
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import re
@@ -113,4 +114,37 @@ def load_torch_file(path: Path | str, what: str, allow: Sequence[str] = (), mmap
         torch.serialization.add_safe_globals(process_wide)
 
 
-__all__ = ["LEGACY_CHECKPOINT_GLOBALS", "UntrustedPickleError", "load_torch_file", "trust_pickle"]
+# The globals of PyTorch Distributed Checkpoint's index file (`.metadata` of a torch_dist folder): its own metadata
+# dataclasses and enums, torch.Size, and torch dtypes (checked by type in `_IndexUnpickler`).
+_DCP = "torch.distributed.checkpoint."
+DCP_INDEX_GLOBALS = frozenset({
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), (_DCP + "filesystem", "_StorageInfo"),
+    *((_DCP + "metadata", name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                             "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *((_DCP + "planner", name) for name in ("SavePlan", "TensorWriteData", "WriteItem", "WriteItemType")),
+})
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in DCP_INDEX_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise UntrustedPickleError(f"refused: it needs the Python global {module}.{name}, outside the allow-list "
+                                       "(unpickling it could run code)")
+        return super().find_class(module, name)
+
+
+def load_dcp_index(path: Path | str) -> Any:
+    """A torch_dist folder's `.metadata` (a plain pickle, which DCP itself loads in full), unpickled resolving only
+    `DCP_INDEX_GLOBALS` and torch dtypes. Raises `UntrustedPickleError` (naming the file and the global) for any
+    other; damaged data propagates for the caller to name."""
+    path = Path(path)
+    try:
+        return _IndexUnpickler(io.BytesIO(path.read_bytes())).load()
+    except UntrustedPickleError as exc:
+        raise UntrustedPickleError(f"{path}: {exc}") from None
+
+
+__all__ = ["DCP_INDEX_GLOBALS", "LEGACY_CHECKPOINT_GLOBALS", "UntrustedPickleError", "load_dcp_index",
+           "load_torch_file", "trust_pickle"]
