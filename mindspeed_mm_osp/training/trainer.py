@@ -1,9 +1,10 @@
 """The pretraining loop (docs/training.md) as a `Trainer` with named phases.
 
-`Trainer.fit` runs: `build` (process groups, configs, frozen encoders, predictor, DDP, optimizer) →
-`resume` (a checkpoint, when `--load`) → `build_data` (this rank's loader shard) → per iteration
-`train_step` → `log` → `should_stop` (saving on `--save-interval`) → `save`. All that changes while
-training lives in one `TrainState`.
+`Trainer.fit` runs: `build` (process groups, configs, frozen encoders, predictor, DDP, `plan_iterations` (the
+run's length from the data and `--train-epochs`), optimizer, `build_validation`) → `resume` (a checkpoint, when
+`--load`) → `build_data` (this rank's loader shard) → `announce` → per iteration `train_step` → `log` → `validate`
+(loss and EMA samples at their intervals) → `should_stop` (saving on `--save-interval`) → `save`. All that changes
+while training lives in one `TrainState`.
 
 Per iteration: zero grad buffers → GA micro-batches (encode, noise, forward, backward) →
 `finalize_model_grads` (DP reduce, TP sum of `.sequence_parallel` params) → clip and step
