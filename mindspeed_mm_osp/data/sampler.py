@@ -13,6 +13,8 @@ same indices. `grad_acc` is derived from the trainer's real batch sizes (the ref
 a stale copy from data.json and skips 4× too much on resume). Resuming from
 `consumed_samples` (= optimizer steps × global batch) skips exactly the consumed
 micro-batches; order is deterministic in (seed, epoch), unlike the reference's fixed seed.
+The sampler runs `num_epochs` passes (`pretrain.py --train-epochs`) back to back, and a resume position may fall in
+any of them: the epoch is `consumed micro-steps // micro-steps per epoch`, the place in it the remainder.
 """
 
 from __future__ import annotations
