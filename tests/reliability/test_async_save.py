@@ -176,3 +176,17 @@ def test_async_save_with_the_distributed_optimizer_writes_what_a_sync_save_write
         assert all(ok for ok, _ in results.values()) and len(results) == 2, results
     for it in range(1, SAVE_ITERS + 1):
         assert_same_training_state(load_file(model_file(dirs["async"], it, 0)), load_file(model_file(dirs["sync"], it, 0)))
+
+
+def test_async_torch_dist_save_equals_a_sync_one(micro_assets, tmp_path, straight):
+    """The torch_dist format's megatron request goes through the same queue: same losses, same checkpoint."""
+    from mindspeed_mm_osp.checkpoint.convert import full_state
+
+    dirs = {kind: tmp_path / kind for kind in ("sync", "async")}
+    for kind, save_dir in dirs.items():
+        extra = ("--ckpt-format", "torch_dist") + (("--async-save",) if kind == "async" else ())
+        ok, out = run_ranks(train, 1, _argv(micro_assets, save_dir, *extra))[0]
+        assert ok, out
+        assert out["losses"] == straight["losses"]
+    assert read_tracker(dirs["async"]) == SAVE_ITERS
+    assert_same_training_state(full_state(dirs["async"]).state, full_state(dirs["sync"]).state)
