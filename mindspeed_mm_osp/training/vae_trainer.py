@@ -54,7 +54,7 @@ RELEASED_FILE = "merged.ckpt"
 
 
 def check_vae_parallel(args: TrainingArgs) -> None:
-    """The autoencoder is small: data parallelism only."""
+    """The autoencoder is small: data parallelism only; the run's length is counted in iterations."""
     sizes = {"--tensor-model-parallel-size": args.tensor_model_parallel_size,
              "--context-parallel-size": args.context_parallel_size,
              "--pipeline-model-parallel-size": args.pipeline_model_parallel_size}
@@ -62,6 +62,9 @@ def check_vae_parallel(args: TrainingArgs) -> None:
     if wrong:
         raise UserError(f"{', '.join(wrong)}: WF-VAE training is data-parallel only; set it to 1 (every rank "
                         "holds the whole autoencoder)")
+    if args.train_iters is None:
+        raise UserError("--train-epochs: WF-VAE training cycles over the data until --train-iters (or "
+                        "--train-samples); pass one of those instead")
     if args.lora_r is not None:
         raise UserError("--lora-r: LoRA applies to the predictor, not to WF-VAE training; drop the --lora-* flags")
 
