@@ -1,0 +1,91 @@
+"""Distillation without training: the student's grid is the sampler's, the teacher's sub-grid contains it, flags
+and the release launcher parse, and the planner counts adapters, the frozen base and the teacher's forwards."""
+
+import pytest
+import torch
+
+from mindspeed_mm_osp.config.diffusion import DiffusionConfig
+from mindspeed_mm_osp.diffusion import FlowMatchingScheduler
+from mindspeed_mm_osp.diffusion.student import StudentSchedule
+from mindspeed_mm_osp.training.arguments import parse_args
+from helpers import launcher_argv
+
+SCHEDULE = StudentSchedule(student_steps=4, teacher_substeps=12, shift=7.0, guidance_scale=8.0, guidance_rescale=0.7)
+
+
+@pytest.mark.parametrize("steps", [4, 8, 50])
+def test_student_grid_is_the_samplers_grid(steps):
+    sampler = FlowMatchingScheduler(DiffusionConfig(shift=7.0, use_dynamic_shifting=False))
+    assert torch.equal(SCHEDULE.sigmas(steps), sampler.sampling_sigmas(steps))
+    overrides = SCHEDULE.diffusion_overrides()
+    assert overrides["num_inference_steps"] == 4 and overrides["guidance_scale"] == 1.0
+    assert torch.equal(FlowMatchingScheduler(DiffusionConfig(**{k: v for k, v in overrides.items()
+                                                                if k != "guidance_rescale"})).sampling_sigmas(),
+                       SCHEDULE.sigmas())
+
+
+def test_teacher_segments_tile_the_fine_grid_between_student_points():
+    fine, student = SCHEDULE.sigmas(48), SCHEDULE.sigmas()
+    joined = torch.cat([SCHEDULE.teacher_segment(i)[:-1] for i in range(4)] + [student[-1:]])
+    torch.testing.assert_close(joined, fine, rtol=0, atol=1e-7)
+    for i in range(4):
+        segment = SCHEDULE.teacher_segment(i)
+        assert len(segment) == 13 and segment[0] == student[i] and segment[-1] == student[i + 1]
+        assert bool((segment[1:] < segment[:-1]).all())
+    with pytest.raises(ValueError, match="outside"):
+        SCHEDULE.teacher_segment(4)
+
+
+def test_recorded_schedule_round_trips_and_malformed_records_are_refused():
+    assert StudentSchedule.from_record(SCHEDULE.to_record(), "f") == SCHEDULE
+    with pytest.raises(ValueError, match="f.safetensors: unreadable student schedule"):
+        StudentSchedule.from_record({**SCHEDULE.to_record(), "shift": 0.5}, "f.safetensors")
+    with pytest.raises(ValueError, match="expected the keys"):
+        StudentSchedule.from_record({"student_steps": 4}, "f")
+
+
+BASE_ARGV = ["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "2"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--distill", "trajectory"], "add --lora-r R"),
+    (["--distill-student-steps", "8"], "--distill-student-steps need --distill trajectory"),
+    (["--distill", "trajectory", "--lora-r", "4", "--distill-shift", "0.5"], "--distill-shift"),
+    (["--distill", "trajectory", "--lora-r", "4", "--distill-teacher-substeps", "0"], "--distill-teacher-substeps"),
+])
+def test_bad_distillation_flags_exit_2_with_one_line(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(BASE_ARGV + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_release_distillation_launcher_parses(tmp_path):
+    args = parse_args(launcher_argv(tmp_path, "examples/opensoraplan1.5/distill_opensoraplan1_5.sh"), world_size=16)
+    assert (args.tensor_model_parallel_size, args.sequence_parallel, args.lora_r) == (8, True, 64)
+    assert args.student_schedule() == SCHEDULE
+    assert args.load.endswith("model_ema.pt") and args.lora_load == str(tmp_path / "proj")
+
+
+def test_planner_counts_adapters_the_frozen_base_and_the_teacher_forwards():
+    from mindspeed_mm_osp.config.predictor import RecomputeConfig
+    from mindspeed_mm_osp.testing import tiny_predictor_config
+    from mindspeed_mm_osp.training.flops import predictor_forward_flops
+    from mindspeed_mm_osp.training.memory_plan import (Parallel, TrainablePlan, Workload, adapter_param_count,
+                                                       local_param_count, plan_memory)
+
+    cfg, work, par = tiny_predictor_config(), Workload(1, 3, 8, 8, 16), Parallel()
+    targets = ("to_q", "to_out.0")
+    adapters = adapter_param_count(cfg, 1, 4, targets)
+    # to_q: A 4 x 64, B 64 x 4; to_out.0 the same, on 3 blocks (hidden 64)
+    assert adapters == 3 * 2 * (4 * 64 + 64 * 4)
+    full = plan_memory(cfg, work, par, RecomputeConfig(), torch.float32)
+    lora = plan_memory(cfg, work, par, RecomputeConfig(), torch.float32,
+                       trainable=TrainablePlan(lora_r=4, lora_targets=targets, teacher_passes=6))
+    twin = plan_memory(cfg, work, par, RecomputeConfig(), torch.float32, trainable=TrainablePlan(teacher_passes=6,
+                                                                                                teacher_copy=True))
+    params = local_param_count(cfg, 1)
+    assert (lora.weights, lora.grads) == ((params + adapters) * 4, adapters * 4)
+    assert (twin.weights, twin.grads) == (2 * params * 4, params * 4) and twin.total > lora.total
+    teacher = 6 * predictor_forward_flops(cfg, 2, (3, 8, 8), 16)
+    assert lora.model_flops == pytest.approx(full.model_flops + teacher)
