@@ -6,7 +6,8 @@ the tiny inference JSON's sampler) are distilled through `pretrain.py`'s trainer
 merged with `convert_mm_to_ckpt.py --lora-merge`, then sampled by `inference.py`'s runner on the student's
 recorded schedule. The 16 prompts are none of the training captions; prompt i always starts from the noise of seed
 42 + i. PSNR is over the decoded videos (uint8 range), per video, averaged; the time is the denoising loop per
-video (text encoding and decode excluded), measured in this run for every sampler.
+video (text encoding and decode excluded), measured in this run: the median over 3 rounds of 2 prompts in which
+the samplers take turns.
 
 Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first), and `w256`,
 a width-256 predictor (4 heads of 64) with random weights, distilled on the same data. `--quick`: a random tiny
@@ -70,31 +71,62 @@ def distill_student(files: dict, steps: int, iters: int, out: Path) -> tuple[Pat
     return merged / "model.safetensors", losses
 
 
-def sample_videos(config: Path, weights: Path, prompts: list[str], *flags: str) -> tuple[torch.Tensor, float, dict]:
-    """(decoded videos in [-1, 1], seconds of denoising per video, the sampler's record) of the runner."""
-    from mindspeed_mm_osp.inference.arguments import parse_args
-    from mindspeed_mm_osp.inference.ranks import release_parallel
-    from mindspeed_mm_osp.inference.runner import InferenceRunner
+class Sampler:
+    """`inference.py`'s runner for one weights file and flags, built once (the process group: `owned`)."""
 
-    runner = InferenceRunner(parse_args(["--config", str(config), "--predictor-weights", str(weights),
-                                         "--seed", str(SEED), *flags]))
-    runner.setup()
+    def __init__(self, config: Path, weights: Path, *flags: str):
+        from mindspeed_mm_osp.inference.arguments import parse_args
+        from mindspeed_mm_osp.inference.runner import InferenceRunner
+
+        self.runner = InferenceRunner(parse_args(["--config", str(config), "--predictor-weights", str(weights),
+                                                  "--seed", str(SEED), *flags]))
+        self.runner.setup()
+        self.runner.build(decode=True)
+        diffusion = self.runner.state.cfg.diffusion
+        self.record = {"num_inference_steps": diffusion.num_inference_steps, "guidance_scale": diffusion.guidance_scale}
+
+    def denoise(self, index: int, prompt: str):
+        """(the sample's batch, seconds of its denoising loop)."""
+        batch = self.runner.encode_prompt([index], [prompt])
+        start = time.perf_counter()
+        self.runner.denoise(batch, progress=False)
+        return batch, time.perf_counter() - start
+
+    def videos(self, prompts: list[str]) -> torch.Tensor:
+        """Decoded videos (N, 3, T, H, W) in [-1, 1] of `prompts`, prompt i from the noise of seed 42 + i."""
+        return torch.cat([self.runner.decode(self.denoise(i, p)[0].latents) for i, p in enumerate(prompts)])
+
+    def close(self) -> None:
+        from mindspeed_mm_osp.inference.ranks import release_parallel
+
+        release_parallel(self.runner.state.owned)
+
+
+def sample_videos(config: Path, weights: Path, prompts: list[str], *flags: str) -> tuple[torch.Tensor, dict]:
+    """(decoded videos in [-1, 1], the sampler's steps and guidance)."""
+    sampler = Sampler(config, weights, *flags)
     try:
-        runner.build(decode=True)
-        videos, seconds = [], 0.0
-        for i, prompt in enumerate(prompts):
-            batch = runner.encode_prompt([i], [prompt])
-            start = time.perf_counter()
-            runner.denoise(batch, progress=False)
-            seconds += time.perf_counter() - start
-            videos.append(runner.decode(batch.latents))
-        diffusion = runner.state.cfg.diffusion
-        record = {"num_inference_steps": diffusion.num_inference_steps, "guidance_scale": diffusion.guidance_scale}
+        return sampler.videos(prompts), sampler.record
     finally:
-        release_parallel(runner.state.owned)
-    print(f"  {weights.parent.name}/{weights.name} {' '.join(flags)}: {seconds / len(prompts):.3f} s per video",
-          flush=True)
-    return torch.cat(videos), seconds / len(prompts), record
+        sampler.close()
+
+
+def seconds_per_video(config: Path, samplers: dict[str, tuple], prompts: list[str], rounds: int = 3) -> dict:
+    """Median seconds of the denoising loop per video of each sampler (name -> (weights, *flags)), the samplers
+    taking turns prompt by prompt so that a busy machine slows them alike."""
+    built = {}
+    try:
+        for name, (weights, *flags) in samplers.items():
+            built[name] = Sampler(config, weights, *flags)
+        times = {name: [] for name in samplers}
+        for _ in range(rounds):
+            for i, prompt in enumerate(prompts):
+                for name, sampler in built.items():
+                    times[name].append(sampler.denoise(i, prompt)[1])
+    finally:
+        for sampler in reversed(list(built.values())):
+            sampler.close()
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def mean_psnr(videos: torch.Tensor, targets: torch.Tensor) -> float:
@@ -111,24 +143,25 @@ def mean_psnr(videos: torch.Tensor, targets: torch.Tensor) -> float:
 def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[str]) -> dict:
     """The table rows of one teacher: PSNR against its 50 steps and seconds per video of every sampler."""
     out.mkdir(parents=True, exist_ok=True)
-    rows, samples = {}, {}
-    for steps in (TEACHER_STEPS, *STUDENTS):
-        samples[f"teacher-{steps}"] = sample_videos(files["inference"], files["teacher"], prompts,
-                                                    "--num-inference-steps", str(steps))
+    samplers = {f"teacher-{steps}": (files["teacher"], "--num-inference-steps", str(steps))
+                for steps in (TEACHER_STEPS, *STUDENTS)}
     losses = {}
     for steps in STUDENTS:
         weights, losses[steps] = distill_student(files, steps, iters, out)
-        samples[f"student-{steps}"] = sample_videos(files["inference"], weights, prompts)
-        record = samples[f"student-{steps}"][2]
-        assert (record["num_inference_steps"], record["guidance_scale"]) == (steps, 1.0), record
-    target = samples[f"teacher-{TEACHER_STEPS}"][0]
-    for key, (videos, seconds, _) in samples.items():
-        rows[key] = {"psnr_db": None if key == f"teacher-{TEACHER_STEPS}" else round(mean_psnr(videos, target), 2),
-                     "seconds_per_video": round(seconds, 4)}
+        samplers[f"student-{steps}"] = (weights,)
+    videos = {}
+    for key, (weights, *flags) in samplers.items():
+        videos[key], record = sample_videos(files["inference"], weights, prompts, *flags)
+        if key.startswith("student"):
+            assert (record["num_inference_steps"], record["guidance_scale"]) == (int(key[8:]), 1.0), record
+    timed = seconds_per_video(files["inference"], samplers, prompts[:2])
+    target = videos[f"teacher-{TEACHER_STEPS}"]
+    rows = {key: {"psnr_db": None if key == f"teacher-{TEACHER_STEPS}" else round(mean_psnr(v, target), 2),
+                  "seconds_per_video": round(timed[key], 4)} for key, v in videos.items()}
     gain = rows["student-4"]["psnr_db"] - rows["teacher-4"]["psnr_db"]
-    speedup = rows[f"teacher-{TEACHER_STEPS}"]["seconds_per_video"] / rows["student-4"]["seconds_per_video"]
-    return {"teacher": name, "iters": iters, "prompts": len(prompts), "rows": rows, "student4_gain_db": round(gain, 2),
-            "student4_speedup": round(speedup, 2), "target_met": gain >= 3.0,
+    speedup = timed[f"teacher-{TEACHER_STEPS}"] / timed["student-4"]
+    return {"teacher": name, "iters": iters, "prompts": len(prompts), "rows": rows,
+            "student4_gain_db": round(gain, 2), "student4_speedup": round(speedup, 2), "target_met": gain >= 3.0,
             "loss_first_last": {k: [round(v[0], 5), round(v[-1], 5)] for k, v in losses.items()}}
 
 
@@ -194,6 +227,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="distillation iterations per student (default 300; "
                                                            "quick: 6)")
     p.add_argument("--demo-dir", type=Path, default=ROOT / "demo_out", help="where run_demo.sh wrote its outputs")
+    p.add_argument("--teacher", choices=["tiny-demo", "w256"], action="append", default=None,
+                   help="run only this teacher (repeatable; default: both)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     os.chdir(ROOT)  # the tiny JSONs name ./demo_out/... relative to the repository
@@ -201,6 +236,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp)).items():
+            if args.teacher and name not in args.teacher:
+                continue
             result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS)
             results.append(result)
             print(json.dumps(result, indent=1), flush=True)

@@ -156,14 +156,16 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 
 def trainable_plan(args: argparse.Namespace) -> TrainablePlan:
-    """LoRA (`--lora-r`): the adapters this rank trains; `--distill`: the teacher's guided sub-steps per
-    micro-batch (cond and uncond rows in one forward when the guidance scale is above 1)."""
+    """LoRA (`--lora-r`): the adapters this rank trains; `--distill`: the teacher's guided forwards per micro-batch,
+    on average (cond and uncond rows in one forward when the guidance scale is above 1)."""
     if args.lora_r is None:
         return TrainablePlan()
     lora = TrainablePlan(lora_r=args.lora_r, lora_targets=tuple(args.lora_target_modules))
     if not args.distill:
         return lora
-    return dataclasses.replace(lora, teacher_passes=args.distill_teacher_substeps,
+    # M sub-steps for the target and, on average over the student step i, i x M for the rollout to x_i
+    passes = args.distill_teacher_substeps * (args.distill_student_steps + 1) // 2
+    return dataclasses.replace(lora, teacher_passes=passes,
                                teacher_rows=2 if args.distill_guidance_scale > 1 else 1)
 
 
@@ -178,7 +180,7 @@ def trainable_lines(req: PlanRequest, plan: MemoryPlan) -> list[str]:
         full = dataclasses.replace(req, trainable=dataclasses.replace(t, lora_r=None, teacher_copy=True))
         full_plan = full.plan(req.par, req.recompute, req.opt)
         lines.append(f"  distillation: {t.teacher_passes} teacher forwards x {t.teacher_rows} rows per micro-batch "
-                     f"without autograd, on the same weights (no second copy)")
+                     f"(mean), without autograd, on the same weights (no second copy)")
         lines.append(f"  full-weight student instead (teacher + student copies): {_gib(full_plan.total)} GiB "
                      f"(+ headroom {_gib(headroom(full_plan))} GiB) vs {_gib(plan.total)} GiB")
     return lines

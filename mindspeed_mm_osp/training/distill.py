@@ -3,10 +3,11 @@
 The teacher is the frozen base with classifier-free guidance folded in; the student is the same base plus LoRA
 adapters, so one copy of the weights serves both (`models.lora.adapters_disabled` turns the adapters off for the
 teacher pass). Per micro-batch, from the micro-batch's keyed generator (so TP/CP peers agree, DP ranks differ and
-a resumed run draws what the uninterrupted one would): a student step i of the K-step grid and the noise e;
-x_i = (1 - sigma_i) z + sigma_i e. The teacher integrates x_i to sigma_{i+1} with M guided Euler sub-steps
-(cond and uncond rows in one forward, without autograd); the student, conditioned on the prompt only, must make
-that move in one Euler step: its velocity target is (x_{i+1} - x_i) / (sigma_{i+1} - sigma_i), loss masked MSE.
+a resumed run draws what the uninterrupted one would): a student step i of the K-step grid and the noise e; x_i
+is the teacher's own guided trajectory from e to sigma_i (i x M fine steps; x_0 = e). The teacher integrates x_i
+to sigma_{i+1} with M guided Euler sub-steps (cond and uncond rows in one forward, without autograd); the
+student, conditioned on the prompt only, must make that move in one Euler step: its velocity target is
+(x_{i+1} - x_i) / (sigma_{i+1} - sigma_i), loss masked MSE.
 
 Everything else is the `Trainer`'s: TP/SP/CP/DP, the adapters' EMA, checkpoints (which record the student
 schedule in their LoRA metadata), exact resume and the skipping of non-finite steps.
@@ -78,35 +79,45 @@ def _guided_model_fn(predictor: nn.Module, enc: EncodedBatch, dtype: torch.dtype
 
 
 @torch.no_grad()
-def teacher_target(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, x: torch.Tensor, step: int,
-                   schedule: StudentSchedule, dtype: torch.dtype) -> torch.Tensor:
-    """The velocity (fp32) that takes `x` (at the student's sigma_step) in one Euler step to where the guided
-    teacher gets in `schedule.teacher_substeps` steps; the predictor's adapters are off for these passes."""
+def teacher_integrate(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, x: torch.Tensor,
+                      sigmas: torch.Tensor, schedule: StudentSchedule, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (fp32) after the guided teacher's Euler steps over `sigmas`; the predictor's adapters are off."""
     b = x.shape[0]
     cond = _text_kw(enc.text, enc.text_mask, enc.pooled)
     uncond = {k: v.to(cond[k].device).expand(b, *v.shape[1:]) for k, v in negative.items()}
-    segment = schedule.teacher_segment(step)
     with adapters_disabled(predictor):
-        x_next = sample(_guided_model_fn(predictor, enc, dtype), x.float(), cond, uncond, sigmas=segment,
-                        guidance_scale=schedule.guidance_scale, guidance_rescale=schedule.guidance_rescale)
+        return sample(_guided_model_fn(predictor, enc, dtype), x.float(), cond, uncond, sigmas=sigmas,
+                      guidance_scale=schedule.guidance_scale, guidance_rescale=schedule.guidance_rescale)
+
+
+def teacher_target(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, x: torch.Tensor, step: int,
+                   schedule: StudentSchedule, dtype: torch.dtype) -> torch.Tensor:
+    """The velocity (fp32) that takes `x` (at the student's sigma_step) in one Euler step to where the guided
+    teacher gets in `schedule.teacher_substeps` steps."""
+    segment = schedule.teacher_segment(step)
+    x_next = teacher_integrate(predictor, enc, negative, x, segment, schedule, dtype)
     return (x_next - x.float()) / (segment[-1] - segment[0]).item()
 
 
-def draw_point(schedule: StudentSchedule, x0: torch.Tensor,
-               generator: torch.Generator) -> tuple[int, torch.Tensor]:
-    """(student step i, noise e) of one micro-batch from its keyed generator, in this order (tests redraw them)."""
+def training_point(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, schedule: StudentSchedule,
+                   generator: torch.Generator, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """(student step i, x_i): i and the noise e from the micro-batch's keyed generator, in this order; x_i is the
+    teacher's own guided trajectory from e (sigma = 1) to sigma_i, on its fine grid, i x M steps."""
     step = int(torch.randint(schedule.student_steps, (1,), generator=generator))
-    return step, torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    noise = torch.randn(enc.latents.shape, generator=generator, dtype=torch.float32).to(enc.latents.device)
+    if step == 0:
+        return step, noise
+    path = schedule.sigmas(schedule.student_steps * schedule.teacher_substeps)[:step * schedule.teacher_substeps + 1]
+    path[-1] = schedule.sigmas()[step]
+    return step, teacher_integrate(predictor, enc, negative, noise, path, schedule, dtype)
 
 
 def distill_loss(predictor: nn.Module, schedule: StudentSchedule, enc: EncodedBatch, negative: TextKw,
                  generator: torch.Generator, dtype: torch.dtype, loss_region: LossRegion = "all") -> torch.Tensor:
     """Masked MSE (fp32 scalar) between the student's velocity at x_i and the teacher's one-step target."""
-    x0 = enc.latents
-    step, noise = draw_point(schedule, x0, generator)
-    sigma = schedule.sigmas()[step].expand(x0.shape[0])
-    x = FlowMatchingScheduler.add_noise(x0, noise, sigma)
+    step, x = training_point(predictor, enc, negative, schedule, generator, dtype)
     target = teacher_target(predictor, enc, negative, x, step, schedule, dtype)
+    sigma = schedule.sigmas()[step].expand(x.shape[0])
     pred = predictor(**model_inputs(enc, x, FlowMatchingScheduler.timesteps(sigma), dtype))
     return _MSE.loss(pred, target, mask=enc.loss_mask(loss_region))
 
@@ -132,4 +143,4 @@ class DistillTrainer(Trainer):
                             self.args.i2v_loss_region)
 
 
-__all__ = ["DistillTrainer", "distill_loss", "draw_point", "negative_text", "teacher_target"]
+__all__ = ["DistillTrainer", "distill_loss", "negative_text", "teacher_integrate", "teacher_target", "training_point"]

@@ -1,5 +1,6 @@
-"""Distillation's objective (training/distill.py) on a tiny predictor: the teacher target is an explicit M-step
-guided Euler integration of the base (adapters off), and the loss and adapter gradients at TP=2 + SP equal TP=1."""
+"""Distillation's objective (training/distill.py) on a tiny predictor: the training point is the teacher's own
+guided trajectory from the noise and the target an explicit M-step guided Euler integration of the base (adapters
+off), both written out here; the loss and adapter gradients at TP=2 + SP equal TP=1."""
 
 import dataclasses
 
@@ -16,7 +17,7 @@ from mindspeed_mm_osp.models.predictor import (
     shard_state_dict,
 )
 from mindspeed_mm_osp.testing import TINY_PREDICTOR, perturb_parameters, run_distributed, tiny_predictor_config
-from mindspeed_mm_osp.training.distill import distill_loss, teacher_target
+from mindspeed_mm_osp.training.distill import distill_loss, teacher_target, training_point
 from mindspeed_mm_osp.training.step import EncodedBatch, keyed_generator
 
 CFG = tiny_predictor_config(dict(TINY_PREDICTOR, num_layers=[1, 2, 1], final_block_text_params=True))
@@ -89,6 +90,14 @@ def test_teacher_target_is_an_explicit_guided_euler_integration_of_the_base():
         with torch.no_grad():
             want = (_explicit_guided_euler(base_model, enc, negative, x, segment) - x) / (segment[-1] - segment[0])
         torch.testing.assert_close(got, want, **TOL)
+    for key in range(4):  # the training point: noise, then i x M guided fine steps of the teacher
+        step, got = training_point(student, enc, negative, SCHEDULE, keyed_generator(key), torch.float32)
+        g = keyed_generator(key)
+        assert step == int(torch.randint(SCHEDULE.student_steps, (1,), generator=g))
+        noise = torch.randn(enc.latents.shape, generator=g)
+        path = torch.cat([SCHEDULE.teacher_segment(i)[:-1] for i in range(step)] + [sigmas[step:step + 1]])
+        with torch.no_grad():
+            torch.testing.assert_close(got, _explicit_guided_euler(base_model, enc, negative, noise, path), **TOL)
     # the adapters are back on after the teacher pass: the student's own velocity differs from the base's
     with torch.no_grad():
         t = torch.full((2,), 500.0)
