@@ -37,7 +37,7 @@ from .checkpointing import (CHECKPOINT_VERSION, LoadedCheckpoint, _all_ranks_ok,
                             _rng_state, _training_state, restore)
 from .dist_safe import COMMON_FILE, DCP_METADATA, read_common, read_dcp_metadata
 from .layout import DIST_MARKER, CheckpointError, CheckpointWriteError, iteration_dir, read_tracker, tracker_path
-from .manifest import FileDigest, file_digest, verify_files, write_manifest
+from .manifest import FileDigest, file_digest, read_manifest, verify_files, write_manifest
 from .reader import RankFile
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,12 @@ class PendingDistSave:
     def finalize(self) -> Path:
         """Checksums, then rank 0 writes the manifest, renames the folder to `iter_XXXXXXX` and moves the tracker;
         collective. A failure on any rank raises `CheckpointWriteError` on all, the tracker untouched."""
-        error, everyone = None, [{}]
+        error = None
         try:
             mine = self._digests()
         except OSError as exc:
             mine, error = {}, exc
+        everyone = [mine]
         if dist.is_initialized():
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
@@ -259,8 +260,6 @@ def _check_on_every_rank(it_dir: Path, verify: bool) -> tuple[dict, Any]:
     """(common state, DCP metadata) after checking every file against the manifest; if any rank fails, all
     raise instead of waiting for it."""
     try:
-        from .manifest import read_manifest
-
         if read_manifest(it_dir) is None:
             raise CheckpointError(f"{it_dir}: a torch_dist folder without manifest.json (not written by this package, "
                                   "or its save did not finish); refusing it")
@@ -307,17 +306,26 @@ def _template(metadata, model: nn.Module, lora: Optional[dict], with_optimizer: 
     return out
 
 
-def _restore_rng(state: dict, common: Mapping, dims: ParallelDims, it_dir: Path) -> None:
-    """Keep this rank's saved RNG states when the layout is the saving one; otherwise drop them (the loader then
-    reseeds, `_reseed`)."""
+def _same_layout(table: list, common: Mapping, dims: ParallelDims) -> bool:
+    """Whether the saved per-rank RNG table maps one to one onto this run's ranks."""
+    saved_cp = common.get("parallel", {}).get("context_parallel_size", dims.cp)
+    return (len(table) == dims.tp and all(len(row) == dims.world_size // dims.tp for row in table)
+            and saved_cp == dims.cp)
+
+
+def _take_rng(state: dict, common: Mapping, dims: ParallelDims, it_dir: Path) -> bool:
+    """Leave this rank's saved RNG states in `state` when the layout is the saving one; otherwise drop them and
+    return True (the caller reseeds, `_reseed`)."""
     table = state.pop("rng_state", None)
-    if table is not None and common.get("parallel") == _layout(dims):
+    if table is None:
+        return False
+    if _same_layout(table, common, dims):
         state["rng_state"] = table[dims.tp_rank]
-    elif table is not None:
-        logger.warning("%s: saved at %s, resumed at %s: the per-rank RNG states do not map onto the new ranks; "
-                       "the generators are reseeded from the saved --seed plus the iteration", it_dir,
-                       common.get("parallel"), _layout(dims))
-        state["reseed"] = True
+        return False
+    logger.warning("%s: saved at %s, resumed at %s: the per-rank RNG states do not map onto the new ranks; the "
+                   "generators are reseeded from the saved --seed plus the iteration", it_dir, common.get("parallel"),
+                   _layout(dims))
+    return True
 
 
 def _reseed(common: Mapping) -> None:
@@ -343,11 +351,10 @@ def load(it_dir: Path, model: nn.Module, optimizer=None, scheduler=None, *, clip
     if not with_optimizer:
         state.pop("optimizer", None)
     load_rng = not (finetune or no_load_rng)
-    if load_rng:
-        _restore_rng(state, common, dims, it_dir)
+    reseed = load_rng and _take_rng(state, common, dims, it_dir)
     loaded = restore(RankFile(it_dir, state), model, optimizer, scheduler, clip=clip, no_load_optim=no_load_optim,
                      finetune=finetune, load_rng=load_rng, strict=strict, lora=lora, dp_rank=dims.dp_cp_rank)
-    if state.get("reseed"):
+    if reseed:
         _reseed(common)
     return loaded
 

@@ -2,7 +2,9 @@
 schedule, adaptive clip), saved at TP=2:
 
 * read back at TP=1 x DP=2, the run holds exactly the saved model-space state (weights, EMA, Adam moments, fp32
-  masters, per-parameter step), schedule and clip state, bit for bit, and goes on training;
+  masters, per-parameter step), schedule and clip state, bit for bit, and goes on training; its generators are
+  reseeded from the saved seed plus the iteration, while a load at the saving layout gives each rank its own
+  RNG states back;
 * the converter's legacy -> torch_dist -> legacy round trip is bit-exact, and merging either format (with or
   without `--ema`) gives the same weights;
 * LoRA adapters and their optimizer state resume across the TP change, and the adapter checkpoint stays small.
@@ -74,15 +76,20 @@ def _state(run) -> dict:
 
 
 def _save_tp2(rank, world_size, root, lora, base):
-    from mindspeed_mm_osp.checkpoint import save_checkpoint
+    from mindspeed_mm_osp.checkpoint import load_checkpoint, save_checkpoint
 
     run = _build(lora, base)
     _train(run, 3)
     ddp, optimizer, scheduler, clip, meta = run
+    rng = torch.get_rng_state()
     for fmt in ("legacy", "torch_dist"):
         save_checkpoint(root / fmt, 3, ddp, optimizer, scheduler, clip=clip, consumed_train_samples=6,
                         args={"seed": 5}, lora=meta, ckpt_format=fmt)
-    return _state(run)
+    state = _state(run)
+    torch.rand(3)
+    load_checkpoint(root / "torch_dist", ddp, optimizer, scheduler, clip=clip, lora=meta)
+    assert torch.equal(torch.get_rng_state(), rng)  # the saving layout: each rank's own RNG states come back
+    return state
 
 
 def _load_tp1(rank, world_size, root, lora, base):
@@ -91,6 +98,8 @@ def _load_tp1(rank, world_size, root, lora, base):
     run = _build(lora, base)
     ddp, optimizer, scheduler, clip, meta = run
     loaded = load_checkpoint(root / "torch_dist", ddp, optimizer, scheduler, clip=clip, lora=meta)
+    # another layout: the generators are reseeded from the saved seed (5) plus the iteration (3)
+    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(8).get_state())
     state = _state(run)
     _train(run, 1)
     return loaded.iteration, loaded.consumed_train_samples, state
