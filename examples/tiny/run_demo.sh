@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The embedded end-to-end demo on CPU (a few minutes on 2 cores), everything under demo_out/:
 #   1. synthetic videos/images with captions; tiny random-weight WF-VAE, T5 and CLIP folders
-#   2. train the tiny SparseUMMDiT with TP=2 + sequence parallel on 2 CPU processes, save, stop
-#   3. resume from the checkpoint and train to the end
-#   4. merge the TP shards, taking the EMA weights
-#   5. generate a video from a prompt with the merged EMA weights
+#   2. train the tiny WF-VAE (data parallel on 2 CPU processes) and put its EMA weights where the model JSON
+#      expects the VAE; its reconstruction PSNR of a training clip is printed before and after
+#   3. train the tiny SparseUMMDiT on that VAE's latents with TP=2 + sequence parallel, save, stop
+#   4. resume from the checkpoint and train to the end
+#   5. merge the TP shards, taking the EMA weights
+#   6. generate a video from a prompt with the merged EMA weights
+#   7. one PNG side by side: training clip | VAE reconstruction, and the generated sample
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -13,11 +16,31 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPU
 OUT=demo_out
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples"
+VAE_ITERS=${VAE_ITERS:-150}  # about a minute on 2 CPU cores
+CLIP="$OUT/data/set3/r000.mp4"
+rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after"
 
-echo "== 1/5 synthetic dataset and tiny models"
+echo "== 1/7 synthetic dataset and tiny models"
 $PY -m mindspeed_mm_osp.tools.make_synthetic_dataset "$OUT/data" --overwrite
 $PY -m mindspeed_mm_osp.tools.make_tiny_models "$OUT/models" --overwrite
+
+# PSNR (dB) of the VAE that examples/tiny/model.json names, reconstructing $CLIP (side by side video in $1)
+recon_psnr() {
+  $PY -m mindspeed_mm_osp.tools.reconstruct_video --model-config examples/tiny/model.json --data "$CLIP" \
+    --num-frames 17 --size 64 128 --out "$1" | awk '$1 == "r000.mp4" {print $2}'
+}
+VAE_ARGS="--mm-data examples/tiny/vae_data.json --mm-model examples/tiny/vae_model.json \
+  --micro-batch-size 2 --global-batch-size 4 --train-iters $VAE_ITERS \
+  --lr 2e-3 --lr-warmup-iters 5 --lr-decay-style cosine --min-lr 1e-4 --weight-decay 0 \
+  --adam-beta1 0.5 --adam-beta2 0.9 --ema-decay 0.9 --seed 1234 --log-interval 25 \
+  --save $OUT/vae_ckpt --save-interval $VAE_ITERS"
+
+echo "== 2/7 train the tiny WF-VAE ($VAE_ITERS iterations, DP=2 on 2 CPU ranks)"
+BEFORE=$(recon_psnr "$OUT/recon_before")
+$TORCHRUN --standalone --nproc_per_node 2 pretrain.py $VAE_ARGS
+cp "$OUT/vae_ckpt/merged.ckpt" "$OUT/models/vae/merged.ckpt"  # the EMA, in the released layout
+AFTER=$(recon_psnr "$OUT/recon_after")
+echo "tiny WF-VAE reconstruction PSNR of $CLIP: $BEFORE dB before training, $AFTER dB after"
 
 TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
@@ -27,17 +50,23 @@ TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.jso
   --mm-valid-data examples/tiny/data.json --eval-interval $HALF --eval-iters 4 \
   --validation-prompts examples/tiny/validation_prompts.txt --validation-interval $ITERS"
 
-echo "== 2/5 train (TP=2 + SP, 2 CPU ranks), stop at iteration $HALF"
+echo "== 3/7 train the predictor (TP=2 + SP, 2 CPU ranks), stop at iteration $HALF"
 $TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --exit-interval $HALF
 
-echo "== 3/5 resume from $OUT/ckpt and train to iteration $ITERS"
+echo "== 4/7 resume from $OUT/ckpt and train to iteration $ITERS"
 $TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --load $OUT/ckpt
 
-echo "== 4/5 merge TP shards (EMA weights)"
+echo "== 5/7 merge TP shards (EMA weights)"
 $PY convert_mm_to_ckpt.py --load_dir $OUT/ckpt --save_dir $OUT/merged --ema
 
-echo "== 5/5 generate"
+echo "== 6/7 generate"
 $PY inference.py --config examples/tiny/inference.json --predictor-weights $OUT/merged/model_ema.safetensors \
   --save-path $OUT/samples --prompt "a white square moving over a grey background"
 ls -l $OUT/samples
-echo "demo finished: videos in $OUT/samples, checkpoints in $OUT/ckpt, merged weights in $OUT/merged"
+
+echo "== 7/7 side by side: $OUT/compare.png"
+SAMPLE=$(ls "$OUT"/samples/*.mp4 | head -n 1)
+$PY -m mindspeed_mm_osp.tools.compare_frames "$OUT/compare.png" \
+  --video "training clip | VAE reconstruction=$OUT/recon_after/r000.mp4" --video "generated sample=$SAMPLE"
+echo "tiny WF-VAE reconstruction PSNR: $BEFORE dB before training, $AFTER dB after"
+echo "demo finished: videos in $OUT/samples, checkpoints in $OUT/ckpt and $OUT/vae_ckpt, merged weights in $OUT/merged"
