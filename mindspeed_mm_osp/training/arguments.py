@@ -422,6 +422,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ArgumentError("--recom_ffn_layers needs --selective_recom (the reference applied it silently; we don't)")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.async_save and args.save is None:
+        raise ArgumentError("--async-save needs --save DIR (it changes how checkpoints are written)")
     _check_lora(args)
     _check_distill(args)
     _check_validation(args)

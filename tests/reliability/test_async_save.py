@@ -190,3 +190,12 @@ def test_async_torch_dist_save_equals_a_sync_one(micro_assets, tmp_path, straigh
         assert out["losses"] == straight["losses"]
     assert read_tracker(dirs["async"]) == SAVE_ITERS
     assert_same_training_state(full_state(dirs["async"]).state, full_state(dirs["sync"]).state)
+
+
+def test_async_save_without_save_is_a_flag_error(capsys):
+    from mindspeed_mm_osp.training.arguments import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "2", "--async-save"], world_size=1)
+    assert exit_info.value.code == 2
+    assert "--async-save needs --save DIR" in capsys.readouterr().err
