@@ -53,7 +53,7 @@ def _die_with(parent: int) -> None:
 def _write_and_report(write: Callable[[], tuple], send, parent: int) -> None:
     """The writer process: `write()` -> (result, error or None), sent back through `send`."""
     _die_with(parent)
-    torch.set_num_threads(1)  # the intra-op pool of the rank it was forked from is not usable here
+    torch.set_num_threads(1)  # no OpenMP pool in a forked process: OpenMP is not fork-safe
     result, error = write()
     try:
         pickle.dumps(error)

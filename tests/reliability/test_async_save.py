@@ -19,7 +19,7 @@ from mindspeed_mm_osp.checkpoint.layout import CheckpointWriteError, iteration_d
 from mindspeed_mm_osp.checkpoint.reader import read_checkpoint
 from mindspeed_mm_osp.testing import run_distributed
 from reliability_harness import SAVE_ITERS, assert_same_training_state, check_survived, load_file, log, run_ranks
-from reliability_harness import start_ranks, train, train_argv
+from reliability_harness import cli_main, start_ranks, train, train_argv
 from test_disk_errors import _faulty_run
 
 pytestmark = pytest.mark.slow
@@ -199,3 +199,21 @@ def test_async_save_without_save_is_a_flag_error(capsys):
         parse_args(["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "2", "--async-save"], world_size=1)
     assert exit_info.value.code == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
+
+
+def _cli(rank: int, world_size: int, argv: list[str]) -> dict:
+    return cli_main(argv)
+
+
+def test_a_stop_on_skipped_steps_publishes_the_pending_save(micro_assets, tmp_path):
+    """Too many skipped steps: the last good state is saved in the background and published before the exit."""
+    save_dir = tmp_path / "ckpt"
+    argv = _argv(micro_assets, save_dir, "--async-save", "--inject-nonfinite-grad", "2:nan,3:nan",
+                 "--max-consecutive-skips", "2", iters=6)
+    ok, out = run_ranks(_cli, 1, argv)[0]
+    assert ok and out["code"] == 3, out
+    assert "the last good state was saved at iteration 3" in out["stderr"]
+    assert read_tracker(save_dir) == 3
+    read_checkpoint(save_dir, 3, verify=True)
+    stopped, good = load_file(model_file(save_dir, 3, 0)), load_file(model_file(save_dir, 1, 0))
+    assert_same_training_state({**stopped, "clip_state": None}, {**good, "clip_state": None})
