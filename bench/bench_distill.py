@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -198,6 +197,23 @@ def _random_teacher(model_json: Path, out: Path, predictor: dict) -> tuple[Path,
     return path, out / "teacher.safetensors"
 
 
+def _demo_configs(models: Path, out: Path) -> dict:
+    """The tiny demo's data and model JSONs on the models in `models` and a fresh copy of its synthetic data set
+    (the generator is deterministic), so that the run reads nothing another job may rewrite under ./demo_out."""
+    from mindspeed_mm_osp.testing import tiny_model_config
+    from mindspeed_mm_osp.tools.make_synthetic_dataset import make_synthetic_dataset
+
+    data = json.loads((ROOT / "examples/tiny/data.json").read_text())
+    param = data["dataset_param"]
+    param["basic_parameters"]["data_path"] = str(make_synthetic_dataset(out / "data").data_txt)
+    param["tokenizer_config"]["from_pretrained"] = str(models / "t5")
+    param["tokenizer_config_2"]["from_pretrained"] = str(models / "clip")
+    (out / "data.json").write_text(json.dumps(data, indent=1))
+    model = tiny_model_config({"vae": models / "vae" / "merged.ckpt", "t5": models / "t5", "clip": models / "clip"})
+    (out / "model.json").write_text(json.dumps(model, indent=1))
+    return {"data": out / "data.json", "model": out / "model.json"}
+
+
 def teachers(quick: bool, demo: Path, out: Path) -> dict:
     """Name -> the files a teacher's run reads (data and model JSON, teacher weights, inference JSON)."""
     if quick:
@@ -212,10 +228,10 @@ def teachers(quick: bool, demo: Path, out: Path) -> dict:
     if not weights.is_file():
         raise SystemExit(f"bench_distill.py: no {weights}: run examples/tiny/run_demo.sh first (it trains the teacher)")
     wide = {"head_dim": 64}  # 4 heads x 64 = width 256
-    (out / "w256").mkdir(parents=True, exist_ok=True)
-    model, wide_weights = _random_teacher(ROOT / "examples/tiny/model.json", out / "w256", wide)
-    demo_files = dict(data=ROOT / "examples/tiny/data.json", model=ROOT / "examples/tiny/model.json", teacher=weights,
+    demo_files = dict(_demo_configs(demo / "models", out), teacher=weights,
                       inference=_inference_json(demo / "models", out, {}))
+    (out / "w256").mkdir(parents=True, exist_ok=True)
+    model, wide_weights = _random_teacher(demo_files["model"], out / "w256", wide)
     return {"tiny-demo": demo_files,
             "w256": dict(demo_files, model=model, teacher=wide_weights,
                          inference=_inference_json(demo / "models", out / "w256", wide))}
@@ -226,12 +242,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a random tiny teacher, a few iterations (CPU, ~2 min)")
     p.add_argument("--iters", type=int, default=None, help="distillation iterations per student (default 300; "
                                                            "quick: 6)")
-    p.add_argument("--demo-dir", type=Path, default=ROOT / "demo_out", help="where run_demo.sh wrote its outputs")
+    p.add_argument("--demo-dir", type=Path, default=ROOT / "demo_out",
+                   help="where run_demo.sh wrote its outputs (its models/ and merged/ are read)")
     p.add_argument("--teacher", choices=["tiny-demo", "w256"], action="append", default=None,
                    help="run only this teacher (repeatable; default: both)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
-    os.chdir(ROOT)  # the tiny JSONs name ./demo_out/... relative to the repository
     iters = args.iters or (6 if args.quick else 300)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
