@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from ..errors import UserError, check_input_path, check_ranges, entry_point
 from ..io_atomic import atomic_write
 
-LABEL_WIDTH = 150
+LABEL_WIDTH = 240
 GAP = 4
 RANGES = {"--frames": dict(low=1, high=64), "--height": dict(low=8, high=2048)}
 
