@@ -23,6 +23,7 @@ format.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -50,10 +51,15 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _write_and_report(write: Callable[[], tuple], send, parent: int) -> None:
-    """The writer process: `write()` -> (result, error or None), sent back through `send`."""
+def _in_writer(async_fn: Callable, parent: int, *args, **kwargs):
+    """Run a request's `async_fn` in the forked writer process, which dies with its rank."""
     _die_with(parent)
     torch.set_num_threads(1)  # no OpenMP pool in a forked process: OpenMP is not fork-safe
+    return async_fn(*args, **kwargs)
+
+
+def _write_and_report(write: Callable[[], tuple], send) -> None:
+    """The writer process: `write()` -> (result, error or None), sent back through `send`."""
     result, error = write()
     try:
         pickle.dumps(error)
@@ -77,7 +83,7 @@ def local_request(write: Callable[[], tuple], finalize: Callable[..., object]) -
             send.close()
         finalize(result, error)
 
-    return AsyncRequest(_write_and_report, (write, send, os.getpid()), [finish])
+    return AsyncRequest(_write_and_report, (write, send), [finish])
 
 
 class AsyncSaves:
@@ -99,6 +105,8 @@ class AsyncSaves:
         if self._iteration is not None:
             raise RuntimeError(f"checkpoint iteration {self._iteration} is still in flight: wait() first")
         t0 = time.monotonic()
+        if request.async_fn is not None:
+            request = request._replace(async_fn=functools.partial(_in_writer, request.async_fn, os.getpid()))
         self._queue.schedule_async_request(request)
         self._iteration, self._started = iteration, time.monotonic()
         logger.info("checkpoint iteration %s: training paused %.3f s for the save (%.3f s of it waiting for the "
