@@ -229,9 +229,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> InferenceArgs:
     return InferenceArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(InferenceArgs)})
 
 
-def build_config(args: InferenceArgs) -> InferenceConfig:
-    """The JSON with the command-line overrides applied, validated again as a whole."""
+def build_config(args: InferenceArgs, diffusion_defaults: Optional[dict] = None) -> InferenceConfig:
+    """The JSON with the command-line overrides applied, validated again as a whole. `diffusion_defaults` (a
+    distilled student's schedule, `diffusion.student`) replace the JSON's `diffusion` keys before the flags do."""
     data = to_dict(load_inference_config(args.config))
+    data["diffusion"].update(diffusion_defaults or {})
     top = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
            "save_path": args.save_path, "weight_dtype": args.weight_dtype}
     data.update({k: v for k, v in top.items() if v is not None})

@@ -31,7 +31,7 @@ from .conditioning import InpaintCondition, condition_pixels, condition_report
 from .editing import EditSource, edit_pixels
 from .pipeline import TextConditioner, denoise, initial_noise, load_latents, load_prompts, save_latents
 from .ranks import Ranks, init_parallel, release_parallel
-from .weights import student_config
+from .weights import recorded_student
 
 logger = logging.getLogger("mindspeed_mm_osp.inference")
 
@@ -94,7 +94,7 @@ class InferenceRunner:
     def __init__(self, args: InferenceArgs):
         self.args = args
         self.request = args.condition_request()
-        self.student = None  # the distilled student's schedule (`weights.student_config`), once set up
+        self.student = None  # the distilled student's schedule (`weights.recorded_student`), once set up
         self.edit = args.edit_request()
         self.state: Optional[RunState] = None
 
@@ -115,7 +115,10 @@ class InferenceRunner:
     def setup(self) -> None:
         """The JSON merged with the flags, then this rank's process groups."""
         args = self.args
-        cfg, self.student = student_config(args, build_config(args))
+        cfg = build_config(args)
+        self.student = recorded_student(args.predictor_weights or cfg.predictor.from_pretrained, args.lora)
+        if self.student is not None:  # its schedule, unless the flags say otherwise
+            cfg = build_config(args, self.student.diffusion_overrides())
         acc = cfg.acceleration
         ranks, owned = init_parallel(args.tp, args.cp, cfg.seed, acc.cfg_parallel, acc.parallel_vae_decode)
         self.state = RunState(cfg, ranks, owned)

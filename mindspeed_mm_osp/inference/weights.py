@@ -64,26 +64,21 @@ def _recorded_student(weights: Optional[str], lora: Optional[str]) -> tuple[Opti
     return None, ""
 
 
-def student_config(args, cfg):
-    """(`cfg`, None), or for a distilled student's weights or adapters (cfg sampling on the student's schedule,
-    the `StudentSchedule`): K steps on its shift with CFG off by default; flags given explicitly still win."""
-    from ..config import InferenceConfig, from_dict, to_dict
+def recorded_student(weights: Optional[str], lora: Optional[str]):
+    """The `StudentSchedule` a distilled student's adapter checkpoint (`lora`) or merged weights file records, else
+    None; logged, since it changes the sampler's defaults (K steps on its shift, CFG off)."""
     from ..diffusion.student import StudentSchedule
 
-    record, source = _recorded_student(args.predictor_weights or cfg.predictor.from_pretrained, args.lora)
+    record, source = _recorded_student(weights, lora)
     if record is None:
-        return cfg, None
+        return None
     try:
         student = StudentSchedule.from_record(record, source)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
-    flags = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-             "guidance_rescale": args.guidance_rescale, "shift": args.shift}
-    data = to_dict(cfg)
-    data["diffusion"].update({k: v for k, v in student.diffusion_overrides().items() if flags.get(k) is None})
     logger.info("distilled student (%s): %d steps on shift %s, guidance %s folded in", source,
                 student.student_steps, student.shift, student.guidance_scale)
-    return from_dict(InferenceConfig, data, file=f"{args.config} + {source}"), student
+    return student
 
 
-__all__ = ["apply_adapters", "student_config"]
+__all__ = ["apply_adapters", "recorded_student"]
