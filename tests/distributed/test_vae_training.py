@@ -131,6 +131,13 @@ def test_resume_3_plus_3_equals_6_with_discriminator(vae_assets, tmp_path):
     for name, p in vae.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), ema_b[name]), name
+    # So does the converter's EMA export of the training checkpoint.
+    from mindspeed_mm_osp.checkpoint.convert import main as convert
+
+    convert(["--load_dir", str(split), "--save_dir", str(tmp_path / "merged"), "--ema"])
+    vae = WFVAE(from_dict(AEConfig, vae_assets["ae"], path="ae"))
+    load_wfvae_checkpoint(vae, tmp_path / "merged" / "model_ema.safetensors")
+    assert all(torch.equal(p.detach(), ema_b[n]) for n, p in vae.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.slow
