@@ -58,7 +58,7 @@ def distill_student(files: dict, steps: int, iters: int, out: Path) -> tuple[Pat
 
     ckpt = out / f"student{steps}_ckpt"
     argv = ["--mm-data", str(files["data"]), "--mm-model", str(files["model"]), "--micro-batch-size", "1",
-            "--train-iters", str(iters), "--lr", "1e-3", "--lr-warmup-iters", "5", "--weight-decay", "0",
+            "--train-iters", str(iters), "--train-epochs", "1000", "--lr", "1e-3", "--lr-warmup-iters", "5", "--weight-decay", "0",
             "--clip-grad", "1.0", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
             "--load", str(files["teacher"]), "--lora-r", "16", "--lora-alpha", "16", "--save", str(ckpt),
             "--distill", "trajectory", "--distill-student-steps", str(steps),

@@ -21,7 +21,7 @@ rm -rf "$OUT/distill_ckpt" "$OUT/student" "$OUT/distill_samples"
 
 TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
-  --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS \
+  --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS --train-epochs 10 \
   --lr 1e-3 --lr-warmup-iters 4 --weight-decay 0 --clip-grad 1.0 --ema-decay 0.9 --seed 4321 --log-interval 5 \
   --load $BASE --lora-r 16 --lora-alpha 16 \
   --distill trajectory --distill-student-steps 4 --distill-teacher-substeps 6 \
