@@ -63,8 +63,9 @@ def reconstruction_psnr(model, videos: list[torch.Tensor]) -> float:
     from ..models.ae.wfvae import split_posterior
 
     scores = []
+    device = next(model.parameters()).device
     for video in videos:
-        recon = model.decode(split_posterior(model.encode(video))[0])
+        recon = model.decode(split_posterior(model.encode(video.to(device)))[0]).cpu()
         scores += [psnr(to_uint8_range(a), to_uint8_range(b)) for a, b in zip(video, recon)]
     return sum(scores) / len(scores)
 

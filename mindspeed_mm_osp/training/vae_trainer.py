@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import platform
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..checkpoint.layout import iteration_dir
 from ..config import load_data_config
@@ -100,8 +101,8 @@ class GAN:
 
     def __init__(self, cfg: VAETrainingConfig, args: TrainingArgs, settings: OptimizerSettings):
         loss = cfg.loss
-        self.ddp = wrap_ddp(_with_ddp_config(PatchDiscriminator3D(loss.discriminator_channels,
-                                                                  loss.discriminator_layers)), args)
+        disc = PatchDiscriminator3D(loss.discriminator_channels, loss.discriminator_layers).to(platform.device())
+        self.ddp = wrap_ddp(_with_ddp_config(disc), args)
         lr = loss.discriminator_lr or settings.lr
         warm = args.lr_warmup_iters or args.lr_warmup_fraction
         disc = dataclasses.replace(settings, lr=lr, min_lr=min(settings.min_lr, lr), ema_decay=0.0,
@@ -149,7 +150,7 @@ class VAETrainer:
         self.data_cfg = load_data_config(args.mm_data)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)  # the same init on every DP rank
-            self.vae = build_wfvae(self.cfg, args.mm_model)
+            self.vae = build_wfvae(self.cfg, args.mm_model).to(platform.device())
             self.ddp = wrap_ddp(_with_ddp_config(self.vae), args)
             settings = OptimizerSettings.from_args(args, bf16=False)
             self.optimizer = build_optimizer(self.ddp, settings)
@@ -171,7 +172,7 @@ class VAETrainer:
         loss = self.cfg.loss
         if loss.perceptual_weight > 0 and loss.perceptual_weights_path:
             logger.info("perceptual loss on, backbone weights from %s", loss.perceptual_weights_path)
-            return PerceptualLoss(loss.perceptual_weights_path)
+            return PerceptualLoss(loss.perceptual_weights_path).to(platform.device())
         if loss.perceptual_weight > 0:
             logger.info("perceptual loss off: loss.perceptual_weights_path is not set (it needs a local backbone "
                         "weights file, docs/vae_training.md)")
@@ -210,7 +211,7 @@ class VAETrainer:
     def train_step(self) -> StepOutcome:
         """Generator micro-batches, grad reduce, clip and step; then the discriminator. StopIteration: no data."""
         t0 = time.monotonic()
-        videos = [next(self.loader_iter).video for _ in range(self.args.num_microbatches)]
+        videos = [next(self.loader_iter).video.to(platform.device()) for _ in range(self.args.num_microbatches)]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         gan = self.gan if self.gan is not None and self.state.iteration >= self.cfg.loss.discriminator_start else None
@@ -237,7 +238,7 @@ class VAETrainer:
         first = self.state.consumed_samples + (micro * dims.dp + dims.dp_rank) * args.micro_batch_size
         z, t, h, w = self.cfg.ae.latent_dim, (video.shape[2] - 1) // 8 + 1, video.shape[3] // 8, video.shape[4] // 8
         noise = posterior_noise((video.shape[0], z, t, h, w), seed=args.seed, first_sample=first)
-        out = self.ddp(video, noise)
+        out = self.ddp(video, noise.to(video.device))
         loss = generator_loss(self.cfg.loss, video, out, perceptual=self.perceptual,
                               discriminator=gan.ddp if gan is not None else None,
                               last_layer=self.vae.decoder.conv_out.weight)
