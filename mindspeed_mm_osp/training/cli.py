@@ -90,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except TrainingStopped as e:
         print(f"pretrain.py: stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    except UserError:
+        raise  # the boundary prints it, once
     except Exception as e:
         logging.getLogger("mindspeed_mm_osp.train").error("error: %s", e)
         raise
