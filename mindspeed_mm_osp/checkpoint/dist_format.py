@@ -336,17 +336,27 @@ def _reseed(common: Mapping) -> None:
     set_seed(int(args.get("seed", 1234)) + int(common.get("iteration", 0)))
 
 
+def _read_pieces(template: dict, it_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors `template` asks for, read by megatron's torch_dist loader (DCP resharding underneath). Its call
+    of DCP's deprecated `load_state_dict` alias warns on every load; that warning is megatron's to fix."""
+    import warnings
+
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+        return TorchDistLoadShardedStrategy().load(template, it_dir)
+
+
 def load(it_dir: Path, model: nn.Module, optimizer=None, scheduler=None, *, clip=None, no_load_optim: bool = False,
          no_load_rng: bool = False, finetune: bool = False, strict: bool = True, lora: Optional[dict] = None,
          dims: Optional[ParallelDims] = None, verify: bool = False) -> LoadedCheckpoint:
     """`checkpointing.load_checkpoint` of one torch_dist iteration folder, at this run's layout; collective."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-
     dims = dims or ParallelDims.current()
     common, metadata = _check_on_every_rank(it_dir, verify)
     with_optimizer = optimizer is not None and not (finetune or no_load_optim)
     template = _template(metadata, model, lora, with_optimizer, dims, it_dir)
-    tensors = TorchDistLoadShardedStrategy().load(template, it_dir) if template else {}
+    tensors = _read_pieces(template, it_dir) if template else {}
     state = join_payload(tensors, common)
     if not with_optimizer:
         state.pop("optimizer", None)
@@ -381,13 +391,12 @@ def one_process_group() -> Iterator[None]:
 def read_full(it_dir: Path, verify: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(every tensor at its global shape, common state) of a torch_dist iteration folder, in one process."""
     from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     with one_process_group():
         common, metadata = _check_on_every_rank(it_dir, verify)
         template = {key: ShardedTensor.from_rank_offsets(key, torch.empty(tuple(m.size), dtype=m.properties.dtype))
                     for key, m in metadata.state_dict_metadata.items()}
-        return TorchDistLoadShardedStrategy().load(template, it_dir), common
+        return _read_pieces(template, it_dir), common
 
 
 def write_full(save_dir: Path | str, iteration: int | str, tensors: Mapping[str, torch.Tensor], common: dict) -> Path:
