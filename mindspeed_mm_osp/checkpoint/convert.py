@@ -101,7 +101,7 @@ def merge_checkpoint(load_dir: Path | str, *, ema: bool = False, iteration: Opti
                      verify: bool = False) -> MergedCheckpoint:
     """Merged `model` (or `ema_model`) of one iteration (the tracker's by default) of either format; `verify`:
     check the files' checksums against the manifest."""
-    return full_state(load_dir, iteration, verify).merged("ema_model" if ema else "model")
+    return full_state(load_dir, iteration, verify, weights_only=True).merged("ema_model" if ema else "model")
 
 
 @dataclass(frozen=True)
@@ -132,13 +132,15 @@ def _merge_optimizer(saved: Sequence[Mapping], names: Sequence[str]) -> dict:
     return {"format": saved[0]["format"], "param_groups": saved[0]["param_groups"], "state": state}
 
 
-def _legacy_full(source: SavedCheckpoint) -> FullCheckpoint:
+def _legacy_full(source: SavedCheckpoint, weights_only: bool) -> FullCheckpoint:
     names = [str(f) for f in source.files]
     first = source.ranks[0].state
     state = {k: v for k, v in first.items() if k not in ("model", "ema_model", "optimizer", "rng_state")}
     state["model"] = merge_entry(source, "model").state_dict
     if source.has("ema_model"):
         state["ema_model"] = merge_entry(source, "ema_model").state_dict
+    if weights_only:
+        return FullCheckpoint(state, source.directory, source.iteration, source.tp_size)
     if source.has("optimizer"):
         state["optimizer"] = _merge_optimizer([rank.state["optimizer"] for rank in source.ranks], names)
     if source.has("rng_state"):
@@ -157,12 +159,17 @@ def _locate(load_dir: Path | str, iteration: Optional[int | str]) -> tuple[Path,
     return locate_iteration(load_dir, iteration)
 
 
-def full_state(load_dir: Path | str, iteration: Optional[int | str] = None, verify: bool = False) -> FullCheckpoint:
-    """One iteration (the tracker's by default) of a legacy or torch_dist checkpoint, as one whole."""
+def full_state(load_dir: Path | str, iteration: Optional[int | str] = None, verify: bool = False,
+               weights_only: bool = False) -> FullCheckpoint:
+    """One iteration (the tracker's by default) of a legacy or torch_dist checkpoint, as one whole; with
+    `weights_only`, `model` and `ema_model` without the optimizer state and RNG states (merges, weights)."""
     it_dir, found = _locate(load_dir, iteration)
     if not is_dist_iteration(it_dir):
-        return _legacy_full(read_checkpoint(it_dir.parent, found, verify))
-    tensors, common = dist_format.read_full(it_dir, verify)
+        return _legacy_full(read_checkpoint(it_dir.parent, found, verify), weights_only)
+    tensors, common = dist_format.read_full(it_dir, verify, ("model", "ema_model") if weights_only else
+                                            dist_format.SECTIONS)
+    if weights_only:
+        common = {k: v for k, v in common.items() if k not in ("optimizer", "rng_state")}
     state = dist_format.join_payload(tensors, common)
     return FullCheckpoint(state, it_dir, found, int(common.get("parallel", {}).get("tensor_model_parallel_size", 1)))
 
@@ -297,7 +304,7 @@ def merge_lora_checkpoint(load_dir: Path | str, base: Path | str, *, ema: bool =
     """
     from ..models.lora import check_base_weights, merge_lora, recorded_config
 
-    source = full_state(load_dir, iteration, verify)
+    source = full_state(load_dir, iteration, verify, weights_only=True)
     lora = source.state.get("lora")
     if lora is None:
         raise CheckpointError(f"{source.directory}: no 'lora' entry, not a LoRA adapter checkpoint (drop --lora-merge "
@@ -388,7 +395,7 @@ def _convert(args: argparse.Namespace) -> list[Path]:
     if load.is_file():
         it = args.iteration if args.iteration is not None else _merged_file_iteration(load)
         return save_split_checkpoint(load_weights(load, verify), args.save_dir, args.target_tp, it, source=str(load))
-    full = full_state(load, args.iteration, verify)
+    full = full_state(load, args.iteration, verify, weights_only=True)
     # Without an EMA in the source, the EMA restarts from the weights.
     return save_split_checkpoint(full.state["model"], args.save_dir, args.target_tp, full.iteration,
                                  full.state.get("ema_model"), source=str(full.directory))

@@ -388,15 +388,17 @@ def one_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def read_full(it_dir: Path, verify: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """(every tensor at its global shape, common state) of a torch_dist iteration folder, in one process."""
+def read_full(it_dir: Path, verify: bool = False, sections: tuple[str, ...] = SECTIONS
+              ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every tensor of `sections` at its global shape, common state) of a torch_dist iteration folder, in one
+    process."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     with one_process_group():
         common, metadata = _check_on_every_rank(it_dir, verify)
         template = {key: ShardedTensor.from_rank_offsets(key, torch.empty(tuple(m.size), dtype=m.properties.dtype))
-                    for key, m in metadata.state_dict_metadata.items()}
-        return _read_pieces(template, it_dir), common
+                    for key, m in metadata.state_dict_metadata.items() if key.partition("/")[0] in sections}
+        return _read_pieces(template, it_dir) if template else {}, common
 
 
 def write_full(save_dir: Path | str, iteration: int | str, tensors: Mapping[str, torch.Tensor], common: dict) -> Path:

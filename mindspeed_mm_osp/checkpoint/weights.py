@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .convert import merge_entry
+from .convert import full_state
 from .layout import MODEL_FILE, CheckpointError
-from .reader import load_weights_shard, read_checkpoint
+from .reader import load_weights_shard
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +24,14 @@ def load_predictor_shard(path: Path | str, tp_rank: int, tp_size: int, verify: b
 
     path = Path(path)
     if path.is_dir():
-        source = read_checkpoint(path, verify=verify)
-        if source.lora is not None:
+        source = full_state(path, verify=verify, weights_only=True)  # legacy or torch_dist
+        if source.state.get("lora") is not None:
             raise CheckpointError(f"{path}: holds LoRA adapters only, not base weights; give the base weights here "
                                   "and the adapters with --lora (inference) or --lora-load (training)")
-        key = "ema_model" if source.has("ema_model") else "model"
+        key = "ema_model" if "ema_model" in source.state else "model"
         if key == "model":
             logger.warning("%s has no EMA weights; using the model weights", path)
-        return shard_state_dict(merge_entry(source, key).state_dict, tp_rank, tp_size)
+        return shard_state_dict(source.merged(key).state_dict, tp_rank, tp_size)
     if path.name == MODEL_FILE:
         raise CheckpointError(f"{path}: one TP shard of a training checkpoint; pass its checkpoint folder instead")
     return load_weights_shard(path, tp_rank, tp_size, verify)
@@ -44,11 +44,11 @@ def load_predictor_weights(path: Path | str, verify: bool = False) -> dict[str, 
 
 def load_lora_adapters(path: Path | str, verify: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(LoRA metadata, adapters merged over their TP ranks) of an adapter checkpoint (root or one iteration)."""
-    source = read_checkpoint(path, verify=verify)
-    if source.lora is None:
-        raise CheckpointError(f"{source.files[0]}: no 'lora' entry, not a LoRA adapter checkpoint; pass full weights "
+    source = full_state(path, verify=verify, weights_only=True)  # legacy or torch_dist
+    if source.state.get("lora") is None:
+        raise CheckpointError(f"{source.directory}: no 'lora' entry, not a LoRA adapter checkpoint; pass full weights "
                               "with --predictor-weights")
-    return source.lora, merge_entry(source, "model").state_dict
+    return source.state["lora"], source.merged("model").state_dict
 
 
 __all__ = ["load_lora_adapters", "load_predictor_shard", "load_predictor_weights"]

@@ -6,7 +6,7 @@ schedule, adaptive clip), saved at TP=2:
   reseeded from the saved seed plus the iteration, while a load at the saving layout gives each rank its own
   RNG states back;
 * the converter's legacy -> torch_dist -> legacy round trip is bit-exact, and merging either format (with or
-  without `--ema`) gives the same weights;
+  without `--ema`) gives the same weights, as do the runtime loaders (inference, LoRA base and adapters);
 * LoRA adapters and their optimizer state resume across the TP change, and the adapter checkpoint stays small.
 """
 
@@ -181,3 +181,8 @@ def test_converter_round_trip_is_bit_exact_and_merges_agree(saved, tmp_path):
         _assert_equal(_load(tmp_path / "merged" / "model_ema.pt"), convert.merge_checkpoint(root / "legacy", ema=True)
                       .state_dict)
     assert (iteration_dir(tmp_path / "dist", 3) / "manifest.json").is_file()
+    # runtime weights (inference, a LoRA base, --lora adapters) from a folder of either format
+    from mindspeed_mm_osp.checkpoint.weights import load_lora_adapters, load_predictor_weights
+
+    read = load_lora_adapters if lora else load_predictor_weights
+    _assert_equal(read(root / "torch_dist"), read(root / "legacy"))
