@@ -139,13 +139,14 @@ def mean_psnr(videos: torch.Tensor, targets: torch.Tensor) -> float:
     return sum(min(v, 99.0) for v in values) / len(values)
 
 
-def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[str]) -> dict:
+def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[str],
+                  students: tuple[int, ...] = STUDENTS) -> dict:
     """The table rows of one teacher: PSNR against its 50 steps and seconds per video of every sampler."""
     out.mkdir(parents=True, exist_ok=True)
     samplers = {f"teacher-{steps}": (files["teacher"], "--num-inference-steps", str(steps))
                 for steps in (TEACHER_STEPS, *STUDENTS)}
     losses = {}
-    for steps in STUDENTS:
+    for steps in students:
         weights, losses[steps] = distill_student(files, steps, iters, out)
         samplers[f"student-{steps}"] = (weights,)
     videos = {}
@@ -246,6 +247,8 @@ def main() -> None:
                    help="where run_demo.sh wrote its outputs (its models/ and merged/ are read)")
     p.add_argument("--teacher", choices=["tiny-demo", "w256"], action="append", default=None,
                    help="run only this teacher (repeatable; default: both)")
+    p.add_argument("--students", type=int, nargs="+", choices=STUDENTS, default=list(STUDENTS),
+                   help="student step counts to distil")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     iters = args.iters or (6 if args.quick else 300)
@@ -254,7 +257,8 @@ def main() -> None:
         for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp)).items():
             if args.teacher and name not in args.teacher:
                 continue
-            result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS)
+            result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS,
+                                   tuple(args.students))
             results.append(result)
             print(json.dumps(result, indent=1), flush=True)
     for r in results:
