@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPU
 OUT=demo_out
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-VAE_ITERS=${VAE_ITERS:-150}  # about a minute on 2 CPU cores
+VAE_ITERS=${VAE_ITERS:-400}  # about a minute on 2 CPU cores
 CLIP="$OUT/data/set3/r000.mp4"
 rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after"
 
@@ -30,7 +30,7 @@ recon_psnr() {
     --num-frames 17 --size 64 128 --out "$1" | awk '$1 == "r000.mp4" {print $2}'
 }
 VAE_ARGS="--mm-data examples/tiny/vae_data.json --mm-model examples/tiny/vae_model.json \
-  --micro-batch-size 2 --global-batch-size 4 --train-iters $VAE_ITERS \
+  --micro-batch-size 1 --global-batch-size 2 --train-iters $VAE_ITERS \
   --lr 2e-3 --lr-warmup-iters 5 --lr-decay-style cosine --min-lr 1e-4 --weight-decay 0 \
   --adam-beta1 0.5 --adam-beta2 0.9 --ema-decay 0.9 --seed 1234 --log-interval 25 \
   --save $OUT/vae_ckpt --save-interval $VAE_ITERS"
