@@ -88,7 +88,7 @@ def _set_numpy_state(state) -> None:
     np.random.set_state(state)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
@@ -101,7 +101,7 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
@@ -114,7 +114,7 @@ def _set_rng_state(state: dict) -> None:
 
 def _gather_rng_states(dims: ParallelDims) -> list[dict]:
     """Every DP x CP replica's RNG states (they differ), gathered to the rank that writes the file."""
-    mine = _rng_state()
+    mine = rng_state()
     if not dims.distributed:
         return [mine]
     states: list = [None] * dist.get_world_size(dims.dp_cp_group)
@@ -365,7 +365,7 @@ def _restore_training_state(model: nn.Module, saved: RankFile, optimizer, schedu
             clip.load_state_dict(state["clip_state"])
     if load_rng and "rng_state" in state:
         rng = state["rng_state"]
-        _set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
+        set_rng_state(rng[dp_rank] if dp_rank < len(rng) else rng[0])
 
 
 def _read_on_every_rank(load_dir: Path, iteration: int | str, tp_rank: int, tp_size: int,

@@ -34,7 +34,7 @@ from ..models.wrappers import unwrap
 from ..parallel import ParallelDims
 from .async_save import AsyncSaves
 from .checkpointing import (CHECKPOINT_VERSION, LoadedCheckpoint, _all_ranks_ok, _model_state, _named, _plain,
-                            _rng_state, _training_state, restore)
+                            rng_state, _training_state, restore)
 from .dist_safe import COMMON_FILE, DCP_METADATA, read_common, read_dcp_metadata
 from .layout import DIST_MARKER, CheckpointError, CheckpointWriteError, iteration_dir, read_tracker, tracker_path
 from .manifest import FileDigest, file_digest, read_manifest, verify_files, write_manifest
@@ -160,7 +160,7 @@ class PendingDistSave:
 
 def _gather_rng(dims: ParallelDims) -> list[list[dict]]:
     """Every rank's RNG states as `[tp_rank][dp_cp_rank]`; collective."""
-    mine = (dims.tp_rank, dims.dp_cp_rank, _rng_state())
+    mine = (dims.tp_rank, dims.dp_cp_rank, rng_state())
     everyone = [mine]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()

@@ -43,13 +43,13 @@ PROMPT_VERSION = "v1.5"  # the prompt template of Open-Sora Plan v1.5 (models.te
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Every generator the training stream draws from (those a checkpoint saves) is as before when the block ends."""
-    from ..checkpoint.checkpointing import _rng_state, _set_rng_state
+    from ..checkpoint.checkpointing import rng_state, set_rng_state
 
-    state = _rng_state()
+    state = rng_state()
     try:
         yield
     finally:
-        _set_rng_state(state)
+        set_rng_state(state)
 
 
 @contextlib.contextmanager
