@@ -1,6 +1,7 @@
 """`pretrain.py --distill trajectory` through the real trainer on the tiny models, TP=2 + SP: only the adapters
-change (the base stays bit-identical), 3 + 3 resumed iterations equal 6 bit for bit, the merged student samples
-as the unmerged one, on its own schedule with CFG off, and its sampler at TP=2 equals TP=1."""
+change (the base stays bit-identical), 3 + 3 resumed iterations equal 6 bit for bit, CP=2 and TP=2 + SP train as
+one rank does, the merged student samples as the unmerged one, on its own schedule with CFG off, and its sampler
+at TP=2 equals TP=1."""
 
 import json
 
@@ -31,12 +32,12 @@ def teacher(tiny_assets, tmp_path_factory):
     return path
 
 
-def _argv(assets, base, *extra, iters):
+def _argv(assets, base, *extra, iters, layout=TP2_SP):
     return ["--mm-data", str(assets["data_json"]), "--mm-model", str(assets["model_json"]), "--micro-batch-size", "1",
             "--train-iters", str(iters), "--lr", "1e-3", "--clip-grad", "1.0", "--seed", "1234", "--ema-decay", "0.9",
             "--load", str(base), "--lora-r", "4", "--lora-alpha", "8", "--distill", "trajectory",
             "--distill-student-steps", "2", "--distill-teacher-substeps", "2", "--distill-shift", "3",
-            "--distill-guidance-scale", "4", "--distill-guidance-rescale", "0.7", *TP2_SP, *extra]
+            "--distill-guidance-scale", "4", "--distill-guidance-rescale", "0.7", *layout, *extra]
 
 
 def _train(rank, world_size, argv, base_path):
@@ -117,3 +118,12 @@ def test_merged_student_samples_as_unmerged_on_its_schedule_at_tp1_and_tp2(tiny_
     assert got["teacher"].record["student"] is None and got["teacher"].record["num_inference_steps"] == 50
     torch.testing.assert_close(got["merged"].latents, got["unmerged"].latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["tp2"].latents, got["merged"].latents, rtol=1e-5, atol=1e-5)
+
+
+def test_context_parallel_distillation_equals_one_rank(tiny_assets, teacher, straight):
+    """CP=2 (Ulysses) and TP=2 + SP train the same student as one rank: losses of 3 iterations within 1e-5."""
+    one = run_distributed(_train, 1, _argv(tiny_assets, teacher, iters=3, layout=()), teacher, timeout=400)
+    cp2 = run_distributed(_train, 2, _argv(tiny_assets, teacher, iters=3, layout=("--context-parallel-size", "2")),
+                          teacher, cp=2, timeout=400)
+    for other in (cp2[0]["losses"], straight[0][0]["losses"][:3]):
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(one[0]["losses"]), rtol=1e-5, atol=1e-6)
