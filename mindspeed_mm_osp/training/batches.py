@@ -9,6 +9,12 @@ micro-batches of the replica, cutting encoder work by TP.
 
 Position is the replica's micro-batch ordinal, so resume is exact: the loader restarts at
 the round holding that ordinal and the already-trained entries of the round are skipped.
+
+DP invariance: the sampler deals micro-step m of a global batch to DP ranks in order, so replica micro-batch
+ordinal o of DP rank r holds the samples a DP=1 run trains as micro-batch o * dp + r (same global and
+micro-batch size). The VAE posterior draw and the flow-matching sigma/noise are keyed by that global
+micro-batch index, never by the DP rank, so a global batch trains to the same losses and gradients split
+as DP=1 with gradient accumulation or as DP=2 with half the accumulation (up to reduction order).
 """
 
 from __future__ import annotations
@@ -79,10 +85,11 @@ class DataPlan:
 
 def _shard(model_cfg: ModelConfig, dims: ParallelDims, *, micro_batch_size: int, global_batch_size: int,
            consumed_samples: int) -> LoaderShard:
-    """Encoder DP shards over the TP x DP ranks; CP peers load and encode what their TP peer position does."""
+    """Encoder DP shards over the TP x DP ranks, TP-major so a rank's loader chunk is the global micro-batch it
+    encodes; CP peers load and encode what their TP peer position does."""
     dp_rank, dp_size, tp_rank, tp_size = dims.dp_rank, dims.dp, dims.tp_rank, dims.tp  # DP excludes CP
     return LoaderShard.plan(
-        rank=dp_rank * tp_size + tp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
+        rank=tp_rank * dp_size + dp_rank, world_size=dp_size * tp_size, dp_rank=dp_rank,
         dp_size=dp_size, tp_rank=tp_rank, tp_size=tp_size, encoder_dp=model_cfg.enable_encoder_dp,
         micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, consumed_samples=consumed_samples)
 
@@ -127,18 +134,18 @@ def build_train_stream(plan: DataPlan, data_cfg: DataConfig, model_cfg: ModelCon
         micro_batch_size=micro_batch_size, global_batch_size=shard.global_batch_size,
         consumed_samples=shard.consumed_samples, seed=seed, num_epochs=plan.epochs, index=plan.index)
     stream = EncodedStream(loader, encoders, seed=seed, start_ordinal=shard.start_ordinal, dp_rank=dims.dp_rank,
-                           encoder_dp_size=shard.encoder_dp_size, encoder_dp_rank=shard.encoder_dp_rank,
+                           dp_size=dims.dp, encoder_dp_size=shard.encoder_dp_size, encoder_dp_rank=shard.encoder_dp_rank,
                            tp_group=dims.tp_group)
     return stream, stats
 
 
 class EncodedStream:
-    def __init__(self, loader, encoders, *, seed: int, start_ordinal: int, dp_rank: int,
+    def __init__(self, loader, encoders, *, seed: int, start_ordinal: int, dp_rank: int, dp_size: int,
                  encoder_dp_size: int = 1, encoder_dp_rank: int = 0, tp_group=None):
         self.loader_iter: Iterator[Batch] = iter(loader)
         self.encoders = encoders
         self.seed = seed
-        self.dp_rank = dp_rank
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.group_size = encoder_dp_size
         self.group_rank = encoder_dp_rank
         self.tp_group = tp_group
@@ -150,7 +157,7 @@ class EncodedStream:
         batch = next(self.loader_iter)
         # keyed by the replica micro-batch this rank encodes, so encoder DP draws what the run without it draws
         micro_batch = self.ordinal // self.group_size * self.group_size + self.group_rank
-        gen = keyed_generator(self.seed, "vae", micro_batch, self.dp_rank)
+        gen = keyed_generator(self.seed, "vae", self.global_micro_batch(micro_batch))
         enc = encode_batch(self.encoders, batch, gen)
         if self.group_size == 1:
             return [enc]
@@ -169,6 +176,10 @@ class EncodedStream:
         self.ordinal += 1
         return self._cache.pop(0)
 
+    def global_micro_batch(self, ordinal: int) -> int:
+        """The DP=1 micro-batch index of this replica's micro-batch `ordinal` (see the module docstring)."""
+        return ordinal * self.dp_size + self.dp_rank
+
     def noise_generator(self, ordinal: int) -> torch.Generator:
-        """Sigma/noise generator of a replica micro-batch: same on TP and CP peers, distinct across DP ranks."""
-        return keyed_generator(self.seed, "noise", ordinal, self.dp_rank)
+        """Sigma/noise generator of a replica micro-batch: same on TP and CP peers and at any DP size."""
+        return keyed_generator(self.seed, "noise", self.global_micro_batch(ordinal))

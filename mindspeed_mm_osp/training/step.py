@@ -2,9 +2,9 @@
 
 Randomness is keyed, not streamed: the VAE posterior sample of a fetched micro-batch and
 the sigma/noise of a trained micro-batch each come from a generator seeded by
-(seed, purpose, ordinal, rank). So every TP peer draws identical noise without a
-broadcast, a resumed run draws exactly what the uninterrupted run would have, and a
-TP=1 and a TP=2 run of the same data see the same noise.
+(seed, purpose, global micro-batch index). So every TP peer draws identical noise without a
+broadcast, a resumed run draws exactly what the uninterrupted run would have, and runs of
+the same data at any TP, CP or DP size see the same noise.
 """
 
 from __future__ import annotations
