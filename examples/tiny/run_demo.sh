@@ -2,7 +2,8 @@
 # The embedded end-to-end demo on CPU (a few minutes on 2 cores), everything under demo_out/:
 #   1. synthetic videos/images with captions; tiny random-weight WF-VAE, T5 and CLIP folders
 #   2. train the tiny WF-VAE (data parallel on 2 CPU processes) and put its EMA weights where the model JSON
-#      expects the VAE; its reconstruction PSNR of a training clip is printed before and after
+#      expects the VAE; its reconstruction PSNR of a training clip is printed before and after; its latents'
+#      per-channel mean and spread go into demo copies of the model and inference JSONs (demo_out/*.json)
 #   3. train the tiny SparseUMMDiT on that VAE's latents with TP=2 + sequence parallel, save, stop
 #   4. resume from the checkpoint and train to the end
 #   5. merge the TP shards, taking the EMA weights
@@ -16,9 +17,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPU
 OUT=demo_out
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-VAE_ITERS=${VAE_ITERS:-400}  # about a minute on 2 CPU cores
+VAE_ITERS=${VAE_ITERS:-400}  # 2 clips each: about a minute on 2 idle CPU cores
 CLIP="$OUT/data/set3/r000.mp4"
-rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after"
+rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after" \
+  "$OUT/model.json" "$OUT/inference.json"
 
 echo "== 1/7 synthetic dataset and tiny models"
 $PY -m mindspeed_mm_osp.tools.make_synthetic_dataset "$OUT/data" --overwrite
@@ -42,10 +44,35 @@ cp "$OUT/vae_ckpt/merged.ckpt" "$OUT/models/vae/merged.ckpt"  # the EMA, in the 
 AFTER=$(recon_psnr "$OUT/recon_after")
 echo "tiny WF-VAE reconstruction PSNR of $CLIP: $BEFORE dB before training, $AFTER dB after"
 
-TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
+# Per-channel mean and standard deviation of the trained VAE's posterior means over training-like clips (every
+# start frame 0..39 of the synthetic pattern, 17 frames, 64x128) -> demo copies of the model and inference JSONs
+# with ae.shift = mean and ae.scale = 1/std, so the predictor's targets are unit-scale (docs/vae_training.md)
+$PY - "$OUT" <<'PY'
+import sys
+import numpy as np, torch
+from mindspeed_mm_osp.tools.reconstruct_video import load_ae_config
+from mindspeed_mm_osp.config import read_json
+from mindspeed_mm_osp.inference.video_io import write_json_atomic
+from mindspeed_mm_osp.tools.make_synthetic_dataset import frame_pixels
+from mindspeed_mm_osp.models.ae import VideoAutoencoder
+
+out = sys.argv[1]
+vae = VideoAutoencoder(load_ae_config("examples/tiny/model.json"))
+clips = [np.stack([frame_pixels(k0 + i, 64, 128) for i in range(17)]) for k0 in range(40)]
+video = torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+z = torch.cat([vae.encode_posterior(v)[0] for v in video.split(1)])
+mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+for name in ("model.json", "inference.json"):
+    cfg = read_json(f"examples/tiny/{name}")
+    cfg["ae"]["shift"], cfg["ae"]["scale"] = [round(float(m), 4) for m in mean], [round(float(1 / s), 4) for s in std]
+    write_json_atomic(f"{out}/{name}", cfg)
+print("latent mean", [round(float(m), 3) for m in mean], "std", [round(float(s), 3) for s in std])
+PY
+
+TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
   --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS \
-  --lr 2e-4 --lr-warmup-iters 4 --lr-decay-style cosine --min-lr 2e-5 --weight-decay 1e-4 --clip-grad 1.0 \
+  --lr 1e-3 --lr-warmup-iters 4 --lr-decay-style cosine --min-lr 1e-4 --weight-decay 1e-4 --clip-grad 1.0 \
   --ema-decay 0.99 --seed 1234 --log-interval 1 --save $OUT/ckpt --save-interval $HALF --train-epochs 2 \
   --mm-valid-data examples/tiny/data.json --eval-interval $HALF --eval-iters 4 \
   --validation-prompts examples/tiny/validation_prompts.txt --validation-interval $ITERS"
@@ -60,8 +87,8 @@ echo "== 5/7 merge TP shards (EMA weights)"
 $PY convert_mm_to_ckpt.py --load_dir $OUT/ckpt --save_dir $OUT/merged --ema
 
 echo "== 6/7 generate"
-$PY inference.py --config examples/tiny/inference.json --predictor-weights $OUT/merged/model_ema.safetensors \
-  --save-path $OUT/samples --prompt "a white square moving over a grey background"
+$PY inference.py --config $OUT/inference.json --predictor-weights $OUT/merged/model_ema.safetensors \
+  --save-path $OUT/samples --prompt "random clip number 0"
 ls -l $OUT/samples
 
 echo "== 7/7 side by side: $OUT/compare.png"
