@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPU
 OUT=demo_out
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-VAE_ITERS=${VAE_ITERS:-400}  # 2 clips each: about a minute on 2 idle CPU cores
+VAE_ITERS=${VAE_ITERS:-300}  # 2 clips each: under a minute on 2 idle CPU cores
 CLIP="$OUT/data/set3/r000.mp4"
 rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after" \
   "$OUT/model.json" "$OUT/inference.json"
