@@ -15,11 +15,13 @@ from mindspeed_mm_osp.config import (
     load_data_config, load_inference_config, load_model_config, read_json, to_dict,
 )
 from mindspeed_mm_osp.config.loader import IGNORED_CONFIG_KEYS, strip_json_comments
+from mindspeed_mm_osp.config.vae_training import VAETrainingConfig, load_vae_training_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.json"))
 LOADERS = {"data": (load_data_config, DataConfig), "model": (load_model_config, ModelConfig),
-           "inference": (load_inference_config, InferenceConfig)}
+           "inference": (load_inference_config, InferenceConfig),
+           "autoencoder training": (load_vae_training_config, VAETrainingConfig)}
 
 
 def kind_of(path: Path) -> str:
@@ -28,6 +30,8 @@ def kind_of(path: Path) -> str:
         return "data"
     if "inference" in name or "pipeline_config" in read_json(path):
         return "inference"
+    if read_json(path).get("train_autoencoder"):
+        return "autoencoder training"
     return "model"
 
 
