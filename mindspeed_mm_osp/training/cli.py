@@ -72,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ..config.vae_training import is_vae_training_config
     from ..parallel import destroy_distributed
     from .distill import DistillTrainer
-    from .trainer import TrainingStopped, pretrain
+    from .loop import TrainingStopped
+    from .trainer import pretrain
     from .vae_trainer import check_vae_config, pretrain_vae
 
     argv = list(sys.argv[1:] if argv is None else argv)

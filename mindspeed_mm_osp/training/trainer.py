@@ -4,7 +4,7 @@
 run's length from the data and `--train-epochs`), optimizer, `build_validation`) → `resume` (a checkpoint, when
 `--load`) → `build_data` (this rank's loader shard) → `announce` → per iteration `train_step` → `log` → `validate`
 (loss and EMA samples at their intervals) → `should_stop` (saving on `--save-interval`) → `save`. All that changes
-while training lives in one `TrainState`.
+while training lives in one `TrainState`; the stop and skip rules are shared with the autoencoder loop (`loop.py`).
 
 Per iteration: zero grad buffers → GA micro-batches (encode, noise, forward, backward) →
 `finalize_model_grads` (DP reduce, TP sum of `.sequence_parallel` params) → clip and step
@@ -16,16 +16,12 @@ the last good state and stop with an error.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .. import platform
@@ -37,9 +33,9 @@ from ..config import ConfigError, load_data_config, load_model_config, validate_
 from ..diffusion import FlowMatchingScheduler
 from ..models.lora import apply_lora, lora_metadata
 from ..models.predictor import build_predictor
-from ..optim import AdaptiveGradClip, ClipStepResult, OptimizerSettings, build_lr_scheduler, build_optimizer
+from ..optim import AdaptiveGradClip, OptimizerSettings, build_lr_scheduler, build_optimizer
 from ..optim import clip_and_step
-from ..parallel import ParallelDims, initialize_distributed
+from ..parallel import initialize_distributed
 from ..parallel.context_parallel import loss_scale_for_grads
 from .args import TrainingArgs
 from .arguments import parse_fault_spec
@@ -47,68 +43,14 @@ from .batches import DataPlan, build_train_stream, plan_train_data
 from .components import FrozenEncoders, resolve_precision, wrap_ddp
 from .flops import peak_flops_per_second, predictor_training_flops
 from .logging import IterationStats, MetricWriters, format_line, setup_logging
+from .loop import LoopRules, StepOutcome, TrainResult, TrainState, dp_mean
 from .step import flow_matching_loss
 from .validation import ValidationLoss, ValidationSampler, ValidationSet, validation_loss, validation_sigmas
 
 logger = logging.getLogger("mindspeed_mm_osp.train")
 
 
-RECENT_LOSSES = 10_000  # a run of 1e8 iterations must not keep every loss in memory
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose after saving (too many skipped steps)."""
-
-
-@dataclass
-class TrainResult:
-    iteration: int
-    consumed_train_samples: int
-    losses: list[float]  # per iteration of this run, the last RECENT_LOSSES at most
-    skipped_iterations: int
-    stop_reason: str
-    validation: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss of this run
-
-
-@dataclass
-class TrainState:
-    """What changes while training: the position a checkpoint restores, and this run's counters."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    last_saved: int = 0
-    skipped_iterations: int = 0
-    nan_iterations: int = 0
-    stop_reason: str = "train_iters reached"
-    losses: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_LOSSES))
-    validation: dict[int, float] = field(default_factory=dict)  # iteration -> validation loss of this run
-
-
-@dataclass
-class StepOutcome:
-    """One optimizer step: DP-mean loss, the clip/step decision, predictor FLOPs and wall time."""
-
-    loss: float
-    clip: ClipStepResult
-    flops: float
-    elapsed_s: float
-
-
-def _inject(ddp, kind: str) -> None:
-    value = float("nan") if kind == "nan" else float("inf")
-    for p in ddp.module.parameters():
-        if p.requires_grad and getattr(p, "main_grad", None) is not None:
-            p.main_grad.view(-1)[0] = value
-            return
-
-
-def _dp_mean(value: torch.Tensor, dims: ParallelDims) -> float:
-    value = value.detach().float().reshape(1).clone()
-    dist.all_reduce(value, group=dims.dp_group)
-    return float(value) / dims.dp
-
-
-class Trainer:
+class Trainer(LoopRules):
     """Training of the SparseUMMDiT as configured by validated `args` (see `arguments.parse_args`)."""
 
     def __init__(self, args: TrainingArgs):
@@ -278,7 +220,7 @@ class Trainer:
             self._count_skip(result)
         self.state.iteration += 1
         self.state.consumed_samples += self.args.global_batch_size
-        loss = _dp_mean(torch.stack(losses).mean(), self.dims)
+        loss = dp_mean(torch.stack(losses).mean(), self.dims)
         self.state.losses.append(loss)
         return StepOutcome(loss=loss, clip=result, flops=flops, elapsed_s=time.monotonic() - t0)
 
@@ -302,24 +244,6 @@ class Trainer:
         e.g. `distill.DistillTrainer`, overrides this alone)."""
         return flow_matching_loss(self.ddp, self.diffusion, enc, generator, self.precision.predictor,
                                   self.args.i2v_loss_region)
-
-    def _finalize_gradients(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.ddp])
-        fault = self.faults.get(self.state.iteration + 1)
-        if fault is not None:
-            _inject(self.ddp, fault)
-            if self.rank == 0:
-                logger.warning("fault injection: %s gradient at iteration %d", fault, self.state.iteration + 1)
-
-    def _count_skip(self, result: ClipStepResult) -> None:
-        self.state.skipped_iterations += 1
-        if result.grad_norm is None or not math.isfinite(result.grad_norm):
-            self.state.nan_iterations += 1
-        if self.rank == 0:
-            logger.warning("iteration %d skipped: %s (grad norm %s)", self.state.iteration + 1,
-                           result.decision.reason if result.decision else "non-finite gradients", result.grad_norm)
 
     def log(self, step: StepOutcome) -> None:
         """The Megatron iteration line (rank 0) and the metric writers, every `--log-interval` iterations."""
@@ -361,28 +285,6 @@ class Trainer:
             self.writers.write_scalars({"validation/sample-seconds": videos.elapsed_s}, it)
 
     # -- stop and save -----------------------------------------------------------------------------------------
-
-    def should_stop(self, step: StepOutcome) -> Optional[str]:
-        """Why to stop after this iteration (None: go on); saves on `--save-interval`.
-
-        Raises TrainingStopped, after saving the last good state, when too many steps in a row were skipped.
-        """
-        args, it = self.args, self.state.iteration
-        if self.async_saves is not None:
-            self.async_saves.maybe_finalize()  # publish a background save once every rank has written it
-        if step.clip.stop_training:
-            self.save(wait=True)
-            raise TrainingStopped(
-                f"{step.clip.consecutive_skips} consecutive iterations skipped for non-finite or extreme gradients "
-                f"(limit --max-consecutive-skips={args.max_consecutive_skips}); the last good state was saved at "
-                f"iteration {it} in {args.save}. Inspect the data and the learning rate, then resume.")
-        if args.save_interval and it % args.save_interval == 0:
-            self.save()
-        if args.exit_interval and it % args.exit_interval == 0:
-            return "exit interval"
-        if args.exit_duration_in_mins and (time.monotonic() - self.start_time) / 60 > args.exit_duration_in_mins:
-            return "exit duration"
-        return None
 
     def save(self, wait: bool = False) -> None:
         """Checkpoint the current iteration to `--save` (collective; once per iteration). `wait`: return only

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,7 +44,7 @@ from .args import TrainingArgs
 from .components import wrap_ddp
 from .logging import setup_logging
 from .arguments import parse_fault_spec
-from .trainer import StepOutcome, TrainingStopped, TrainResult, TrainState, _dp_mean, _inject
+from .loop import LoopRules, StepOutcome, TrainResult, TrainState, dp_mean
 from .vae_data import build_clip_loader, posterior_noise
 
 logger = logging.getLogger("mindspeed_mm_osp.train")
@@ -129,13 +128,14 @@ class GAN:
         return sum(losses) / len(losses)
 
 
-class VAETrainer:
+class VAETrainer(LoopRules):
     """WF-VAE training as configured by validated `args` (the predictor `Trainer`'s phases and stop rules)."""
 
     def __init__(self, args: TrainingArgs):
         self.args = args
         self.state = TrainState()
         self.faults = parse_fault_spec(args.inject_nonfinite_grad)
+        self.async_saves = None  # the autoencoder's checkpoints are small: always written in the loop
         self.last_parts: dict = {}
         self.last_disc_loss: Optional[float] = None
 
@@ -229,7 +229,7 @@ class VAETrainer:
         self.last_disc_loss = gan.step(videos, recons) if gan is not None else None
         self.state.iteration += 1
         self.state.consumed_samples += self.args.global_batch_size
-        loss = _dp_mean(torch.stack(losses).mean(), self.dims)
+        loss = dp_mean(torch.stack(losses).mean(), self.dims)
         self.state.losses.append(loss)
         return StepOutcome(loss=loss, clip=result, flops=0.0, elapsed_s=time.monotonic() - t0)
 
@@ -258,7 +258,7 @@ class VAETrainer:
                     self.optimizer.param_groups[0]["lr"], step.loss, parts, disc, norm, state.skipped_iterations,
                     1000 * step.elapsed_s)
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
         """Discriminator, then the autoencoder (tracker last), then the release-layout EMA export; collective."""
         args, state = self.args, self.state
         if not args.save or state.iteration == state.last_saved:
@@ -277,40 +277,6 @@ class VAETrainer:
             logger.info("EMA weights (release layout) written to %s", Path(args.save) / RELEASED_FILE)
         if dist.is_initialized():
             dist.barrier()
-
-    def _finalize_gradients(self) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.ddp])
-        fault = self.faults.get(self.state.iteration + 1)
-        if fault is not None:
-            _inject(self.ddp, fault)
-            logger.warning("fault injection: %s gradient at iteration %d", fault, self.state.iteration + 1)
-
-    def _count_skip(self, result) -> None:
-        self.state.skipped_iterations += 1
-        if result.grad_norm is None or not math.isfinite(result.grad_norm):
-            self.state.nan_iterations += 1
-        if self.rank == 0:
-            logger.warning("iteration %d skipped: %s (grad norm %s)", self.state.iteration + 1,
-                           result.decision.reason if result.decision else "non-finite gradients", result.grad_norm)
-
-    def should_stop(self, step: StepOutcome) -> Optional[str]:
-        """Why to stop after this iteration (None: go on); saves on `--save-interval`. TrainingStopped (after
-        saving the last good state) when too many steps in a row were skipped."""
-        args, it = self.args, self.state.iteration
-        if step.clip.stop_training:
-            self.save()
-            raise TrainingStopped(f"{step.clip.consecutive_skips} consecutive iterations skipped for non-finite or "
-                                  f"extreme gradients (limit --max-consecutive-skips={args.max_consecutive_skips}); "
-                                  f"the last good state was saved at iteration {it} in {args.save}")
-        if args.save_interval and it % args.save_interval == 0:
-            self.save()
-        if args.exit_interval and it % args.exit_interval == 0:
-            return "exit interval"
-        if args.exit_duration_in_mins and (time.monotonic() - self.start_time) / 60 > args.exit_duration_in_mins:
-            return "exit duration"
-        return None
 
     def fit(self) -> TrainResult:
         """All phases: build, resume, data, iterate until a stop rule, save."""
