@@ -12,6 +12,8 @@ the samplers take turns.
 Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first), and `w256`,
 a width-256 predictor (4 heads of 64) with random weights, distilled on the same data. `--quick`: a random tiny
 teacher on a throw-away synthetic set, a few iterations and 4 of the prompts (proves the path, not the target).
+`--captions N`: distil on N distinct captions generated from a word list of the prompts' domain (none of them a
+benchmark prompt) instead of the demo's own; the evaluation is unchanged.
 
     python bench/bench_distill.py --json distill.json      # ~15 min on 2 CPU cores
     python bench/bench_distill.py --quick
@@ -198,7 +200,41 @@ def _random_teacher(model_json: Path, out: Path, predictor: dict) -> tuple[Path,
     return path, out / "teacher.safetensors"
 
 
-def _demo_configs(models: Path, out: Path) -> dict:
+WORDS = (["a", "one", "a small", "a large", "a tiny", "a bright", "a pale", "a dark", "a glowing", "a lone"],
+         ["white", "grey", "black", "silver", "light", "dim", "red", "blue"],
+         ["square", "tile", "block", "box", "patch", "shape", "dot", "disc"],
+         ["moving", "sliding", "drifting", "gliding", "travelling", "floating", "crawling", "jumping"],
+         ["left", "right", "up", "down", "diagonally", "slowly", "steadily", "across the frame"],
+         ["over a grey background", "on a dark field", "on a plain wall", "across the screen", "on black",
+          "along the bottom", "near the top", "in the centre"])
+
+
+def training_captions(count: int) -> list[str]:
+    """`count` distinct captions drawn from `WORDS` (seeded), none of them a benchmark prompt: the student learns
+    the teacher's response to text over the prompt domain, not to a handful of fixed strings."""
+    import random
+
+    rng, seen = random.Random(0), set(PROMPTS)
+    captions = []
+    while len(captions) < count:
+        caption = " ".join(rng.choice(words) for words in WORDS)
+        if caption not in seen:
+            seen.add(caption)
+            captions.append(caption)
+    return captions
+
+
+def _caption_set(root: Path, count: int) -> Path:
+    """data.txt of the synthetic set's random videos, each record repeated under `training_captions(count)` (the
+    distillation reads only the caption and the latent shape from the data)."""
+    videos = [r for r in json.loads((root / "set3" / "anno.json").read_text()) if "num_frames" in r]
+    records = [dict(videos[i % len(videos)], id=f"C{i}", cap=cap) for i, cap in enumerate(training_captions(count))]
+    (root / "set3" / "captions.json").write_text(json.dumps(records, indent=1))
+    (root / "captions.txt").write_text(f"{root / 'set3'},{root / 'set3' / 'captions.json'}\n")
+    return root / "captions.txt"
+
+
+def _demo_configs(models: Path, out: Path, captions: int) -> dict:
     """The tiny demo's data and model JSONs on the models in `models` and a fresh copy of its synthetic data set
     (the generator is deterministic), so that the run reads nothing another job may rewrite under ./demo_out."""
     from mindspeed_mm_osp.testing import tiny_model_config
@@ -206,7 +242,9 @@ def _demo_configs(models: Path, out: Path) -> dict:
 
     data = json.loads((ROOT / "examples/tiny/data.json").read_text())
     param = data["dataset_param"]
-    param["basic_parameters"]["data_path"] = str(make_synthetic_dataset(out / "data").data_txt)
+    synthetic = make_synthetic_dataset(out / "data")
+    data_txt = _caption_set(synthetic.root, captions) if captions else synthetic.data_txt
+    param["basic_parameters"]["data_path"] = str(data_txt)
     param["tokenizer_config"]["from_pretrained"] = str(models / "t5")
     param["tokenizer_config_2"]["from_pretrained"] = str(models / "clip")
     (out / "data.json").write_text(json.dumps(data, indent=1))
@@ -215,7 +253,7 @@ def _demo_configs(models: Path, out: Path) -> dict:
     return {"data": out / "data.json", "model": out / "model.json"}
 
 
-def teachers(quick: bool, demo: Path, out: Path) -> dict:
+def teachers(quick: bool, demo: Path, out: Path, captions: int) -> dict:
     """Name -> the files a teacher's run reads (data and model JSON, teacher weights, inference JSON)."""
     if quick:
         from mindspeed_mm_osp.testing import make_tiny_setup
@@ -229,7 +267,7 @@ def teachers(quick: bool, demo: Path, out: Path) -> dict:
     if not weights.is_file():
         raise SystemExit(f"bench_distill.py: no {weights}: run examples/tiny/run_demo.sh first (it trains the teacher)")
     wide = {"head_dim": 64}  # 4 heads x 64 = width 256
-    demo_files = dict(_demo_configs(demo / "models", out), teacher=weights,
+    demo_files = dict(_demo_configs(demo / "models", out, captions), teacher=weights,
                       inference=_inference_json(demo / "models", out, {}))
     (out / "w256").mkdir(parents=True, exist_ok=True)
     model, wide_weights = _random_teacher(demo_files["model"], out / "w256", wide)
@@ -249,12 +287,14 @@ def main() -> None:
                    help="run only this teacher (repeatable; default: both)")
     p.add_argument("--students", type=int, nargs="+", choices=STUDENTS, default=list(STUDENTS),
                    help="student step counts to distil")
+    p.add_argument("--captions", type=int, default=0, metavar="N",
+                   help="distil on N generated captions (none a benchmark prompt) instead of the demo's own")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     iters = args.iters or (6 if args.quick else 300)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
-        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp)).items():
+        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp), args.captions).items():
             if args.teacher and name not in args.teacher:
                 continue
             result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS,
