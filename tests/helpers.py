@@ -228,6 +228,26 @@ def training_argv(assets, *extra, iters=6, tp=1):
             "--lr", "1e-4", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", "1", *extra]
 
 
+def train_and_record(rank, world_size, argv, with_weights: bool = False) -> dict:
+    """A rank's training run through `Trainer`: its losses and grad norms per iteration (and final local weights)."""
+    from mindspeed_mm_osp.training.arguments import parse_args
+    from mindspeed_mm_osp.training.trainer import Trainer
+
+    norms = []
+
+    class RecordingTrainer(Trainer):
+        def log(self, step):
+            norms.append(step.clip.grad_norm)
+            super().log(step)
+
+    trainer = RecordingTrainer(parse_args(argv, world_size=world_size))
+    result = trainer.fit()
+    out = {"losses": result.losses, "grad_norms": norms}
+    if with_weights:
+        out["weights"] = {k: v.detach().clone() for k, v in trainer.ddp.module.state_dict().items() if torch.is_tensor(v)}
+    return out
+
+
 def final_weights(save_dir):
     """(iteration, model, EMA) of the rank-0 file of the latest checkpoint in `save_dir`."""
     from mindspeed_mm_osp.checkpoint.layout import model_file, read_tracker

@@ -15,7 +15,7 @@ import torch
 
 from mindspeed_mm_osp.checkpoint.convert import full_state
 from mindspeed_mm_osp.testing import run_distributed
-from helpers import training_argv
+from helpers import train_and_record, training_argv
 
 pytestmark = pytest.mark.slow
 
@@ -24,24 +24,9 @@ COMMON = ("--global-batch-size", "2", "--use-distributed-optimizer")
 CP2 = ("--context-parallel-size", "2", "--context-parallel-algo", "ulysses_cp_algo")
 
 
-def _train(rank, world_size, argv):
-    from mindspeed_mm_osp.training.arguments import parse_args
-    from mindspeed_mm_osp.training.trainer import Trainer
-
-    norms = []
-
-    class RecordingTrainer(Trainer):
-        def log(self, step):
-            norms.append(step.clip.grad_norm)
-            super().log(step)
-
-    result = RecordingTrainer(parse_args(argv, world_size=world_size)).fit()
-    return {"losses": result.losses, "grad_norms": norms}
-
-
 def _run(assets, save, *extra, world=1, tp=1, cp=1, fmt="torch_dist"):
     argv = training_argv(assets, *COMMON, "--ckpt-format", fmt, "--save", str(save), *extra, iters=6, tp=tp)
-    return run_distributed(_train, world, argv, tp=tp, cp=cp, timeout=300)[0]
+    return run_distributed(train_and_record, world, argv, tp=tp, cp=cp, timeout=300)[0]
 
 
 def _resume(assets, source, target, *extra, fmt="torch_dist", cp=1):

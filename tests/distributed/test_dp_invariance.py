@@ -6,33 +6,16 @@ import pytest
 import torch
 
 from mindspeed_mm_osp.testing import run_distributed
-from helpers import training_argv
+from helpers import train_and_record, training_argv
 
 pytestmark = pytest.mark.slow
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _train(rank, world_size, argv):
-    from mindspeed_mm_osp.training.arguments import parse_args
-    from mindspeed_mm_osp.training.trainer import Trainer
-
-    norms = []
-
-    class RecordingTrainer(Trainer):
-        def log(self, step):
-            norms.append(step.clip.grad_norm)
-            super().log(step)
-
-    trainer = RecordingTrainer(parse_args(argv, world_size=world_size))
-    result = trainer.fit()
-    weights = {k: v.detach().clone() for k, v in trainer.ddp.module.state_dict().items() if torch.is_tensor(v)}
-    return {"losses": result.losses, "grad_norms": norms, "weights": weights}
-
-
 def _run(assets, world, *extra):
     argv = training_argv(assets, "--global-batch-size", "2", *extra, iters=3)
-    return run_distributed(_train, world, argv, tp=1, timeout=240)
+    return run_distributed(train_and_record, world, argv, True, tp=1, timeout=240)
 
 
 @pytest.fixture(scope="module")

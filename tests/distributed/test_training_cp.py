@@ -13,26 +13,11 @@ from safetensors.torch import load_file
 
 from mindspeed_mm_osp.checkpoint import convert
 from mindspeed_mm_osp.testing import run_distributed
-from helpers import final_weights, training_argv
+from helpers import final_weights, train_and_record, training_argv
 
 pytestmark = pytest.mark.slow
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _train(rank, world_size, argv):
-    from mindspeed_mm_osp.training.arguments import parse_args
-    from mindspeed_mm_osp.training.trainer import Trainer
-
-    norms = []
-
-    class RecordingTrainer(Trainer):
-        def log(self, step):
-            norms.append(step.clip.grad_norm)
-            super().log(step)
-
-    result = RecordingTrainer(parse_args(argv, world_size=world_size)).fit()
-    return {"losses": result.losses, "grad_norms": norms}
 
 
 def _run(assets, cp, *extra, iters=6):
@@ -40,7 +25,7 @@ def _run(assets, cp, *extra, iters=6):
     optimizer = ["--use-distributed-optimizer"] if cp > 1 else []
     argv = training_argv(assets, "--context-parallel-size", str(cp), "--context-parallel-algo", "ulysses_cp_algo",
                          *optimizer, *extra, iters=iters)
-    ranks = run_distributed(_train, cp, argv, cp=cp, timeout=300)
+    ranks = run_distributed(train_and_record, cp, argv, cp=cp, timeout=300)
     assert all(r == ranks[0] for r in ranks)  # CP peers report the same loss and norm
     return ranks[0]
 
