@@ -13,13 +13,13 @@ OUT=demo_out
 BASE=$OUT/merged/model_ema.safetensors
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-if [ ! -f "$BASE" ]; then
-  echo "no $BASE: run examples/tiny/run_demo.sh first (it trains the teacher this demo distils)" >&2
+if [ ! -f "$BASE" ] || [ ! -f "$OUT/model.json" ]; then
+  echo "no $BASE or $OUT/model.json (its latent normalisation): run examples/tiny/run_demo.sh first (it trains the teacher this demo distils)" >&2
   exit 1
 fi
 rm -rf "$OUT/distill_ckpt" "$OUT/student" "$OUT/distill_samples"
 
-TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
+TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
   --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS --train-epochs 10 \
   --lr 1e-3 --lr-warmup-iters 4 --weight-decay 0 --clip-grad 1.0 --ema-decay 0.9 --seed 4321 --log-interval 5 \
@@ -39,9 +39,9 @@ $PY convert_mm_to_ckpt.py --lora-merge --load_dir $OUT/distill_ckpt --base $BASE
 
 PROMPT="a white square moving over a grey background"
 echo "== 4/4 sample: the student (4 steps, CFG folded in), then the teacher (50 steps with CFG)"
-$PY inference.py --config examples/tiny/inference.json --predictor-weights $OUT/student/model.safetensors \
+$PY inference.py --config $OUT/inference.json --predictor-weights $OUT/student/model.safetensors \
   --save-path $OUT/distill_samples/student --prompt "$PROMPT"
-$PY inference.py --config examples/tiny/inference.json --predictor-weights $BASE --num-inference-steps 50 \
+$PY inference.py --config $OUT/inference.json --predictor-weights $BASE --num-inference-steps 50 \
   --save-path $OUT/distill_samples/teacher --prompt "$PROMPT"
 ls -l $OUT/distill_samples/*
 echo "distillation demo finished: student weights in $OUT/student, videos in $OUT/distill_samples"

@@ -13,13 +13,13 @@ OUT=demo_out
 BASE=$OUT/merged/model_ema.safetensors
 ITERS=${ITERS:-20}
 HALF=$((ITERS / 2))
-if [ ! -f "$BASE" ]; then
-  echo "no $BASE: run examples/tiny/run_demo.sh first (it trains the base this demo fine-tunes)" >&2
+if [ ! -f "$BASE" ] || [ ! -f "$OUT/model.json" ]; then
+  echo "no $BASE or $OUT/model.json (its latent normalisation): run examples/tiny/run_demo.sh first (it trains the base this demo fine-tunes)" >&2
   exit 1
 fi
 rm -rf "$OUT/lora_ckpt" "$OUT/lora_merged" "$OUT/lora_samples"
 
-TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model examples/tiny/model.json \
+TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
   --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
   --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS \
   --lr 1e-3 --lr-warmup-iters 2 --weight-decay 0 --clip-grad 1.0 --ema-decay 0.9 --seed 4321 --log-interval 1 \
@@ -38,9 +38,9 @@ $PY convert_mm_to_ckpt.py --lora-merge --load_dir $OUT/lora_ckpt --base $BASE --
 
 PROMPT="a white square moving over a grey background"
 echo "== 4/4 generate: unmerged adapters on the base, then the merged weights"
-$PY inference.py --config examples/tiny/inference.json --predictor-weights $BASE --lora $OUT/lora_ckpt \
+$PY inference.py --config $OUT/inference.json --predictor-weights $BASE --lora $OUT/lora_ckpt \
   --save-path $OUT/lora_samples/unmerged --prompt "$PROMPT"
-$PY inference.py --config examples/tiny/inference.json --predictor-weights $OUT/lora_merged/model.safetensors \
+$PY inference.py --config $OUT/inference.json --predictor-weights $OUT/lora_merged/model.safetensors \
   --save-path $OUT/lora_samples/merged --prompt "$PROMPT"
 ls -l $OUT/lora_samples/*
 echo "LoRA demo finished: adapters in $OUT/lora_ckpt, merged weights in $OUT/lora_merged, videos in $OUT/lora_samples"
