@@ -130,6 +130,21 @@ def start_ranks(fn: Callable, world_size: int, *args, tp: int = 1, cp: int = 1, 
     return Ranks(procs, queue, started)
 
 
+def sigkill_one_rank_when(argv: list[str], ready: Callable[[], bool], delay: float):
+    """Train one rank with `argv`; SIGKILL it `delay` s after `ready()` first holds (polled every 0.2 ms).
+    Returns the finished process (its `exitcode` is -SIGKILL when the kill landed)."""
+    ranks = start_ranks(train, 1, argv)
+    proc = ranks.procs[0]
+    while proc.is_alive() and not ready():
+        time.sleep(0.0002)
+    time.sleep(delay)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.join(240)
+    ranks.reap()
+    return proc
+
+
 def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 240.0, **kw) -> dict[int, tuple[bool, Any]]:
     ranks = start_ranks(fn, world_size, *args, **kw)
     try:

@@ -19,7 +19,7 @@ from mindspeed_mm_osp.checkpoint.layout import CheckpointWriteError, iteration_d
 from mindspeed_mm_osp.checkpoint.reader import read_checkpoint
 from mindspeed_mm_osp.testing import run_distributed
 from reliability_harness import SAVE_ITERS, assert_same_training_state, check_survived, load_file, log, run_ranks
-from reliability_harness import cli_main, start_ranks, train, train_argv
+from reliability_harness import cli_main, sigkill_one_rank_when, start_ranks, train, train_argv
 from test_disk_errors import _faulty_run
 
 pytestmark = pytest.mark.slow
@@ -58,17 +58,10 @@ def test_async_save_writes_the_files_a_sync_save_writes(micro_assets, tmp_path, 
 def _kill_async_save(assets, save_dir: Path, iteration: int, delay: float) -> tuple[bool, bool]:
     """Run with --async-save, SIGKILL the rank `delay` s after the background write of `iteration` began.
     Returns (the kill landed before that save was published, the writer outlived its rank)."""
-    ranks = start_ranks(train, 1, _argv(assets, save_dir, "--async-save"))
-    proc = ranks.procs[0]
     watched = model_file(save_dir, iteration, 0).parent
-    while proc.is_alive() and not (watched.is_dir() and os.listdir(watched)):
-        time.sleep(0.0002)
-    time.sleep(delay)
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.join(240)
-    ranks.reap()
-    landed = proc.exitcode == -signal.SIGKILL and read_tracker(save_dir) != iteration
+    proc = sigkill_one_rank_when(_argv(assets, save_dir, "--async-save"),
+                                 lambda: watched.is_dir() and bool(os.listdir(watched)), delay)
+    landed = proc.exitcode == -signal.SIGKILL and (read_tracker(save_dir) or 0) < iteration  # too late: retry
     partial = [n for n in os.listdir(watched) if ".tmp-" in n] if watched.is_dir() else []
     time.sleep(0.5)  # an orphaned writer would rename its file into place meanwhile
     outlived = bool(partial) and model_file(save_dir, iteration, 0).exists()

@@ -27,7 +27,7 @@ import pytest
 
 from mindspeed_mm_osp.checkpoint.layout import MODEL_FILE, model_file, read_tracker
 from reliability_harness import SAVE_ITERS, assert_same_training_state, check_survived, load_file, log, run_ranks
-from reliability_harness import start_ranks, train, train_and_kill_self, train_argv
+from reliability_harness import sigkill_one_rank_when, start_ranks, train, train_and_kill_self, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -113,18 +113,10 @@ def _kill_from_outside(micro_assets, save_dir: Path, iteration: int, delay: floa
     """Start training, SIGKILL it `delay` seconds after the save of `iteration` began (its temp or final payload
     file appeared). Returns (whether the kill landed inside that save, exit code): it did iff the process died
     by the signal before the tracker named `iteration`, the save's last step."""
-    ranks = start_ranks(train, 1, _argv(micro_assets, save_dir))
-    proc = ranks.procs[0]
     watched = model_file(save_dir, iteration, 0).parent
-    while proc.is_alive():
-        if watched.is_dir() and any(".tmp-" in n or n == MODEL_FILE for n in os.listdir(watched)):
-            break
-        time.sleep(0.0002)
-    time.sleep(delay)
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.join(240)
-    ranks.reap()
+    proc = sigkill_one_rank_when(
+        _argv(micro_assets, save_dir),
+        lambda: watched.is_dir() and any(".tmp-" in n or n == MODEL_FILE for n in os.listdir(watched)), delay)
     return proc.exitcode == -signal.SIGKILL and read_tracker(save_dir) != iteration, proc.exitcode
 
 
