@@ -10,11 +10,7 @@
 #   6. generate a video from a prompt with the merged EMA weights
 #   7. one PNG side by side: training clip | VAE reconstruction, and the generated sample
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
-OUT=demo_out
+source "$(dirname "$0")/demo_env.sh"
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
 VAE_ITERS=${VAE_ITERS:-300}  # 2 clips each: under a minute on 2 idle CPU cores

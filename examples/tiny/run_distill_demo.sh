@@ -5,18 +5,10 @@
 #   3. fold the student into standalone weights that record its schedule (convert_mm_to_ckpt.py --lora-merge)
 #   4. sample with the student (4 steps, no CFG: read from the weights) and with the teacher (50 guided steps)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
-OUT=demo_out
-BASE=$OUT/merged/model_ema.safetensors
+source "$(dirname "$0")/demo_env.sh"
 ITERS=${ITERS:-40}
 HALF=$((ITERS / 2))
-if [ ! -f "$BASE" ] || [ ! -f "$OUT/model.json" ]; then
-  echo "no $BASE or $OUT/model.json (its latent normalisation): run examples/tiny/run_demo.sh first (it trains the teacher this demo distils)" >&2
-  exit 1
-fi
+need_base_demo "teacher this demo distils"
 rm -rf "$OUT/distill_ckpt" "$OUT/student" "$OUT/distill_samples"
 
 TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \

@@ -6,16 +6,9 @@
 #   3. generate from a first frame (--image) and continue a clip (--video --condition-frames 9); the PSNR of the
 #      given frames (output vs input, and the VAE's own round trip) is printed
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
-OUT=demo_out
+source "$(dirname "$0")/demo_env.sh"
 ITERS=${ITERS:-20}
-if [ ! -f "$OUT/merged/model_ema.safetensors" ]; then
-  echo "no $OUT/merged/model_ema.safetensors: run examples/tiny/run_demo.sh first (it trains the T2V weights)" >&2
-  exit 1
-fi
+need_base_demo "T2V weights"
 rm -rf "$OUT/i2v_ckpt" "$OUT/i2v_merged" "$OUT/i2v_samples"
 
 echo "== 1/3 I2V training from the T2V weights (TP=2 + SP, 2 CPU ranks)"

@@ -5,18 +5,10 @@
 #   3. fold the adapters into the base (convert_mm_to_ckpt.py --lora-merge)
 #   4. generate with the unmerged adapters (--lora) and with the merged weights
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank on small CPUs (and no torchrun banner)
-OUT=demo_out
-BASE=$OUT/merged/model_ema.safetensors
+source "$(dirname "$0")/demo_env.sh"
 ITERS=${ITERS:-20}
 HALF=$((ITERS / 2))
-if [ ! -f "$BASE" ] || [ ! -f "$OUT/model.json" ]; then
-  echo "no $BASE or $OUT/model.json (its latent normalisation): run examples/tiny/run_demo.sh first (it trains the base this demo fine-tunes)" >&2
-  exit 1
-fi
+need_base_demo "base this demo fine-tunes"
 rm -rf "$OUT/lora_ckpt" "$OUT/lora_merged" "$OUT/lora_samples"
 
 TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
