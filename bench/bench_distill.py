@@ -53,18 +53,20 @@ def _train_rank(rank, world_size, argv):
     return DistillTrainer(parse_args(argv, world_size=world_size)).fit().losses
 
 
-def distill_student(files: dict, steps: int, iters: int, out: Path) -> tuple[Path, list[float]]:
-    """A K-step student of `files["teacher"]` trained for `iters` iterations, merged: (weights file, losses)."""
+def distill_student(files: dict, steps: int, iters: int, out: Path,
+                    student: tuple[str, ...] = ()) -> tuple[Path, list[float]]:
+    """A K-step student of `files["teacher"]` trained for `iters` iterations, merged: (weights file, losses).
+    `student`: extra `pretrain.py` flags (LoRA rank, learning rate, adapter targets), given last so they win."""
     from mindspeed_mm_osp.checkpoint import convert
     from mindspeed_mm_osp.testing import run_distributed
 
     ckpt = out / f"student{steps}_ckpt"
     argv = ["--mm-data", str(files["data"]), "--mm-model", str(files["model"]), "--micro-batch-size", "1",
-            "--train-iters", str(iters), "--train-epochs", "1000", "--lr", "1e-3", "--lr-warmup-iters", "5", "--weight-decay", "0",
-            "--clip-grad", "1.0", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
-            "--load", str(files["teacher"]), "--lora-r", "16", "--lora-alpha", "16", "--save", str(ckpt),
+            "--train-iters", str(iters), "--train-epochs", "1000", "--lr", "1e-3", "--lr-warmup-iters", "5",
+            "--weight-decay", "0", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
+            "--load", str(files["teacher"]), "--lora-r", "16", "--save", str(ckpt),
             "--distill", "trajectory", "--distill-student-steps", str(steps),
-            "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps)]
+            "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps), *student]
     losses = run_distributed(_train_rank, 1, argv, timeout=3600)[0]
     merged = out / f"student{steps}"
     convert.main(["--lora-merge", "--load_dir", str(ckpt), "--base", str(files["teacher"]), "--save_dir", str(merged),
@@ -142,14 +144,14 @@ def mean_psnr(videos: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[str],
-                  students: tuple[int, ...] = STUDENTS) -> dict:
+                  students: tuple[int, ...] = STUDENTS, student: tuple[str, ...] = ()) -> dict:
     """The table rows of one teacher: PSNR against its 50 steps and seconds per video of every sampler."""
     out.mkdir(parents=True, exist_ok=True)
     samplers = {f"teacher-{steps}": (files["teacher"], "--num-inference-steps", str(steps))
                 for steps in (TEACHER_STEPS, *STUDENTS)}
     losses = {}
     for steps in students:
-        weights, losses[steps] = distill_student(files, steps, iters, out)
+        weights, losses[steps] = distill_student(files, steps, iters, out, student)
         samplers[f"student-{steps}"] = (weights,)
     videos = {}
     for key, (weights, *flags) in samplers.items():
@@ -162,7 +164,7 @@ def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[s
                   "seconds_per_video": round(timed[key], 4)} for key, v in videos.items()}
     gain = rows["student-4"]["psnr_db"] - rows["teacher-4"]["psnr_db"]
     speedup = timed[f"teacher-{TEACHER_STEPS}"] / timed["student-4"]
-    return {"teacher": name, "iters": iters, "prompts": len(prompts), "rows": rows,
+    return {"teacher": name, "iters": iters, "student_flags": list(student), "prompts": len(prompts), "rows": rows,
             "student4_gain_db": round(gain, 2), "student4_speedup": round(speedup, 2), "target_met": gain >= 3.0,
             "loss_first_last": {k: [round(v[0], 5), round(v[-1], 5)] for k, v in losses.items()}}
 
@@ -253,8 +255,9 @@ def _demo_configs(models: Path, out: Path, captions: int) -> dict:
     return {"data": out / "data.json", "model": out / "model.json"}
 
 
-def teachers(quick: bool, demo: Path, out: Path, captions: int) -> dict:
-    """Name -> the files a teacher's run reads (data and model JSON, teacher weights, inference JSON)."""
+def teachers(quick: bool, demo: Path, out: Path, captions: int, names: list[str]) -> dict:
+    """Name -> the files a teacher's run reads (data and model JSON, teacher weights, inference JSON), for the
+    teachers in `names`. `w256` reads only the demo's models/ (its VAE and text encoders), not its predictor."""
     if quick:
         from mindspeed_mm_osp.testing import make_tiny_setup
 
@@ -263,17 +266,25 @@ def teachers(quick: bool, demo: Path, out: Path, captions: int) -> dict:
         model, weights = _random_teacher(setup.model_json, out / "quick", {})
         return {"tiny-random": dict(data=setup.data_json, model=model, teacher=weights,
                                     inference=_inference_json(out / "quick" / "models", out / "quick", {}))}
-    weights = demo / "merged" / "model_ema.safetensors"
-    if not weights.is_file():
-        raise SystemExit(f"bench_distill.py: no {weights}: run examples/tiny/run_demo.sh first (it trains the teacher)")
-    wide = {"head_dim": 64}  # 4 heads x 64 = width 256
-    demo_files = dict(_demo_configs(demo / "models", out, captions), teacher=weights,
+    if not (demo / "models" / "vae" / "merged.ckpt").is_file():
+        raise SystemExit(f"bench_distill.py: no {demo / 'models'}: run examples/tiny/run_demo.sh first (it trains "
+                         "the VAE and the tiny-demo teacher)")
+    demo_files = dict(_demo_configs(demo / "models", out, captions),
                       inference=_inference_json(demo / "models", out, {}))
-    (out / "w256").mkdir(parents=True, exist_ok=True)
-    model, wide_weights = _random_teacher(demo_files["model"], out / "w256", wide)
-    return {"tiny-demo": demo_files,
-            "w256": dict(demo_files, model=model, teacher=wide_weights,
-                         inference=_inference_json(demo / "models", out / "w256", wide))}
+    found = {}
+    if "tiny-demo" in names:
+        weights = demo / "merged" / "model_ema.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"bench_distill.py: no {weights}: run examples/tiny/run_demo.sh first (it trains the "
+                             "teacher)")
+        found["tiny-demo"] = dict(demo_files, teacher=weights)
+    if "w256" in names:
+        wide = {"head_dim": 64}  # 4 heads x 64 = width 256
+        (out / "w256").mkdir(parents=True, exist_ok=True)
+        model, wide_weights = _random_teacher(demo_files["model"], out / "w256", wide)
+        found["w256"] = dict(demo_files, model=model, teacher=wide_weights,
+                             inference=_inference_json(demo / "models", out / "w256", wide))
+    return found
 
 
 def main() -> None:
@@ -289,16 +300,21 @@ def main() -> None:
                    help="student step counts to distil")
     p.add_argument("--captions", type=int, default=0, metavar="N",
                    help="distil on N generated captions (none a benchmark prompt) instead of the demo's own")
+    p.add_argument("--lora-r", type=int, default=16, help="the students' LoRA rank (alpha = r)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate (5 warm-up iterations)")
+    p.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                   help="the students' adapted linears (default: pretrain.py's distillation default, every linear)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     iters = args.iters or (6 if args.quick else 300)
+    student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr),
+               *(("--lora-target-modules", *args.lora_target_modules) if args.lora_target_modules else ()))
+    names = args.teacher or ["tiny-demo", "w256"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
-        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp), args.captions).items():
-            if args.teacher and name not in args.teacher:
-                continue
+        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp), args.captions, names).items():
             result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS,
-                                   tuple(args.students))
+                                   tuple(args.students), student)
             results.append(result)
             print(json.dumps(result, indent=1), flush=True)
     for r in results:

@@ -7,6 +7,18 @@ from dataclasses import dataclass
 # Attention projections of both streams and both FFNs of every block (names relative to a block).
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                           "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_enc.net.0.proj", "ff_enc.net.2")
+ALL_LINEARS = "all"  # a target name that selects every adaptable linear of the predictor
+# Distillation adapts every linear: the student must scale the text's effect by the guidance folded into it, and
+# the pooled text and the timestep reach each block only through the adaLN modulation linears (the caption through
+# its projection), which attention and FFN adapters cannot rescale (docs/distillation.md).
+DISTILL_TARGET_MODULES = (ALL_LINEARS,)
+
+
+def default_targets(given, distill: bool) -> tuple[str, ...]:
+    """The adapter targets: `given` (`--lora-target-modules`) when set, else the default of the run's kind."""
+    if given:
+        return tuple(given)
+    return DISTILL_TARGET_MODULES if distill else DEFAULT_TARGET_MODULES
 
 
 @dataclass(frozen=True)
@@ -14,7 +26,7 @@ class LoRAConfig:
     """Rank, scaling and targets of the adapters. `alpha=None` means alpha = r (scaling 1).
 
     Target names are module names of the predictor or their dotted suffixes (`to_q` matches every
-    `...attn1.to_q`); `models.lora.apply_lora` refuses names that match no linear layer.
+    `...attn1.to_q`), or `all` for every linear; `models.lora.apply_lora` refuses names that match no linear layer.
     """
 
     r: int

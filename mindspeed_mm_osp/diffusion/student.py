@@ -58,6 +58,18 @@ class StudentSchedule:
         segment[0], segment[-1] = student[step], student[step + 1]
         return segment
 
+    def step_probabilities(self) -> torch.Tensor:
+        """The chance (fp64) of drawing student step i for a training point: sigma_i - sigma_i+1, the share of the
+        noise range the step covers. An Euler step's error in x is its length times its velocity error, so the
+        long low-noise steps decide the sample and get the most training."""
+        sigmas = self.sigmas().double()
+        return sigmas[:-1] - sigmas[1:]
+
+    def mean_teacher_steps(self) -> float:
+        """Guided teacher Euler steps per training point on average: i x M to reach x_i, M for the target."""
+        steps = torch.arange(1, self.student_steps + 1, dtype=torch.float64)
+        return float((self.step_probabilities() * steps).sum()) * self.teacher_substeps
+
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
 

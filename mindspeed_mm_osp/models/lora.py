@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.lora import LoRAConfig
+from ..config.lora import ALL_LINEARS, LoRAConfig
 from .predictor.modules import LocalLinear
 from .predictor.tp_layout import ADAPTER_KEY
 
@@ -173,11 +173,13 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Qualified names of the linears matched by `targets` (a name or a dotted suffix of one).
+    """Qualified names of the linears matched by `targets` (a name or a dotted suffix of one; `all`: every one).
 
     Unknown names raise a ValueError with did-you-mean suggestions and the targetable block-level names.
     """
     names = _linear_names(model)
+    if ALL_LINEARS in targets:
+        return names
     chosen, unknown = [], []
     for target in targets:
         hits = [n for n in names if n == target or n.endswith("." + target)]

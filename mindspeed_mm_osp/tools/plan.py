@@ -26,7 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config.lora import default_targets
 from ..config.predictor import PredictorConfig, RecomputeConfig
+from ..diffusion.student import StudentSchedule
 from ..errors import UserError, check_ranges, entry_point
 from ..training.memory_plan import (GIB, EncoderPlan, MemoryPlan, OptimizerPlan, Parallel, TrainablePlan, Workload,
                                     adapter_param_count, fits, headroom, plan_memory)
@@ -160,12 +162,12 @@ def trainable_plan(args: argparse.Namespace) -> TrainablePlan:
     on average (cond and uncond rows in one forward when the guidance scale is above 1)."""
     if args.lora_r is None:
         return TrainablePlan()
-    lora = TrainablePlan(lora_r=args.lora_r, lora_targets=tuple(args.lora_target_modules))
+    lora = TrainablePlan(lora_r=args.lora_r, lora_targets=default_targets(args.lora_target_modules, args.distill))
     if not args.distill:
         return lora
-    # M sub-steps for the target and, on average over the student step i, i x M for the rollout to x_i
-    passes = args.distill_teacher_substeps * (args.distill_student_steps + 1) // 2
-    return dataclasses.replace(lora, teacher_passes=passes,
+    schedule = StudentSchedule(args.distill_student_steps, args.distill_teacher_substeps, args.distill_shift,
+                               args.distill_guidance_scale, args.distill_guidance_rescale)
+    return dataclasses.replace(lora, teacher_passes=round(schedule.mean_teacher_steps()),
                                teacher_rows=2 if args.distill_guidance_scale > 1 else 1)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig
+from ..config.lora import DEFAULT_TARGET_MODULES, LoRAConfig, default_targets
 from ..diffusion.student import METHODS
 from ..errors import UserError, check_ranges
 from ..parallel import ParallelConfigError
@@ -266,9 +266,9 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
                          "base weights (file or full-model checkpoint folder), checkpoints hold the adapters")
     lo.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha / r (default alpha = r)")
     lo.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
-    lo.add_argument("--lora-target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES), metavar="NAME",
-                    help="predictor linears to adapt, by name or dotted suffix "
-                         f"(default: {' '.join(DEFAULT_TARGET_MODULES)})")
+    lo.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                    help="predictor linears to adapt, by name or dotted suffix, or 'all' "
+                         f"(default: {' '.join(DEFAULT_TARGET_MODULES)}; with --distill: all)")
     lo.add_argument("--lora-load", default=None, help="adapter checkpoint folder to resume (fresh start without one)")
 
 
@@ -467,10 +467,11 @@ def _check_distill(args: argparse.Namespace) -> None:
 
 
 def _check_lora(args: argparse.Namespace) -> None:
-    args.lora_target_modules = tuple(args.lora_target_modules)
+    given_targets = args.lora_target_modules is not None
+    args.lora_target_modules = default_targets(args.lora_target_modules, args.distill is not None)
     if args.lora_r is None:
         given = [f"--{n.replace('_', '-')}" for n in ("lora_alpha", "lora_load") if getattr(args, n) is not None]
-        if args.lora_dropout or args.lora_target_modules != DEFAULT_TARGET_MODULES:
+        if args.lora_dropout or given_targets:
             given.append("--lora-dropout/--lora-target-modules")
         if given:
             raise ArgumentError(f"{', '.join(given)} need --lora-r (LoRA fine-tuning)")

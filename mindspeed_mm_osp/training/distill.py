@@ -3,7 +3,8 @@
 The teacher is the frozen base with classifier-free guidance folded in; the student is the same base plus LoRA
 adapters, so one copy of the weights serves both (`models.lora.adapters_disabled` turns the adapters off for the
 teacher pass). Per micro-batch, from the micro-batch's keyed generator (so TP/CP peers agree, DP ranks differ and
-a resumed run draws what the uninterrupted one would): a student step i of the K-step grid and the noise e; x_i
+a resumed run draws what the uninterrupted one would): a student step i of the K-step grid (with probability
+sigma_i - sigma_i+1: the long low-noise steps decide the sample) and the noise e; x_i
 is the teacher's own guided trajectory from e to sigma_i (i x M fine steps; x_0 = e). The teacher integrates x_i
 to sigma_{i+1} with M guided Euler sub-steps (cond and uncond rows in one forward, without autograd); the
 student, conditioned on the prompt only, must make that move in one Euler step: its velocity target is
@@ -101,9 +102,10 @@ def teacher_target(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, x:
 
 def training_point(predictor: nn.Module, enc: EncodedBatch, negative: TextKw, schedule: StudentSchedule,
                    generator: torch.Generator, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
-    """(student step i, x_i): i and the noise e from the micro-batch's keyed generator, in this order; x_i is the
-    teacher's own guided trajectory from e (sigma = 1) to sigma_i, on its fine grid, i x M steps."""
-    step = int(torch.randint(schedule.student_steps, (1,), generator=generator))
+    """(student step i, x_i): i (drawn with `schedule.step_probabilities`) and the noise e from the micro-batch's
+    keyed generator, in this order; x_i is the teacher's own guided trajectory from e (sigma = 1) to sigma_i, on
+    its fine grid, i x M steps."""
+    step = int(torch.multinomial(schedule.step_probabilities(), 1, generator=generator))
     noise = torch.randn(enc.latents.shape, generator=generator, dtype=torch.float32).to(enc.latents.device)
     if step == 0:
         return step, noise

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from mindspeed_mm_osp.config.lora import LoRAConfig
+from mindspeed_mm_osp.config.lora import DISTILL_TARGET_MODULES, LoRAConfig
 from mindspeed_mm_osp.diffusion.student import StudentSchedule
 from mindspeed_mm_osp.models.lora import apply_lora, load_lora_state_dict, lora_state_dict
 from mindspeed_mm_osp.models.predictor import (
@@ -21,7 +21,7 @@ from mindspeed_mm_osp.training.distill import distill_loss, teacher_target, trai
 from mindspeed_mm_osp.training.step import EncodedBatch, keyed_generator
 
 CFG = tiny_predictor_config(dict(TINY_PREDICTOR, num_layers=[1, 2, 1], final_block_text_params=True))
-LORA = LoRAConfig(r=4, alpha=8.0)
+LORA = LoRAConfig(r=4, alpha=8.0, target_modules=DISTILL_TARGET_MODULES)  # every linear, as --distill adapts
 SCHEDULE = StudentSchedule(student_steps=3, teacher_substeps=3, shift=3.0, guidance_scale=4.0, guidance_rescale=0.7)
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -93,7 +93,7 @@ def test_teacher_target_is_an_explicit_guided_euler_integration_of_the_base():
     for key in range(4):  # the training point: noise, then i x M guided fine steps of the teacher
         step, got = training_point(student, enc, negative, SCHEDULE, keyed_generator(key), torch.float32)
         g = keyed_generator(key)
-        assert step == int(torch.randint(SCHEDULE.student_steps, (1,), generator=g))
+        assert step == int(torch.multinomial(SCHEDULE.step_probabilities(), 1, generator=g))
         noise = torch.randn(enc.latents.shape, generator=g)
         path = torch.cat([SCHEDULE.teacher_segment(i)[:-1] for i in range(step)] + [sigmas[step:step + 1]])
         with torch.no_grad():

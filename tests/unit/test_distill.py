@@ -44,12 +44,39 @@ def test_recorded_schedule_round_trips_and_malformed_records_are_refused():
         StudentSchedule.from_record({"student_steps": 4}, "f")
 
 
+def test_training_steps_are_drawn_by_the_share_of_the_noise_range_they_cover():
+    # shift 7: sigma(t) = 7 t / (1 + 6 t) at t = 1, 3/4, 1/2, 1/4, 0 -> 1, 21/22, 7/8, 7/10, 0
+    want = torch.tensor([1 - 21 / 22, 21 / 22 - 7 / 8, 7 / 8 - 7 / 10, 7 / 10], dtype=torch.float64)
+    torch.testing.assert_close(SCHEDULE.step_probabilities(), want, rtol=0, atol=1e-7)
+    # M for the target plus i x M for the rollout, at these chances: 12 x (1 p0 + 2 p1 + 3 p2 + 4 p3)
+    assert SCHEDULE.mean_teacher_steps() == pytest.approx(12 * float((want * torch.arange(1, 5)).sum()), abs=1e-5)
+
+
 BASE_ARGV = ["--mm-data", "d.json", "--mm-model", "m.json", "--train-iters", "2"]
+
+
+def test_distillation_adapts_every_linear_unless_targets_are_given():
+    from mindspeed_mm_osp.config.lora import DEFAULT_TARGET_MODULES
+    from mindspeed_mm_osp.models.lora import _linear_names, resolve_targets
+    from mindspeed_mm_osp.models.predictor import SparseUMMDiT
+    from mindspeed_mm_osp.testing import tiny_predictor_config
+
+    distill = ["--lora-r", "4", "--distill", "trajectory"]
+    assert parse_args(BASE_ARGV + distill).lora_config().target_modules == ("all",)
+    assert parse_args(BASE_ARGV + ["--lora-r", "4"]).lora_config().target_modules == DEFAULT_TARGET_MODULES
+    given = parse_args(BASE_ARGV + distill + ["--lora-target-modules", "to_q", "proj_out"])
+    assert given.lora_config().target_modules == ("to_q", "proj_out")
+    with torch.device("meta"):
+        model = SparseUMMDiT(tiny_predictor_config())
+    names = resolve_targets(model, ("all",))
+    assert names == _linear_names(model) and set(resolve_targets(model, DEFAULT_TARGET_MODULES)) < set(names)
+    assert {"proj_out", "caption_projection", "norm_out.linear"} <= set(names)
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--distill", "trajectory"], "add --lora-r R"),
     (["--distill-student-steps", "8"], "--distill-student-steps need --distill trajectory"),
+    (["--lora-target-modules", "all"], "--lora-target-modules need --lora-r"),
     (["--distill", "trajectory", "--lora-r", "4", "--distill-shift", "0.5"], "--distill-shift"),
     (["--distill", "trajectory", "--lora-r", "4", "--distill-teacher-substeps", "0"], "--distill-teacher-substeps"),
 ])
@@ -65,6 +92,10 @@ def test_release_distillation_launcher_parses(tmp_path):
     assert (args.tensor_model_parallel_size, args.sequence_parallel, args.lora_r) == (8, True, 64)
     assert args.student_schedule() == SCHEDULE
     assert args.load.endswith("model_ema.pt") and args.lora_load == str(tmp_path / "proj")
+    from mindspeed_mm_osp.tools.plan import trainable_plan
+
+    plan = trainable_plan(args)  # the planner's teacher forwards: round(12 x 3.5295) for the launcher's K = 4
+    assert (plan.lora_targets, plan.teacher_passes, plan.teacher_rows) == (("all",), 42, 2)
 
 
 def test_planner_counts_adapters_the_frozen_base_and_the_teacher_forwards():
