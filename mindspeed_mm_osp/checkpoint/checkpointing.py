@@ -41,7 +41,9 @@ from torch import nn
 
 from .. import platform
 from ..models.wrappers import unwrap
-from ..optim import gathers_locally, load_optimizer_state, optimizer_state_for_save, reset_optimizer_state
+from ..errors import UserError
+from ..optim import (gathers_locally, load_optimizer_state, optimizer_state_for_save, reset_optimizer_state,
+                     schedule_mismatches)
 from ..parallel import ParallelDims
 from ..io_atomic import atomic_write_text
 from .async_save import AsyncSaves, local_request
@@ -349,10 +351,29 @@ def _restore_optimizer(model: nn.Module, optimizer, saved: RankFile) -> None:
         raise CheckpointError(f"{saved.path}: optimizer state does not fit this model/optimizer: {exc}") from exc
 
 
+class ScheduleMismatchError(UserError):
+    """The LR schedule of the flags differs from the checkpoint's and no flag says which one to keep."""
+
+
+def check_schedule(scheduler, saved: RankFile) -> None:
+    """Refuse, before megatron's scheduler asserts on it, a resume whose schedule flags differ from the
+    checkpoint's (`--train-iters`, `--lr`, ...), naming each flag and both ways to resolve it."""
+    state = saved.state.get("opt_param_scheduler")
+    differing = schedule_mismatches(scheduler, state) if scheduler is not None and state else []
+    if differing:
+        folder = saved.path if saved.path.is_dir() else saved.path.parent.parent
+        raise ScheduleMismatchError(
+            f"{folder}: the LR schedule of the flags differs from the checkpoint's: {'; '.join(differing)}. Pass "
+            "--override-opt_param-scheduler to continue on the flags' schedule, or "
+            "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (or resume with the checkpoint's values)")
+
+
 def _restore_training_state(model: nn.Module, saved: RankFile, optimizer, scheduler, clip, *, fresh_optimizer: bool,
                             load_rng: bool, dp_rank: int) -> None:
     """Optimizer, scheduler and clip state (or a fresh optimizer from the loaded weights), then the RNG states."""
     state = saved.state
+    if not fresh_optimizer:
+        check_schedule(scheduler, saved)  # before anything is restored
     if optimizer is not None:
         if fresh_optimizer:
             reset_optimizer_state(optimizer)  # main (fp32) params from the loaded weights

@@ -18,11 +18,12 @@ from .megatron import (
     optimizer_state_for_save,
     reset_optimizer_state,
     scatter_model_space,
+    schedule_mismatches,
 )
 
 __all__ = [
     "AdaptiveGradClip", "ClipDecision", "ClipStepResult", "EMA_KEY", "FusedEmaAdamW", "OptimizerSettings",
     "build_lr_scheduler", "build_optimizer", "clip_and_step", "ema_decay_at", "ema_state_dict",
     "gather_model_space", "gathers_locally", "load_optimizer_state", "optimizer_state_for_save", "reset_optimizer_state",
-    "scatter_model_space",
+    "scatter_model_space", "schedule_mismatches",
 ]

@@ -26,7 +26,7 @@ from .fused_ema_adamw import EMA_KEY, FusedEmaAdamW
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", EMA_KEY, "step")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-_NOT_FLAGS = ("use_checkpoint_opt_param_scheduler", "override_opt_param_scheduler", "fused")  # API-only settings
+_NOT_FLAGS = ("fused",)  # API-only settings
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class OptimizerSettings:
     lr_warmup_init: float = 0.0           # --lr-warmup-init
     lr_decay_style: str = "constant"      # --lr-decay-style
     lr_decay_iters: Optional[int] = None  # --lr-decay-iters (default: train_iters)
-    use_checkpoint_opt_param_scheduler: bool = False
-    override_opt_param_scheduler: bool = False
+    train_epochs: Optional[int] = None    # --train-epochs (when it set train_iters; named in resume errors)
+    use_checkpoint_opt_param_scheduler: bool = False  # --use-checkpoint-opt_param-scheduler
+    override_opt_param_scheduler: bool = False        # --override-opt_param-scheduler
     fused: Optional[bool] = None          # FusedEmaAdamW kernel; None: torch's fused kernel on CUDA/CPU
 
     @classmethod
@@ -84,6 +85,9 @@ class OptimizerSettings:
             raise ValueError(f"--lr-warmup-fraction={self.lr_warmup_fraction} must lie in [0, 1)")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
+        if self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler:
+            raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                             "exclusive; keep one")
 
 
 def build_optimizer(model_chunks: nn.Module | Sequence[nn.Module], settings: OptimizerSettings):
@@ -135,13 +139,52 @@ def build_lr_scheduler(optimizer, settings: OptimizerSettings):
     if decay_iters <= 0 or warmup_iters >= decay_iters:
         raise UserError(f"LR warm-up ({warmup_iters} iters) must be shorter than the decay ({decay_iters} iters); "
                          "check --lr-warmup-iters/--lr-warmup-fraction, --lr-decay-iters and --train-iters")
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer, init_lr=settings.lr_warmup_init, max_lr=settings.lr, min_lr=settings.min_lr,
         lr_warmup_steps=warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=settings.lr_decay_style,
         start_wd=settings.weight_decay, end_wd=settings.weight_decay, wd_incr_steps=decay_iters,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=settings.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=settings.override_opt_param_scheduler,
     )
+    scheduler.flag_names = _schedule_flag_names(settings)
+    return scheduler
+
+
+# Megatron's scheduler state keys that `load_state_dict` requires to match (`num_steps` is the position).
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
+                 "wd_incr_steps", "wd_incr_style")
+
+
+def _schedule_flag_names(settings: OptimizerSettings) -> dict[str, str]:
+    """Each `SCHEDULE_KEYS` entry as the flag that set it in this run; a step count derived from another flag
+    reads `FLAG VALUE gives`, so the message can say which flag to change."""
+    if settings.lr_decay_iters:
+        horizon = "--lr-decay-iters"
+    elif settings.train_epochs:
+        horizon = f"--train-iters / --train-epochs {settings.train_epochs} gives"
+    else:
+        horizon = "--train-iters"
+    warmup = ("--lr-warmup-iters" if settings.lr_warmup_fraction is None
+              else f"--lr-warmup-fraction {settings.lr_warmup_fraction} gives")
+    return {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": warmup, "lr_decay_steps": horizon,
+            "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+            "wd_incr_steps": horizon, "wd_incr_style": "weight-decay increment style"}
+
+
+def schedule_mismatches(scheduler, saved: dict) -> list[str]:
+    """What megatron's `load_state_dict` would assert on: each setting of `scheduler` that differs from the
+    checkpoint's scheduler state `saved`, as `FLAG VALUE (checkpoint: VALUE)`, one entry per flag. Empty when
+    they agree or when one of the two Megatron flags says which schedule wins."""
+    if scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler:
+        return []
+    names = getattr(scheduler, "flag_names", {})  # a scheduler not built here: megatron's key names
+    current = scheduler.state_dict()
+    found: dict[str, str] = {}
+    for key in SCHEDULE_KEYS:
+        if key in saved and saved[key] != current[key]:
+            name = names.get(key, key)
+            found.setdefault(name, f"{name} {current[key]} (checkpoint: {saved[key]})")
+    return list(found.values())
 
 
 # --- model-space view of the (possibly sharded) optimizer state -------------------------------------------------

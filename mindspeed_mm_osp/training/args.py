@@ -89,6 +89,8 @@ class OptimizerArgs(_Flags):
     clip_grad: float = 1.0
     clip_grad_ema_decay: Optional[float] = None
     max_consecutive_skips: int = 10
+    override_opt_param_scheduler: bool = False  # resume on the flags' LR schedule
+    use_checkpoint_opt_param_scheduler: bool = False  # resume on the checkpoint's LR schedule
 
 
 @dataclass(frozen=True, kw_only=True)

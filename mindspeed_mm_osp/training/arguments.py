@@ -195,6 +195,13 @@ def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--max-consecutive-skips", type=int, default=10,
                      help="stop (after saving the last good state) when this many steps in a row are skipped "
                           "for non-finite or extreme gradients")
+    opt.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                     dest="override_opt_param_scheduler", action="store_true",
+                     help="on resume, take the LR schedule from these flags and keep only the checkpoint's "
+                          "position in it (e.g. to extend a run with a larger --train-iters)")
+    opt.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                     dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                     help="on resume, take the LR schedule from the checkpoint and ignore the schedule flags")
 
 
 def _add_precision_flags(p: argparse.ArgumentParser) -> None:
@@ -410,6 +417,10 @@ def _check_combinations(args: argparse.Namespace) -> None:
     """Flags that only make sense together (or never together)."""
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                            "exclusive: keep the first to train on the flags' LR schedule, the second to keep the "
+                            "checkpoint's")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False  # as Megatron: SP needs TP > 1
     full = args.recompute_granularity == "full" and args.recompute_num_layers > 0

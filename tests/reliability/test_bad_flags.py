@@ -117,6 +117,8 @@ REGRESSIONS.update({  # validation and epochs (issue 29)
                                                                         "--validation-interval", "5"],
     "--validation-size is FxHxW": ["--validation-size", "17x64"],
 })
+REGRESSIONS["--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler"] = [
+    "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]
 REGRESSIONS.update({  # were ZeroDivisionErrors
     "--micro-batch-size 0": ["--micro-batch-size", "0"],
     "--tensor-model-parallel-size 0": ["--tensor-model-parallel-size", "0"],
