@@ -10,7 +10,9 @@ video (text encoding and decode excluded), measured in this run: the median over
 the samplers take turns.
 
 Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first), and `w256`,
-a width-256 predictor (4 heads of 64) with random weights, distilled on the same data. `--quick`: a random tiny
+a width-256 predictor (4 heads of 64) with random weights, distilled on the same data (it reads only the demo's
+models/: VAE and text encoders). `--lora-r`, `--lr` and `--lora-target-modules` set the students' adapters and
+learning rate (default: r=16, lr 1e-3, the distillation's default targets, every linear). `--quick`: a random tiny
 teacher on a throw-away synthetic set, a few iterations and 4 of the prompts (proves the path, not the target).
 `--captions N`: distil on N distinct captions generated from a word list of the prompts' domain (none of them a
 benchmark prompt) instead of the demo's own; the evaluation is unchanged.
