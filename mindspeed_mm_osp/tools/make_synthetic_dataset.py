@@ -6,11 +6,13 @@ OUT gets `set1/` (video edge cases V1–V21, incl. a corrupt, a zero-byte and a
 missing file), `set2/` (image cases I1–I7 and records without caption/resolution),
 `set3/` (N random videos and M random images that all pass the filter), one
 `anno.json` per set (each record carries an `id` naming its case), `data.txt` (with a
-blank line) and `data.json` (17 frames, 64×128, force_resolution). For your own videos use
+blank line), `data.json` (17 frames, 64×128, force_resolution) and `clips.txt` (set3's
+random videos alone, annotated in `set3/clips.json`). For your own videos use
 `tools.prepare_dataset`; the annotation format and the data.txt line are in docs/data.md, "Your own videos".
 
 Frame k of every clip encodes k: the background has grey level `8 + 6·(k mod 40)` and the
-top-left quadrant `8 + 6·(k div 40)`; a white square moves in the bottom-right quadrant.
+top-left quadrant `8 + 6·(k div 40)`; a green square, a quarter of the short side, moves in the bottom-right
+quadrant (large and coloured so that it stays visible through the tiny demo VAE at any background level).
 `decode_frame_index` recovers k from a decoded (or resized) frame.
 """
 
@@ -29,16 +31,17 @@ from ..data.dataset import BROKEN_ON_PURPOSE
 from ..errors import check_output_dir, check_ranges, entry_point
 
 RED_BAND = 16
+SQUARE_RGB = (40, 220, 60)  # green: never mistaken for the red crop bands (R < G)
 
 
 def frame_pixels(k: int, height: int, width: int) -> np.ndarray:
     """uint8 [H, W, 3] content of frame k (see module docstring)."""
     img = np.full((height, width, 3), 8 + 6 * (k % 40), np.uint8)
     img[: height // 2, : width // 2] = 8 + 6 * (k // 40)
-    side = max(2, min(height, width) // 8)
+    side = max(2, min(height, width) // 4)
     y = height // 2 + (k * 3) % max(1, height // 2 - side)
     x = width // 2 + (k * 5) % max(1, width // 2 - side)
-    img[y:y + side, x:x + side] = 255
+    img[y:y + side, x:x + side] = SQUARE_RGB
     return img
 
 
@@ -146,6 +149,7 @@ class SyntheticDataset:
     data_txt: Path
     data_json: Path
     annotations: tuple[Path, ...]
+    clips_txt: Path  # set3's random clips alone: no edge cases, no stills (what the demo's predictor learns)
 
 
 def data_json_dict(data_txt: str | Path, **preprocess_overrides) -> dict:
@@ -172,10 +176,10 @@ def _edge_case_videos(folder: Path, rng: np.random.Generator) -> list[dict]:
     records = []
     for vid, name, media, extra in _VIDEOS:
         path = folder / name
-        if media is not None and not path.exists():
+        if media is not None:  # always rewritten: a file from an older generator must not survive --overwrite
             h, w, fps, n = media
             write_video(path, n, h, w, fps, red_bands=RED_BAND if vid == "V11" else 0)
-        rec = {"id": vid, "path": name, "cap": f"a synthetic clip {vid.lower()} with a moving white square"}
+        rec = {"id": vid, "path": name, "cap": f"a synthetic clip {vid.lower()} with a moving green square"}
         if media is not None:
             h, w, fps, n = media
             rec.update(resolution={"height": h, "width": w}, num_frames=n, fps=fps)
@@ -254,8 +258,12 @@ def make_synthetic_dataset(out_dir: str | Path, num_videos: int = 8, num_images:
     data_txt.write_text("\n".join(lines))
     data_json = root / "data.json"
     data_json.write_text(json.dumps(data_json_dict(data_txt), indent=2))
+    clips = sets["set3"] / "clips.json"
+    clips.write_text(json.dumps([r for r in records["set3"] if "num_frames" in r], indent=1))
+    clips_txt = root / "clips.txt"
+    clips_txt.write_text(f"{sets['set3']},{clips}\n")
     (root / BROKEN_ON_PURPOSE).write_text(_BROKEN_HEADER + "".join(f"{p}  # {why}\n" for p, why in BROKEN_FILES))
-    return SyntheticDataset(root, data_txt, data_json, tuple(annos))
+    return SyntheticDataset(root, data_txt, data_json, tuple(annos), clips_txt)
 
 
 # Files set1 breaks on purpose (read failures the training log announces as expected), and why.
