@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The embedded end-to-end demo on CPU (a few minutes on 2 cores), everything under demo_out/:
 #   1. synthetic videos/images with captions; tiny random-weight WF-VAE, T5 and CLIP folders
-#   2. train the tiny WF-VAE (data parallel on 2 CPU processes) and put its EMA weights where the model JSON
-#      expects the VAE; its reconstruction PSNR of a training clip is printed before and after; its latents'
-#      per-channel mean and spread go into demo copies of the model and inference JSONs (demo_out/*.json)
-#   3. train the tiny SparseUMMDiT on that VAE's latents with TP=2 + sequence parallel, save, stop
-#   4. resume from the checkpoint and train to the end
-#   5. merge the TP shards, taking the EMA weights
-#   6. generate a video from a prompt with the merged EMA weights
+#   2. train the tiny WF-VAE (data parallel on 2 CPU processes, on every synthetic file, the broken ones included)
+#      and put its EMA weights where the model JSON expects the VAE; its reconstruction PSNR of a training clip is
+#      printed before and after; its latents' per-channel mean and spread go into demo copies of the model and
+#      inference JSONs (demo_out/*.json)
+#   3. train the tiny SparseUMMDiT on that VAE's latents of the synthetic clips with TP=2 + sequence parallel,
+#      save a torch_dist checkpoint, stop
+#   4. resume that checkpoint at another layout (TP=1 x DP=2: it reshards) and train to the end
+#   5. merge the checkpoint into one weights file, taking the EMA weights
+#   6. generate a video from a training caption with the merged EMA weights
 #   7. one PNG side by side: training clip | VAE reconstruction, and the generated sample
 set -euo pipefail
 source "$(dirname "$0")/demo_env.sh"
-ITERS=${ITERS:-40}
-HALF=$((ITERS / 2))
+ITERS=${ITERS:-150}    # predictor iterations of 4 clips each (8 clips: 2 iterations per pass over the data)
+FIRST=${FIRST:-6}      # of which at TP=2 + SP, before the layout changes
 VAE_ITERS=${VAE_ITERS:-300}  # 2 clips each: under a minute on 2 idle CPU cores
 CLIP="$OUT/data/set3/r000.mp4"
 rm -rf "$OUT/ckpt" "$OUT/merged" "$OUT/samples" "$OUT/vae_ckpt" "$OUT/recon_before" "$OUT/recon_after" \
@@ -65,26 +67,26 @@ for name in ("model.json", "inference.json"):
 print("latent mean", [round(float(m), 3) for m in mean], "std", [round(float(s), 3) for s in std])
 PY
 
-TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
-  --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer \
-  --micro-batch-size 1 --global-batch-size 1 --train-iters $ITERS \
-  --lr 1e-3 --lr-warmup-iters 4 --lr-decay-style cosine --min-lr 1e-4 --weight-decay 1e-4 --clip-grad 1.0 \
-  --ema-decay 0.99 --seed 1234 --log-interval 1 --save $OUT/ckpt --save-interval $HALF --train-epochs 2 \
-  --mm-valid-data examples/tiny/data.json --eval-interval $HALF --eval-iters 4 \
+TRAIN_ARGS="--mm-data examples/tiny/clips_data.json --mm-model $OUT/model.json \
+  --use-distributed-optimizer --micro-batch-size 2 --global-batch-size 4 --train-epochs $((ITERS / 2)) \
+  --lr 2e-3 --lr-warmup-iters 4 --lr-decay-style cosine --min-lr 1e-4 --weight-decay 1e-4 --clip-grad 1.0 \
+  --ema-decay 0.99 --seed 1234 --log-interval 5 --save $OUT/ckpt --ckpt-format torch_dist \
+  --mm-valid-data examples/tiny/clips_data.json --eval-interval $ITERS --eval-iters 2 \
   --validation-prompts examples/tiny/validation_prompts.txt --validation-interval $ITERS"
 
-echo "== 3/7 train the predictor (TP=2 + SP, 2 CPU ranks), stop at iteration $HALF"
-$TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --exit-interval $HALF
+echo "== 3/7 train the predictor on the VAE's latents (TP=2 + SP, 2 CPU ranks), save at iteration $FIRST and stop"
+$TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --tensor-model-parallel-size 2 --sequence-parallel \
+  --save-interval $FIRST --exit-interval $FIRST
 
-echo "== 4/7 resume from $OUT/ckpt and train to iteration $ITERS"
-$TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --load $OUT/ckpt
+echo "== 4/7 resume from $OUT/ckpt at TP=1 x DP=2 (the torch_dist checkpoint reshards) and train to iteration $ITERS"
+$TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --save-interval $ITERS --load $OUT/ckpt
 
-echo "== 5/7 merge TP shards (EMA weights)"
+echo "== 5/7 merge the checkpoint into one weights file (EMA weights)"
 $PY convert_mm_to_ckpt.py --load_dir $OUT/ckpt --save_dir $OUT/merged --ema
 
 echo "== 6/7 generate"
 $PY inference.py --config $OUT/inference.json --predictor-weights $OUT/merged/model_ema.safetensors \
-  --save-path $OUT/samples --prompt "random clip number 0"
+  --save-path $OUT/samples --prompt "random clip number 0" --num-inference-steps 24 --guidance-scale 1
 ls -l $OUT/samples
 
 echo "== 7/7 side by side: $OUT/compare.png"
