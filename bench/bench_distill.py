@@ -9,15 +9,17 @@ recorded schedule. The 16 prompts are none of the training captions; prompt i al
 video (text encoding and decode excluded), measured in this run: the median over 3 rounds of 2 prompts in which
 the samplers take turns.
 
-Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first), and `w256`,
-a width-256 predictor (4 heads of 64) with random weights, distilled on the same data (it reads only the demo's
-models/: VAE and text encoders). `--lora-r`, `--lr` and `--lora-target-modules` set the students' adapters and
+Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first); `w256`, a
+width-256 predictor (4 heads of 64) with random weights, distilled on the same data (it reads only the demo's
+models/: VAE and text encoders); `w256-trained`, that width-256 predictor first trained from scratch as the demo
+trains its tiny one (`--teacher-iters`, default 150), because a released teacher is trained. All of them see the
+latents with the demo's measured normalisation (demo_out/inference.json). `--lora-r`, `--lr` and `--lora-target-modules` set the students' adapters and
 learning rate (default: r=16, lr 1e-3, the distillation's default targets, every linear). `--quick`: a random tiny
 teacher on a throw-away synthetic set, a few iterations and 4 of the prompts (proves the path, not the target).
 `--captions N`: distil on N distinct captions generated from a word list of the prompts' domain (none of them a
 benchmark prompt) instead of the demo's own; the evaluation is unchanged.
 
-    python bench/bench_distill.py --json distill.json      # ~15 min on 2 CPU cores
+    python bench/bench_distill.py --json distill.json      # ~45 min on 2 CPU cores
     python bench/bench_distill.py --quick
 """
 
@@ -43,6 +45,7 @@ PROMPTS = [
     "a tiny white tile sliding along the bottom",
 ]
 SEED = 42
+TEACHERS = ("tiny-demo", "w256", "w256-trained")
 STUDENTS = (4, 8)
 TEACHER_STEPS = 50
 SUBSTEPS_TOTAL = 24  # each student's teacher covers its K steps with 24 / K sub-steps
@@ -171,10 +174,21 @@ def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[s
             "loss_first_last": {k: [round(v[0], 5), round(v[-1], 5)] for k, v in losses.items()}}
 
 
-def _inference_json(models: Path, out: Path, predictor: dict) -> Path:
-    """examples/tiny/inference.json on the models in `models`, with `predictor` keys replaced."""
+def _latent_norm(demo: Path) -> dict:
+    """The `ae.shift`/`ae.scale` run_demo.sh measured on its trained VAE (its demo_out/inference.json), so the
+    teachers see latents scaled as the demo's predictor was trained; none before the demo has run."""
+    path = demo / "inference.json"
+    if not path.is_file():
+        return {}
+    ae = json.loads(path.read_text())["ae"]
+    return {"shift": ae["shift"], "scale": ae["scale"]}
+
+
+def _inference_json(models: Path, out: Path, predictor: dict, norm: dict) -> Path:
+    """examples/tiny/inference.json on the models in `models`, with `predictor` and the latent `norm` keys
+    replaced."""
     data = json.loads((ROOT / "examples/tiny/inference.json").read_text())
-    data["ae"]["from_pretrained"] = str(models / "vae" / "merged.ckpt")
+    data["ae"].update(norm, from_pretrained=str(models / "vae" / "merged.ckpt"))
     for key, folder in [("text_encoder", "t5"), ("tokenizer", "t5"), ("text_encoder_2", "clip"),
                         ("tokenizer_2", "clip")]:
         data[key]["from_pretrained"] = str(models / folder)
@@ -238,7 +252,7 @@ def _caption_set(root: Path, count: int) -> Path:
     return root / "captions.txt"
 
 
-def _demo_configs(models: Path, out: Path, captions: int) -> dict:
+def _demo_configs(models: Path, out: Path, captions: int, norm: dict) -> dict:
     """The tiny demo's data and model JSONs on the models in `models` and a fresh copy of its synthetic data set
     (the generator is deterministic), so that the run reads nothing another job may rewrite under ./demo_out."""
     from mindspeed_mm_osp.testing import tiny_model_config
@@ -252,12 +266,40 @@ def _demo_configs(models: Path, out: Path, captions: int) -> dict:
     param["tokenizer_config"]["from_pretrained"] = str(models / "t5")
     param["tokenizer_config_2"]["from_pretrained"] = str(models / "clip")
     (out / "data.json").write_text(json.dumps(data, indent=1))
+    param["basic_parameters"]["data_path"] = str(synthetic.clips_txt)  # what run_demo.sh trains its predictor on
+    param["preprocess_parameters"]["min_samples_per_shape_factor"] = 1
+    (out / "clips.json").write_text(json.dumps(data, indent=1))
     model = tiny_model_config({"vae": models / "vae" / "merged.ckpt", "t5": models / "t5", "clip": models / "clip"})
+    model["ae"].update(norm)
     (out / "model.json").write_text(json.dumps(model, indent=1))
-    return {"data": out / "data.json", "model": out / "model.json"}
+    return {"data": out / "data.json", "clips": out / "clips.json", "model": out / "model.json"}
 
 
-def teachers(quick: bool, demo: Path, out: Path, captions: int, names: list[str]) -> dict:
+def _pretrain_rank(rank, world_size, argv):
+    from mindspeed_mm_osp.training.arguments import parse_args
+    from mindspeed_mm_osp.training.trainer import pretrain
+
+    pretrain(parse_args(argv, world_size=world_size))
+
+
+def _trained_teacher(files: dict, model_json: Path, out: Path, iters: int) -> Path:
+    """Merged EMA weights of the predictor of `model_json` trained from scratch as run_demo.sh trains the tiny one
+    (its 8 clips, global batch 4 on 2 ranks, lr 2e-3, EMA 0.99) for `iters` iterations."""
+    from mindspeed_mm_osp.checkpoint import convert
+    from mindspeed_mm_osp.testing import run_distributed
+
+    ckpt = out / "teacher_ckpt"
+    argv = ["--mm-data", str(files["clips"]), "--mm-model", str(model_json), "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", str(iters), "--train-epochs", str(iters), "--lr", "2e-3",
+            "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--weight-decay", "1e-4",
+            "--clip-grad", "1.0", "--ema-decay", "0.99", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
+            "--save", str(ckpt), "--save-interval", str(iters)]
+    run_distributed(_pretrain_rank, 2, argv, timeout=3600)
+    convert.main(["--load_dir", str(ckpt), "--save_dir", str(out / "teacher"), "--ema", "--format", "safetensors"])
+    return out / "teacher" / "model_ema.safetensors"
+
+
+def teachers(quick: bool, demo: Path, out: Path, captions: int, names: list[str], teacher_iters: int) -> dict:
     """Name -> the files a teacher's run reads (data and model JSON, teacher weights, inference JSON), for the
     teachers in `names`. `w256` reads only the demo's models/ (its VAE and text encoders), not its predictor."""
     if quick:
@@ -267,12 +309,13 @@ def teachers(quick: bool, demo: Path, out: Path, captions: int, names: list[str]
         setup = make_tiny_setup(out / "quick")
         model, weights = _random_teacher(setup.model_json, out / "quick", {})
         return {"tiny-random": dict(data=setup.data_json, model=model, teacher=weights,
-                                    inference=_inference_json(out / "quick" / "models", out / "quick", {}))}
+                                    inference=_inference_json(out / "quick" / "models", out / "quick", {}, {}))}
     if not (demo / "models" / "vae" / "merged.ckpt").is_file():
         raise SystemExit(f"bench_distill.py: no {demo / 'models'}: run examples/tiny/run_demo.sh first (it trains "
                          "the VAE and the tiny-demo teacher)")
-    demo_files = dict(_demo_configs(demo / "models", out, captions),
-                      inference=_inference_json(demo / "models", out, {}))
+    norm = _latent_norm(demo)
+    demo_files = dict(_demo_configs(demo / "models", out, captions, norm),
+                      inference=_inference_json(demo / "models", out, {}, norm))
     found = {}
     if "tiny-demo" in names:
         weights = demo / "merged" / "model_ema.safetensors"
@@ -280,12 +323,18 @@ def teachers(quick: bool, demo: Path, out: Path, captions: int, names: list[str]
             raise SystemExit(f"bench_distill.py: no {weights}: run examples/tiny/run_demo.sh first (it trains the "
                              "teacher)")
         found["tiny-demo"] = dict(demo_files, teacher=weights)
+    wide = {"head_dim": 64}  # 4 heads x 64 = width 256
     if "w256" in names:
-        wide = {"head_dim": 64}  # 4 heads x 64 = width 256
         (out / "w256").mkdir(parents=True, exist_ok=True)
         model, wide_weights = _random_teacher(demo_files["model"], out / "w256", wide)
         found["w256"] = dict(demo_files, model=model, teacher=wide_weights,
-                             inference=_inference_json(demo / "models", out / "w256", wide))
+                             inference=_inference_json(demo / "models", out / "w256", wide, norm))
+    if "w256-trained" in names:
+        (out / "w256-trained").mkdir(parents=True, exist_ok=True)
+        model, _ = _random_teacher(demo_files["model"], out / "w256-trained", wide)
+        found["w256-trained"] = dict(demo_files, model=model,
+                                     teacher=_trained_teacher(demo_files, model, out / "w256-trained", teacher_iters),
+                                     inference=_inference_json(demo / "models", out / "w256-trained", wide, norm))
     return found
 
 
@@ -296,8 +345,10 @@ def main() -> None:
                                                            "quick: 6)")
     p.add_argument("--demo-dir", type=Path, default=ROOT / "demo_out",
                    help="where run_demo.sh wrote its outputs (its models/ and merged/ are read)")
-    p.add_argument("--teacher", choices=["tiny-demo", "w256"], action="append", default=None,
-                   help="run only this teacher (repeatable; default: both)")
+    p.add_argument("--teacher", choices=list(TEACHERS), action="append", default=None,
+                   help="run only this teacher (repeatable; default: all three)")
+    p.add_argument("--teacher-iters", type=int, default=150,
+                   help="w256-trained: its training iterations before distillation (default 150, the demo's)")
     p.add_argument("--students", type=int, nargs="+", choices=STUDENTS, default=list(STUDENTS),
                    help="student step counts to distil")
     p.add_argument("--captions", type=int, default=0, metavar="N",
@@ -311,10 +362,11 @@ def main() -> None:
     iters = args.iters or (6 if args.quick else 300)
     student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr),
                *(("--lora-target-modules", *args.lora_target_modules) if args.lora_target_modules else ()))
-    names = args.teacher or ["tiny-demo", "w256"]
+    names = args.teacher or list(TEACHERS)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
-        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp), args.captions, names).items():
+        for name, files in teachers(args.quick, args.demo_dir.resolve(), Path(tmp), args.captions, names,
+                                     args.teacher_iters).items():
             result = bench_teacher(name, files, iters, Path(tmp) / name, PROMPTS[:4] if args.quick else PROMPTS,
                                    tuple(args.students), student)
             results.append(result)
