@@ -245,7 +245,7 @@ def training_captions(count: int) -> list[str]:
 def _caption_set(root: Path, count: int) -> Path:
     """data.txt of the synthetic set's random videos, each record repeated under `training_captions(count)` (the
     distillation reads only the caption and the latent shape from the data)."""
-    videos = [r for r in json.loads((root / "set3" / "anno.json").read_text()) if "num_frames" in r]
+    videos = json.loads((root / "set3" / "clips.json").read_text())
     records = [dict(videos[i % len(videos)], id=f"C{i}", cap=cap) for i, cap in enumerate(training_captions(count))]
     (root / "set3" / "captions.json").write_text(json.dumps(records, indent=1))
     (root / "captions.txt").write_text(f"{root / 'set3'},{root / 'set3' / 'captions.json'}\n")
@@ -258,17 +258,17 @@ def _demo_configs(models: Path, out: Path, captions: int, norm: dict) -> dict:
     from mindspeed_mm_osp.testing import tiny_model_config
     from mindspeed_mm_osp.tools.make_synthetic_dataset import make_synthetic_dataset
 
-    data = json.loads((ROOT / "examples/tiny/data.json").read_text())
-    param = data["dataset_param"]
     synthetic = make_synthetic_dataset(out / "data")
     data_txt = _caption_set(synthetic.root, captions) if captions else synthetic.data_txt
-    param["basic_parameters"]["data_path"] = str(data_txt)
-    param["tokenizer_config"]["from_pretrained"] = str(models / "t5")
-    param["tokenizer_config_2"]["from_pretrained"] = str(models / "clip")
-    (out / "data.json").write_text(json.dumps(data, indent=1))
-    param["basic_parameters"]["data_path"] = str(synthetic.clips_txt)  # what run_demo.sh trains its predictor on
-    param["preprocess_parameters"]["min_samples_per_shape_factor"] = 1
-    (out / "clips.json").write_text(json.dumps(data, indent=1))
+    # the demo's data JSONs: the whole set (the distillation's captions) and the clips its predictor trains on
+    for template, path, name in (("data.json", data_txt, "data.json"), ("clips_data.json", synthetic.clips_txt,
+                                                                          "clips.json")):
+        data = json.loads((ROOT / "examples/tiny" / template).read_text())
+        param = data["dataset_param"]
+        param["basic_parameters"]["data_path"] = str(path)
+        param["tokenizer_config"]["from_pretrained"] = str(models / "t5")
+        param["tokenizer_config_2"]["from_pretrained"] = str(models / "clip")
+        (out / name).write_text(json.dumps(data, indent=1))
     model = tiny_model_config({"vae": models / "vae" / "merged.ckpt", "t5": models / "t5", "clip": models / "clip"})
     model["ae"].update(norm)
     (out / "model.json").write_text(json.dumps(model, indent=1))
