@@ -197,10 +197,11 @@ def request_moves(argv: list[str], prompt: str) -> list[tuple[str, str, str]]:
 
     package = Path(mindspeed_mm_osp.__file__).resolve().parent
     root, layer = str(package), str(package / "inference") + "/"
-    tracked, frames, moves = {id(argv)}, {}, []
+    # Keyed by id but holding the object: a freed request value's id could be reused by an unrelated object.
+    tracked, frames, moves = {id(argv): argv}, {}, []
 
     def track(value) -> None:
-        tracked.add(id(value))
+        tracked[id(value)] = value
         for f in dataclasses.fields(value):
             if dataclasses.is_dataclass(getattr(value, f.name)):
                 track(getattr(value, f.name))
