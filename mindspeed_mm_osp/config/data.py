@@ -192,6 +192,9 @@ class DatasetParam:
     use_img_from_vid: bool = False
     # Image-to-video training (a `SparseUMMDiTInpaint` predictor): every sample also carries a frame mask.
     mask_config: Optional[MaskConfig] = None
+    # A prompt-template version ("v1.5"): every training caption becomes the text the sampler encodes for it as a
+    # prompt (the template, then cleaning), as distillation needs (docs/distillation.md); none: the caption as is.
+    caption_template: Optional[Literal["v1.5"]] = None
 
     # The reference's data.json says `enable_text_preprocess`, its constructor reads
     # `enable_text_preprocessing` (docs/reference_bugs.md, `text-preprocess-key-spelling`): accept both spellings.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -66,20 +66,26 @@ def _caption_cleaner() -> Callable[[str], str]:
 class CaptionProcessor:
     """Pick one caption, clean it (twice, as the reference does), drop it to "" with probability `cfg`,
     tokenize with both tokenizers. The CFG drop does not depend on cleaning (in the reference it
-    happens only when cleaning is on)."""
+    happens only when cleaning is on). With a `template` (a prompt-template version, `caption_template` of the
+    data JSON) the caption becomes the text the sampler would encode for it as a prompt instead."""
 
-    def __init__(self, tokenizer, tokenizer_2, *, max_length: int, cfg: float, clean: bool):
+    def __init__(self, tokenizer, tokenizer_2, *, max_length: int, cfg: float, clean: bool,
+                 template: Optional[str] = None):
         from ..models.text.tokenizer import tokenize
 
         self._tokenize = tokenize
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.max_length, self.cfg = max_length, cfg
+        self.max_length, self.cfg, self.template = max_length, cfg, template
         self.clean = _caption_cleaner() if clean else None
 
     def choose(self, cap, rng: np.random.Generator) -> str:
         caps = [cap] if isinstance(cap, str) else list(cap)
         text = str(caps[int(rng.integers(len(caps)))])
-        if self.clean is not None:
+        if self.template is not None:
+            from ..models.text import sampler_texts
+
+            text = sampler_texts(text, None, self.template)[0]
+        elif self.clean is not None:
             text = self.clean(self.clean(text))
         return "" if rng.random() < self.cfg else text
 
@@ -105,7 +111,8 @@ class T2VDataset(torch.utils.data.Dataset):
                              "Open-Sora Plan v1.5 video training sets it to false")
         self.index, self.preprocess, self.seed, self.reader = index, preprocess, seed, video_reader
         self.text = CaptionProcessor(tokenizer, tokenizer_2, max_length=dataset_param.model_max_length, cfg=preprocess.cfg,
-                                     clean=dataset_param.enable_text_preprocess)
+                                     clean=dataset_param.enable_text_preprocess,
+                                     template=dataset_param.caption_template)
         tp = preprocess.train_pipeline
         self.video_transform: Compose = build_pipeline(tp.video) if tp.video else default_pipeline(preprocess)
         self.image_transform: Compose = build_pipeline(tp.image) if tp.image else default_pipeline(preprocess)

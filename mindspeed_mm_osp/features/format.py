@@ -104,7 +104,8 @@ def provenance(data_config: DataConfig, model_config: ModelConfig) -> dict:
                 "clip": None if clip is None else _abspath(clip.from_pretrained), "dtype": model_config.weight_dtype,
                 "tokenizer": _abspath(dp.tokenizer_config.from_pretrained) if dp.tokenizer_config else None,
                 "tokenizer_2": _abspath(dp.tokenizer_config_2.from_pretrained) if dp.tokenizer_config_2 else None,
-                "model_max_length": dp.model_max_length, "enable_text_preprocess": dp.enable_text_preprocess}
+                "model_max_length": dp.model_max_length, "enable_text_preprocess": dp.enable_text_preprocess,
+                **({"caption_template": dp.caption_template} if dp.caption_template else {})}
     return _canonical({"data": data, "vae": vae, "text": text})
 
 

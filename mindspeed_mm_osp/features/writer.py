@@ -110,7 +110,7 @@ class _ShardWriter:
         # One option and cfg=0: `choose` is then exactly the online cleaning (which, like the reference loader,
         # cleans a caption twice) and never drops it.
         self._cleaner = CaptionProcessor(None, None, max_length=dp.model_max_length, cfg=0.0,
-                                         clean=dp.enable_text_preprocess)
+                                         clean=dp.enable_text_preprocess, template=dp.caption_template)
 
     def clean(self, raw: str) -> str:
         return self._cleaner.choose([raw], np.random.default_rng(0))

@@ -38,10 +38,10 @@ logger = logging.getLogger("mindspeed_mm_osp.inference")
 
 def prepare_texts(prompts: Sequence[str], negative_prompt: Optional[str], version: str) -> tuple[list[str], list[str]]:
     """(positive, negative) texts after the prompt template and caption cleaning, one pair per prompt."""
-    from ..models.text import apply_prompt_template, clean_caption
+    from ..models.text import sampler_texts
 
-    pairs = [apply_prompt_template(p, negative_prompt, version) for p in prompts]
-    return [clean_caption(p) for p, _ in pairs], [clean_caption(n) for _, n in pairs]
+    pairs = [sampler_texts(p, negative_prompt, version) for p in prompts]
+    return [p for p, _ in pairs], [n for _, n in pairs]
 
 
 def latent_shape(cfg: InferenceConfig) -> tuple[int, int, int, int]:

@@ -27,6 +27,7 @@ from ..config.diffusion import DiffusionConfig
 from ..diffusion import FlowMatchingScheduler, sample
 from ..diffusion.student import StudentSchedule
 from ..models.lora import adapters_disabled
+from ..models.text.preprocess import PROMPT_VERSION
 from .step import EncodedBatch, LossRegion, model_inputs
 from .trainer import Trainer
 
@@ -39,7 +40,7 @@ def negative_text(encoders, data_cfg: DataConfig, file: str) -> TextKw:
     """The teacher's unconditional text: the v1.5 negative prompt `inference.py` uses by default, tokenised as the
     training captions are and encoded once (predictor keywords, batch 1)."""
     from ..data.dataset import CaptionProcessor
-    from ..models.text import apply_prompt_template, clean_caption, load_tokenizer
+    from ..models.text import load_tokenizer, sampler_texts
 
     if encoders.text is None:
         raise ConfigError(file, "load_text_features", "--distill encodes the teacher's negative prompt with the text "
@@ -47,7 +48,7 @@ def negative_text(encoders, data_cfg: DataConfig, file: str) -> TextKw:
     dp = data_cfg.dataset_param
     second = load_tokenizer(dp.tokenizer_config_2) if dp.tokenizer_config_2 is not None else None
     tokens = CaptionProcessor(load_tokenizer(dp.tokenizer_config), second, max_length=dp.model_max_length, cfg=0.0,
-                              clean=False)(clean_caption(apply_prompt_template("", None, "v1.5")[1]))
+                              clean=False)(sampler_texts("", None, PROMPT_VERSION)[1])
     with torch.no_grad():
         hidden, mask, pooled = encoders.text.encode(tokens["input_ids"], tokens["attention_mask"],
                                                     tokens.get("input_ids_2"), tokens.get("attention_mask_2"))
@@ -134,6 +135,15 @@ class DistillTrainer(Trainer):
     def build(self) -> None:
         super().build()
         self.negative = negative_text(self.encoders, self.data_cfg, self.args.mm_model)
+
+    def data_config(self) -> DataConfig:
+        """Each caption as the sampler encodes a prompt (the student is asked for the guided field of the texts it
+        will be given) and never dropped (the teacher's unconditional text is its negative prompt)."""
+        cfg = super().data_config()
+        dp = cfg.dataset_param
+        preprocess = dataclasses.replace(dp.preprocess_parameters, cfg=0.0)
+        return dataclasses.replace(cfg, dataset_param=dataclasses.replace(
+            dp, caption_template=PROMPT_VERSION, preprocess_parameters=preprocess))
 
     def build_model(self) -> nn.Module:
         model = super().build_model()

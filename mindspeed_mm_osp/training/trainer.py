@@ -29,7 +29,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..checkpoint.async_save import AsyncSaves
 from ..checkpoint.reader import load_weights_shard
 from ..checkpoint.weights import load_predictor_shard
-from ..config import ConfigError, load_data_config, load_model_config, validate_conditioning
+from ..config import ConfigError, DataConfig, load_data_config, load_model_config, validate_conditioning
 from ..diffusion import FlowMatchingScheduler
 from ..models.lora import apply_lora, lora_metadata
 from ..models.predictor import build_predictor
@@ -67,7 +67,7 @@ class Trainer(LoopRules):
         args = self.args
         self._init_distributed()
         self.model_cfg = load_model_config(args.mm_model)
-        self.data_cfg = load_data_config(args.mm_data)
+        self.data_cfg = self.data_config()
         self.model_cfg.predictor.validate_parallel(self.tp, self.cp, file=args.mm_model)
         validate_conditioning(self.model_cfg, self.data_cfg, model_file=args.mm_model, data_file=args.mm_data,
                               loss_region=args.i2v_loss_region)
@@ -138,6 +138,10 @@ class Trainer(LoopRules):
                                                self.dims, seed=args.seed, limit=limit)
             if args.validation_prompts:
                 self.valid_sampler = ValidationSampler(args, self.model_cfg, self.data_cfg, self.encoders, self.dims)
+
+    def data_config(self) -> DataConfig:
+        """The data JSON of `--mm-data`, as this objective reads it."""
+        return load_data_config(self.args.mm_data)
 
     def build_model(self) -> nn.Module:
         """The predictor on this rank's device, with `predictor.from_pretrained` (merged weights) when set.

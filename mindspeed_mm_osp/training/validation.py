@@ -32,12 +32,11 @@ from torch import nn
 from .. import platform
 from ..config import ConfigError, DataConfig, ModelConfig
 from ..diffusion import FlowMatchingScheduler
+from ..models.text.preprocess import PROMPT_VERSION
 from ..parallel import ParallelDims
 from .args import TrainingArgs
 from .arguments import ArgumentError, parse_size
 from .step import EncodedBatch, LossRegion, encode_batch, keyed_generator, velocity_loss
-
-PROMPT_VERSION = "v1.5"  # the prompt template of Open-Sora Plan v1.5 (models.text.apply_prompt_template)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Dataset + loader on the synthetic set: frame indices, crops, retries, captions, workers, resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -113,6 +114,32 @@ def test_images_captions_and_cfg(dataset, tokenizers):
     assert torch.equal(empty["input_ids_2"], tokenize("", tokenizers[1], 77)[0])
     assert empty["attention_mask"].sum() == 1  # T5: just </s>
     assert proc.choose("Visit https://example.com now", np.random.default_rng(1)) in ("visit now", "")
+
+
+def test_a_caption_template_gives_the_text_the_sampler_encodes_for_that_prompt(synth, tokenizers, tmp_path):
+    """`caption_template` (set by distillation): a training caption becomes exactly the text `inference.py` encodes
+    for it as a prompt, through the data JSON into the dataset's tokens."""
+    from mindspeed_mm_osp.inference.runner import prepare_texts
+
+    caps = ["a grey picture", "Visit https://example.com now", "A <b>bold</b> square &amp; a disc"]
+    proc = CaptionProcessor(*tokenizers, max_length=32, cfg=0.0, clean=True, template="v1.5")
+    rng = np.random.default_rng(0)
+    for cap in caps:
+        text = proc.choose(cap, rng)
+        assert text == prepare_texts([cap], None, "v1.5")[0][0] and text.startswith("high quality, ")
+    data = data_json_dict(synth.data_txt)
+    (tmp_path / "templated.json").write_text(json.dumps({**data, "dataset_param": {**data["dataset_param"],
+                                                                                   "caption_template": "v1.5"}}))
+    cfg, templated = load_data_config(synth.data_json), load_data_config(tmp_path / "templated.json")
+    assert (cfg.dataset_param.caption_template, templated.dataset_param.caption_template) == (None, "v1.5")
+    index, _ = build_index_from_config(templated, global_batch_size=1)
+    position = next(i for i, c in enumerate(index.captions) if isinstance(c, str) and c)
+    no_drop = {"preprocess_parameters": dataclasses.replace(templated.dataset_param.preprocess_parameters, cfg=0.0)}
+    ids = [T2VDataset(index, dataclasses.replace(c.dataset_param, **no_drop), tokenizer=tokenizers[0],
+                      tokenizer_2=tokenizers[1], video_reader=make_video_reader("decoder"),
+                      seed=5)[SampleKey(position, 0, 0)]["input_ids"] for c in (cfg, templated)]
+    expected = prepare_texts([index.captions[position]], None, "v1.5")[0][0]
+    assert torch.equal(ids[1], tokenize(expected, tokenizers[0], 32)[0]) and not torch.equal(ids[0], ids[1])
 
 
 def _batches(cfg, tokenizers, **kw):

@@ -1,6 +1,9 @@
 """Distillation without training: the student's grid is the sampler's, the teacher's sub-grid contains it, flags
 and the release launcher parse, and the planner counts adapters, the frozen base and the teacher's forwards."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -120,3 +123,20 @@ def test_planner_counts_adapters_the_frozen_base_and_the_teacher_forwards():
     assert (twin.weights, twin.grads) == (2 * params * 4, params * 4) and twin.total > lora.total
     teacher = 6 * predictor_forward_flops(cfg, 2, (3, 8, 8), 16)
     assert lora.model_flops == pytest.approx(full.model_flops + teacher)
+
+
+def test_distillation_reads_each_caption_as_the_sampler_encodes_a_prompt_and_never_drops_it(tmp_path):
+    """The student is asked for the guided field of the texts `inference.py` will give it ("high quality, <prompt>",
+    cleaned), so its captions get the sampler's template and no CFG drop; pre-training reads the JSON as written."""
+    from mindspeed_mm_osp.tools.make_synthetic_dataset import data_json_dict
+    from mindspeed_mm_osp.training.distill import DistillTrainer
+    from mindspeed_mm_osp.training.trainer import Trainer
+
+    (tmp_path / "data.json").write_text(json.dumps(data_json_dict(tmp_path / "data.txt", cfg=0.1)))
+    argv = ["--mm-data", str(tmp_path / "data.json"), *BASE_ARGV[2:], "--lora-r", "4"]
+    plain = Trainer(parse_args(argv)).data_config().dataset_param
+    distill = DistillTrainer(parse_args(argv + ["--distill", "trajectory"])).data_config().dataset_param
+    assert (plain.caption_template, plain.preprocess_parameters.cfg) == (None, 0.1)
+    assert (distill.caption_template, distill.preprocess_parameters.cfg) == ("v1.5", 0.0)
+    assert dataclasses.replace(distill, caption_template=None,
+                               preprocess_parameters=plain.preprocess_parameters) == plain

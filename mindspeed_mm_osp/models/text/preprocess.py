@@ -168,6 +168,8 @@ def clean_caption(text: str) -> str:
     return _clean_once(_clean_once(text))
 
 
+PROMPT_VERSION = "v1.5"  # the prompt template of Open-Sora Plan v1.5 (`apply_prompt_template`)
+
 # v1.5 templates, byte for byte (newline + 12-space indentation included): cleaning turns
 # them into the release's strings, e.g. "high quality, <prompt>".
 _POSITIVE_TEMPLATE_V15 = "\n            high quality, {}\n            "
@@ -190,3 +192,9 @@ def apply_prompt_template(prompt: str, negative_prompt: str | None = None, versi
     if version == "v1.5":
         return _POSITIVE_TEMPLATE_V15.format(prompt), _NEGATIVE_TEMPLATE_V15 + negative_prompt
     return prompt, negative_prompt
+
+
+def sampler_texts(prompt: str, negative_prompt: str | None = None, version: str = "v1.5") -> tuple[str, str]:
+    """(positive, negative) texts exactly as the sampler encodes them: the version's template, then cleaning."""
+    positive, negative = apply_prompt_template(prompt, negative_prompt, version)
+    return clean_caption(positive), clean_caption(negative)
