@@ -66,12 +66,14 @@ def distill_student(files: dict, steps: int, iters: int, out: Path,
     from mindspeed_mm_osp.testing import run_distributed
 
     ckpt = out / f"student{steps}_ckpt"
+    text_length = json.loads(Path(files["inference"]).read_text()).get("model_max_length", 512)
     argv = ["--mm-data", str(files["data"]), "--mm-model", str(files["model"]), "--micro-batch-size", "1",
             "--train-iters", str(iters), "--train-epochs", "1000", "--lr", "1e-3", "--lr-warmup-iters", "5",
             "--weight-decay", "0", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
             "--load", str(files["teacher"]), "--lora-r", "16", "--save", str(ckpt),
             "--distill", "trajectory", "--distill-student-steps", str(steps),
-            "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps), *student]
+            "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps), "--distill-text-length", str(text_length),
+            *student]
     losses = run_distributed(_train_rank, 1, argv, timeout=3600)[0]
     merged = out / f"student{steps}"
     convert.main(["--lora-merge", "--load_dir", str(ckpt), "--base", str(files["teacher"]), "--save_dir", str(merged),

@@ -27,4 +27,5 @@ exec bash "$HERE/pretrain_opensoraplan1_5.sh" \
     --distill-guidance-scale 8.0 \
     --distill-guidance-rescale 0.7 \
     --distill-shift 7.0 \
+    --distill-text-length 512 \
     "$@"

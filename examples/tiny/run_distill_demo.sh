@@ -17,7 +17,7 @@ TRAIN_ARGS="--mm-data examples/tiny/data.json --mm-model $OUT/model.json \
   --lr 1e-3 --lr-warmup-iters 4 --weight-decay 0 --clip-grad 1.0 --ema-decay 0.9 --seed 4321 --log-interval 5 \
   --load $BASE --lora-r 16 --lora-alpha 16 \
   --distill trajectory --distill-student-steps 4 --distill-teacher-substeps 6 \
-  --distill-guidance-scale 8 --distill-guidance-rescale 0.7 --distill-shift 7 \
+  --distill-guidance-scale 8 --distill-guidance-rescale 0.7 --distill-shift 7 --distill-text-length 64 \
   --save $OUT/distill_ckpt --save-interval $HALF"
 
 echo "== 1/4 distil a 4-step student (TP=2 + SP, 2 CPU ranks), stop at iteration $HALF"

@@ -174,6 +174,8 @@ class DistillArgs:
     distill_guidance_scale: float = 8.0
     distill_guidance_rescale: float = 0.7
     distill_shift: float = 7.0
+    # T5 tokens per text, as the sampler cuts them (inference `model_max_length`; 512 in the release JSONs)
+    distill_text_length: int = 512
 
     def student_schedule(self):
         """The `diffusion.student.StudentSchedule` this run trains for (None without --distill)."""

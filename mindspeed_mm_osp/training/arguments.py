@@ -297,6 +297,9 @@ def _add_distill_flags(p: argparse.ArgumentParser) -> None:
                     help="guidance rescale folded into the student (0: off)")
     ds.add_argument("--distill-shift", type=float, default=_DISTILL.distill_shift,
                     help="static sigma shift of the student's and the teacher's sampling grid")
+    ds.add_argument("--distill-text-length", type=int, default=_DISTILL.distill_text_length,
+                    help="T5 tokens of the captions and the teacher's negative prompt: the model_max_length of the "
+                         "inference JSON the student will sample with (default 512, the release's)")
 
 
 def _add_validation_flags(p: argparse.ArgumentParser) -> None:
@@ -365,7 +368,7 @@ RANGES = {
     "--recompute-num-layers": dict(low=0), "--recom_ffn_layers": dict(low=0),
     "--distill-student-steps": dict(low=1, high=1000), "--distill-teacher-substeps": dict(low=1, high=1000),
     "--distill-guidance-scale": dict(low=0, high=100), "--distill-guidance-rescale": dict(low=0, high=1),
-    "--distill-shift": dict(low=1, high=100),
+    "--distill-shift": dict(low=1, high=100), "--distill-text-length": dict(low=1, high=1_000_000),
     "--train-epochs": dict(low=1), "--eval-interval": dict(low=1), "--eval-iters": dict(low=1),
     "--eval-sigmas": dict(low=1, high=1000), "--validation-interval": dict(low=1),
     "--validation-steps": dict(low=1, high=1000), "--validation-guidance-scale": dict(low=0, high=100),

@@ -137,13 +137,17 @@ class DistillTrainer(Trainer):
         self.negative = negative_text(self.encoders, self.data_cfg, self.args.mm_model)
 
     def data_config(self) -> DataConfig:
-        """Each caption as the sampler encodes a prompt (the student is asked for the guided field of the texts it
-        will be given) and never dropped (the teacher's unconditional text is its negative prompt)."""
+        """Every text as the sampler encodes it, since the student is asked for the guided field of the texts it
+        will be given: each caption through the prompt template, never dropped (the teacher's unconditional text
+        is its negative prompt), and captions and negative prompt cut at the sampler's T5 length
+        (`--distill-text-length`; padding is masked, so only the cut matters: the v1.5 negative prompt alone is 275
+        tokens of the tiny tokenizer, more than a pre-training `model_max_length` may keep)."""
         cfg = super().data_config()
         dp = cfg.dataset_param
         preprocess = dataclasses.replace(dp.preprocess_parameters, cfg=0.0)
         return dataclasses.replace(cfg, dataset_param=dataclasses.replace(
-            dp, caption_template=PROMPT_VERSION, preprocess_parameters=preprocess))
+            dp, caption_template=PROMPT_VERSION, preprocess_parameters=preprocess,
+            model_max_length=self.args.distill_text_length))
 
     def build_model(self) -> nn.Module:
         model = super().build_model()

@@ -37,7 +37,8 @@ def _argv(assets, base, *extra, iters, layout=TP2_SP):
             "--train-iters", str(iters), "--lr", "1e-3", "--clip-grad", "1.0", "--seed", "1234", "--ema-decay", "0.9",
             "--load", str(base), "--lora-r", "4", "--lora-alpha", "8", "--distill", "trajectory",
             "--distill-student-steps", "2", "--distill-teacher-substeps", "2", "--distill-shift", "3",
-            "--distill-guidance-scale", "4", "--distill-guidance-rescale", "0.7", *layout, *extra]
+            "--distill-guidance-scale", "4", "--distill-guidance-rescale", "0.7", "--distill-text-length", "16", *layout,
+            *extra]
 
 
 def _train(rank, world_size, argv, base_path):

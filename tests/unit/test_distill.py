@@ -138,5 +138,8 @@ def test_distillation_reads_each_caption_as_the_sampler_encodes_a_prompt_and_nev
     distill = DistillTrainer(parse_args(argv + ["--distill", "trajectory"])).data_config().dataset_param
     assert (plain.caption_template, plain.preprocess_parameters.cfg) == (None, 0.1)
     assert (distill.caption_template, distill.preprocess_parameters.cfg) == ("v1.5", 0.0)
-    assert dataclasses.replace(distill, caption_template=None,
-                               preprocess_parameters=plain.preprocess_parameters) == plain
+    assert (plain.model_max_length, distill.model_max_length) == (32, 512)  # inference.py's T5 length
+    given = parse_args(argv + ["--distill", "trajectory", "--distill-text-length", "64"])
+    assert DistillTrainer(given).data_config().dataset_param.model_max_length == 64
+    assert dataclasses.replace(distill, caption_template=None, preprocess_parameters=plain.preprocess_parameters,
+                               model_max_length=32) == plain
