@@ -353,16 +353,20 @@ def main() -> None:
                    help="w256-trained: its training iterations before distillation (default 150, the demo's)")
     p.add_argument("--students", type=int, nargs="+", choices=STUDENTS, default=list(STUDENTS),
                    help="student step counts to distil")
-    p.add_argument("--captions", type=int, default=0, metavar="N",
-                   help="distil on N generated captions (none a benchmark prompt) instead of the demo's own")
-    p.add_argument("--lora-r", type=int, default=16, help="the students' LoRA rank (alpha = r)")
+    p.add_argument("--captions", type=int, default=1024, metavar="N",
+                   help="distil on N generated captions, none a benchmark prompt (default 1024; 0: the demo's own "
+                        "data set and captions)")
+    p.add_argument("--lora-r", type=int, default=32, help="the students' LoRA rank (alpha = r)")
     p.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate (5 warm-up iterations)")
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="the students' micro-batch (= global batch: one rank): training points per iteration")
     p.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
                    help="the students' adapted linears (default: pretrain.py's distillation default, every linear)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     iters = args.iters or (6 if args.quick else 300)
-    student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr),
+    student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr), "--micro-batch-size", str(args.micro_batch_size),
+               "--global-batch-size", str(args.micro_batch_size),
                *(("--lora-target-modules", *args.lora_target_modules) if args.lora_target_modules else ()))
     names = args.teacher or list(TEACHERS)
     results = []
