@@ -13,11 +13,13 @@ Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh tra
 width-256 predictor (4 heads of 64) with random weights, distilled on the same data (it reads only the demo's
 models/: VAE and text encoders); `w256-trained`, that width-256 predictor first trained from scratch as the demo
 trains its tiny one (`--teacher-iters`, default 150), because a released teacher is trained. All of them see the
-latents with the demo's measured normalisation (demo_out/inference.json). `--lora-r`, `--lr` and `--lora-target-modules` set the students' adapters and
-learning rate (default: r=16, lr 1e-3, the distillation's default targets, every linear). `--quick`: a random tiny
-teacher on a throw-away synthetic set, a few iterations and 4 of the prompts (proves the path, not the target).
-`--captions N`: distil on N distinct captions generated from a word list of the prompts' domain (none of them a
-benchmark prompt) instead of the demo's own; the evaluation is unchanged.
+latents with the demo's measured normalisation (demo_out/inference.json). `--lora-r`, `--lr`, `--micro-batch-size`
+and `--lora-target-modules` set the students' adapters, learning rate and training points per iteration (default:
+r=32, lr 1e-3, 4 points, the distillation's default targets, every linear); the students read texts at the
+inference JSON's `model_max_length`. `--quick`: a random tiny teacher on a throw-away synthetic set, a few
+iterations and 4 of the prompts (proves the path, not the target). `--captions N` (default 1024): distil on N
+distinct captions generated from a word list of the prompts' domain (none of them a benchmark prompt); 0: the
+demo's own data set and captions. The evaluation is the same either way.
 
     python bench/bench_distill.py --json distill.json      # ~45 min on 2 CPU cores
     python bench/bench_distill.py --quick
@@ -59,18 +61,18 @@ def _train_rank(rank, world_size, argv):
 
 
 def distill_student(files: dict, steps: int, iters: int, out: Path,
-                    student: tuple[str, ...] = ()) -> tuple[Path, list[float]]:
+                    student: tuple[str, ...]) -> tuple[Path, list[float]]:
     """A K-step student of `files["teacher"]` trained for `iters` iterations, merged: (weights file, losses).
-    `student`: extra `pretrain.py` flags (LoRA rank, learning rate, adapter targets), given last so they win."""
+    `student`: the students' `pretrain.py` flags (LoRA rank, learning rate, batch, adapter targets)."""
     from mindspeed_mm_osp.checkpoint import convert
     from mindspeed_mm_osp.testing import run_distributed
 
     ckpt = out / f"student{steps}_ckpt"
     text_length = json.loads(Path(files["inference"]).read_text()).get("model_max_length", 512)
-    argv = ["--mm-data", str(files["data"]), "--mm-model", str(files["model"]), "--micro-batch-size", "1",
-            "--train-iters", str(iters), "--train-epochs", "1000", "--lr", "1e-3", "--lr-warmup-iters", "5",
+    argv = ["--mm-data", str(files["data"]), "--mm-model", str(files["model"]),
+            "--train-iters", str(iters), "--train-epochs", "1000", "--lr-warmup-iters", "5",
             "--weight-decay", "0", "--clip-grad", "1.0", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
-            "--load", str(files["teacher"]), "--lora-r", "16", "--save", str(ckpt),
+            "--load", str(files["teacher"]), "--save", str(ckpt),
             "--distill", "trajectory", "--distill-student-steps", str(steps),
             "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps), "--distill-text-length", str(text_length),
             *student]
@@ -151,7 +153,7 @@ def mean_psnr(videos: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def bench_teacher(name: str, files: dict, iters: int, out: Path, prompts: list[str],
-                  students: tuple[int, ...] = STUDENTS, student: tuple[str, ...] = ()) -> dict:
+                  students: tuple[int, ...], student: tuple[str, ...]) -> dict:
     """The table rows of one teacher: PSNR against its 50 steps and seconds per video of every sampler."""
     out.mkdir(parents=True, exist_ok=True)
     samplers = {f"teacher-{steps}": (files["teacher"], "--num-inference-steps", str(steps))
@@ -358,15 +360,17 @@ def main() -> None:
                         "data set and captions)")
     p.add_argument("--lora-r", type=int, default=32, help="the students' LoRA rank (alpha = r)")
     p.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate (5 warm-up iterations)")
-    p.add_argument("--micro-batch-size", type=int, default=4,
-                   help="the students' micro-batch (= global batch: one rank): training points per iteration")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="the students' micro-batch (= global batch: one rank): training points per iteration "
+                        "(default 4; quick: 1, its throw-away set is too small for 4)")
     p.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
                    help="the students' adapted linears (default: pretrain.py's distillation default, every linear)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     iters = args.iters or (6 if args.quick else 300)
-    student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr), "--micro-batch-size", str(args.micro_batch_size),
-               "--global-batch-size", str(args.micro_batch_size),
+    batch = str(args.micro_batch_size or (1 if args.quick else 4))
+    student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr), "--micro-batch-size", batch,
+               "--global-batch-size", batch,
                *(("--lora-target-modules", *args.lora_target_modules) if args.lora_target_modules else ()))
     names = args.teacher or list(TEACHERS)
     results = []

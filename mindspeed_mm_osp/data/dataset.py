@@ -71,9 +71,10 @@ class CaptionProcessor:
 
     def __init__(self, tokenizer, tokenizer_2, *, max_length: int, cfg: float, clean: bool,
                  template: Optional[str] = None):
+        from ..models.text import sampler_texts
         from ..models.text.tokenizer import tokenize
 
-        self._tokenize = tokenize
+        self._tokenize, self._sampler_texts = tokenize, sampler_texts
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.max_length, self.cfg, self.template = max_length, cfg, template
         self.clean = _caption_cleaner() if clean else None
@@ -82,9 +83,7 @@ class CaptionProcessor:
         caps = [cap] if isinstance(cap, str) else list(cap)
         text = str(caps[int(rng.integers(len(caps)))])
         if self.template is not None:
-            from ..models.text import sampler_texts
-
-            text = sampler_texts(text, None, self.template)[0]
+            text = self._sampler_texts(text, None, self.template)[0]
         elif self.clean is not None:
             text = self.clean(self.clean(text))
         return "" if rng.random() < self.cfg else text

@@ -194,7 +194,7 @@ def apply_prompt_template(prompt: str, negative_prompt: str | None = None, versi
     return prompt, negative_prompt
 
 
-def sampler_texts(prompt: str, negative_prompt: str | None = None, version: str = "v1.5") -> tuple[str, str]:
+def sampler_texts(prompt: str, negative_prompt: str | None = None, version: str = PROMPT_VERSION) -> tuple[str, str]:
     """(positive, negative) texts exactly as the sampler encodes them: the version's template, then cleaning."""
     positive, negative = apply_prompt_template(prompt, negative_prompt, version)
     return clean_caption(positive), clean_caption(negative)
