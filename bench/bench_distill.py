@@ -3,23 +3,23 @@
 
 Per teacher, two students (K = 4 and K = 8, teacher sub-steps 24/K, guidance 8 and rescale 0.7 folded in, shift 7:
 the tiny inference JSON's sampler) are distilled through `pretrain.py`'s trainer (`--distill trajectory`, LoRA),
-merged with `convert_mm_to_ckpt.py --lora-merge`, then sampled by `inference.py`'s runner on the student's
-recorded schedule. The 16 prompts are none of the training captions; prompt i always starts from the noise of seed
-42 + i. PSNR is over the decoded videos (uint8 range), per video, averaged; the time is the denoising loop per
-video (text encoding and decode excluded), measured in this run: the median over 3 rounds of 2 prompts in which
-the samplers take turns.
+merged with `convert_mm_to_ckpt.py --lora-merge --ema` (the EMA of their adapters), then sampled by
+`inference.py`'s runner on the student's recorded schedule. The 16 prompts are none of the training captions;
+prompt i always starts from the noise of seed 42 + i. PSNR is over the decoded videos (uint8 range), per video,
+averaged; the time is the denoising loop per video (text encoding and decode excluded), measured in this run: the
+median over 3 rounds of 2 prompts in which the samplers take turns.
 
 Teachers: `tiny-demo`, the merged EMA weights that examples/tiny/run_demo.sh trains (run it first); `w256`, a
 width-256 predictor (4 heads of 64) with random weights, distilled on the same data (it reads only the demo's
 models/: VAE and text encoders); `w256-trained`, that width-256 predictor first trained from scratch as the demo
 trains its tiny one (`--teacher-iters`, default 150), because a released teacher is trained. All of them see the
-latents with the demo's measured normalisation (demo_out/inference.json). `--lora-r`, `--lr`, `--micro-batch-size`
-and `--lora-target-modules` set the students' adapters, learning rate and training points per iteration (default:
-r=32, lr 1e-3, 4 points, the distillation's default targets, every linear); the students read texts at the
-inference JSON's `model_max_length`. `--quick`: a random tiny teacher on a throw-away synthetic set, a few
-iterations and 4 of the prompts (proves the path, not the target). `--captions N` (default 1024): distil on N
-distinct captions generated from a word list of the prompts' domain (none of them a benchmark prompt); 0: the
-demo's own data set and captions. The evaluation is the same either way.
+latents with the demo's measured normalisation (demo_out/inference.json). `--lora-r`, `--lr`, `--micro-batch-size`,
+`--ema-decay` and `--lora-target-modules` set the students' adapters, learning rate, training points per iteration
+and the EMA merged (default: r=32, lr 1e-3, 4 points, decay 0.99, the distillation's default targets, every
+linear); the students read texts at the inference JSON's `model_max_length`. `--quick`: a random tiny teacher on a
+throw-away synthetic set, a few iterations and 4 of the prompts (proves the path, not the target). `--captions N`
+(default 1024): distil on N distinct captions generated from a word list of the prompts' domain (none of them a
+benchmark prompt); 0: the demo's own data set and captions. The evaluation is the same either way.
 
     python bench/bench_distill.py --json distill.json      # ~45 min on 2 CPU cores
     python bench/bench_distill.py --quick
@@ -62,8 +62,9 @@ def _train_rank(rank, world_size, argv):
 
 def distill_student(files: dict, steps: int, iters: int, out: Path,
                     student: tuple[str, ...]) -> tuple[Path, list[float]]:
-    """A K-step student of `files["teacher"]` trained for `iters` iterations, merged: (weights file, losses).
-    `student`: the students' `pretrain.py` flags (LoRA rank, learning rate, batch, adapter targets)."""
+    """A K-step student of `files["teacher"]` trained for `iters` iterations, its adapters' EMA merged: (weights
+    file, losses). `student`: the students' `pretrain.py` flags (LoRA rank, learning rate, batch, EMA decay,
+    adapter targets)."""
     from mindspeed_mm_osp.checkpoint import convert
     from mindspeed_mm_osp.testing import run_distributed
 
@@ -78,9 +79,9 @@ def distill_student(files: dict, steps: int, iters: int, out: Path,
             *student]
     losses = run_distributed(_train_rank, 1, argv, timeout=3600)[0]
     merged = out / f"student{steps}"
-    convert.main(["--lora-merge", "--load_dir", str(ckpt), "--base", str(files["teacher"]), "--save_dir", str(merged),
-                  "--format", "safetensors"])
-    return merged / "model.safetensors", losses
+    convert.main(["--lora-merge", "--ema", "--load_dir", str(ckpt), "--base", str(files["teacher"]), "--save_dir",
+                  str(merged), "--format", "safetensors"])
+    return merged / "model_ema.safetensors", losses
 
 
 class Sampler:
@@ -360,6 +361,8 @@ def main() -> None:
                         "data set and captions)")
     p.add_argument("--lora-r", type=int, default=32, help="the students' LoRA rank (alpha = r)")
     p.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate (5 warm-up iterations)")
+    p.add_argument("--ema-decay", type=float, default=0.99,
+                   help="decay of the EMA of the students' adapters, which is what the bench merges (default 0.99)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="the students' micro-batch (= global batch: one rank): training points per iteration "
                         "(default 4; quick: 1, its throw-away set is too small for 4)")
@@ -370,7 +373,7 @@ def main() -> None:
     iters = args.iters or (6 if args.quick else 300)
     batch = str(args.micro_batch_size or (1 if args.quick else 4))
     student = ("--lora-r", str(args.lora_r), "--lr", str(args.lr), "--micro-batch-size", batch,
-               "--global-batch-size", batch,
+               "--global-batch-size", batch, "--ema-decay", str(args.ema_decay),
                *(("--lora-target-modules", *args.lora_target_modules) if args.lora_target_modules else ()))
     names = args.teacher or list(TEACHERS)
     results = []

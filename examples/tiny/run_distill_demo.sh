@@ -2,7 +2,8 @@
 # Few-step distillation demo on CPU (docs/distillation.md), from the model run_demo.sh trains (run it first):
 #   1. distil a 4-step student (base + LoRA) of the demo's merged EMA weights, TP=2 + SP on 2 CPU processes, stop
 #   2. resume the adapters (--lora-load) and train to the end
-#   3. fold the student into standalone weights that record its schedule (convert_mm_to_ckpt.py --lora-merge)
+#   3. fold the student (the EMA of its adapters) into standalone weights that record its schedule
+#      (convert_mm_to_ckpt.py --lora-merge --ema)
 #   4. sample with the student (4 steps, no CFG: read from the weights) and with the teacher (50 guided steps)
 set -euo pipefail
 source "$(dirname "$0")/demo_env.sh"
@@ -27,11 +28,11 @@ echo "== 2/4 resume the student from $OUT/distill_ckpt and train to iteration $I
 $TORCHRUN --standalone --nproc_per_node 2 pretrain.py $TRAIN_ARGS --lora-load $OUT/distill_ckpt
 
 echo "== 3/4 fold the student into standalone weights (its schedule goes with them)"
-$PY convert_mm_to_ckpt.py --lora-merge --load_dir $OUT/distill_ckpt --base $BASE --save_dir $OUT/student
+$PY convert_mm_to_ckpt.py --lora-merge --ema --load_dir $OUT/distill_ckpt --base $BASE --save_dir $OUT/student
 
 PROMPT="a white square moving over a grey background"
 echo "== 4/4 sample: the student (4 steps, CFG folded in), then the teacher (50 steps with CFG)"
-$PY inference.py --config $OUT/inference.json --predictor-weights $OUT/student/model.safetensors \
+$PY inference.py --config $OUT/inference.json --predictor-weights $OUT/student/model_ema.safetensors \
   --save-path $OUT/distill_samples/student --prompt "$PROMPT"
 $PY inference.py --config $OUT/inference.json --predictor-weights $BASE --num-inference-steps 50 \
   --save-path $OUT/distill_samples/teacher --prompt "$PROMPT"

@@ -95,6 +95,7 @@ def test_release_distillation_launcher_parses(tmp_path):
     assert (args.tensor_model_parallel_size, args.sequence_parallel, args.lora_r) == (8, True, 64)
     assert args.student_schedule() == SCHEDULE
     assert args.load.endswith("model_ema.pt") and args.lora_load == str(tmp_path / "proj")
+    assert args.ema_decay == 0.995  # an EMA of the adapters that a few thousand iterations move (it is merged)
     from mindspeed_mm_osp.tools.plan import trainable_plan
 
     plan = trainable_plan(args)  # the planner's teacher forwards: round(12 x 3.5295) for the launcher's K = 4
