@@ -24,7 +24,8 @@ throw-away synthetic set, a few iterations and 4 of the prompts (proves the path
 (default 1024): distil on N distinct captions generated from a word list of the prompts' domain (none of them a
 benchmark prompt); 0: the demo's own data set and captions. The evaluation is the same either way.
 
-    python bench/bench_distill.py --json distill.json      # ~45 min on 2 CPU cores
+    python bench/bench_distill.py --teacher tiny-demo --json distill.json   # ~45 min on 2 CPU cores
+    python bench/bench_distill.py --json distill.json      # all three: hours (a width-256 iteration costs ~10x)
     python bench/bench_distill.py --quick
 """
 
@@ -54,6 +55,14 @@ TEACHERS = ("tiny-demo", "w256", "w256-trained")
 STUDENTS = (4, 8)
 TEACHER_STEPS = 50
 SUBSTEPS_TOTAL = 24  # each student's teacher covers its K steps with 24 / K sub-steps
+# a hang guard, not a time budget: a width-256 iteration took up to 24 s on 2 shared cores, so a fixed hour killed
+# a live 200-iteration run
+SECONDS_PER_ITERATION_LIMIT = 120
+
+
+def _run_limit(iters: int) -> int:
+    """Seconds a training run of `iters` iterations may take before it counts as hung."""
+    return max(3600, SECONDS_PER_ITERATION_LIMIT * iters)
 
 
 def _train_rank(rank, world_size, argv):
@@ -80,7 +89,7 @@ def distill_student(files: dict, steps: int, iters: int, out: Path,
             "--distill", "trajectory", "--distill-student-steps", str(steps),
             "--distill-teacher-substeps", str(SUBSTEPS_TOTAL // steps), "--distill-text-length", str(text_length),
             *student]
-    losses = run_distributed(_train_rank, 1, argv, timeout=3600)[0]
+    losses = run_distributed(_train_rank, 1, argv, timeout=_run_limit(iters))[0]
     merged = out / f"student{steps}"
     convert.main(["--lora-merge", "--ema", "--load_dir", str(ckpt), "--base", str(files["teacher"]), "--save_dir",
                   str(merged), "--format", "safetensors"])
@@ -310,7 +319,7 @@ def _trained_teacher(files: dict, model_json: Path, out: Path, iters: int) -> Pa
             "--lr-warmup-iters", "4", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--weight-decay", "1e-4",
             "--clip-grad", "1.0", "--ema-decay", "0.99", "--seed", "1234", "--log-interval", str(max(1, iters // 5)),
             "--save", str(ckpt), "--save-interval", str(iters)]
-    run_distributed(_pretrain_rank, 2, argv, timeout=3600)
+    run_distributed(_pretrain_rank, 2, argv, timeout=_run_limit(iters))
     convert.main(["--load_dir", str(ckpt), "--save_dir", str(out / "teacher"), "--ema", "--format", "safetensors"])
     return out / "teacher" / "model_ema.safetensors"
 
