@@ -167,7 +167,7 @@ def bench_teacher(name: str, files: dict, iters: int, out: Path, prompt_sets: di
     for steps in students:
         weights, losses[steps] = distill_student(files, steps, iters, out, student)
         samplers[f"student-{steps}"] = (weights,)
-    videos = {name: {} for name in prompt_sets}
+    videos = {set_name: {} for set_name in prompt_sets}
     for key, (weights, *flags) in samplers.items():  # each sampler built once, for every prompt set
         sampler = Sampler(files["inference"], weights, *flags)
         try:
